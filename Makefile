@@ -1,0 +1,36 @@
+# One entry point for humans and CI. `make test` creates (or reuses) .venv, installs the project
+# with its test extras under constraints.txt (torch pinned to the CPU wheel), then runs pytest.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --constraint constraints.txt
+
+.PHONY: install test test-fast lint demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(PY) -m ruff check src tests scripts
+	$(PY) -m ruff format --check src tests scripts
+
+demo: install
+	$(PY) -m safegrpo_pl demo
+
+bench: install
+	$(PIP) -e ".[test,bench]"
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
