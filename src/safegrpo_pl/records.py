@@ -1,15 +1,20 @@
 """The unit of data: one tagged image-text pair (SafeTag-VL-3K schema, SPEC section 1).
 
 Kept in its own leaf module so that both the model side (`inputs.py`) and the data side
-(`data.py`) can import it without importing each other.
+(`data.py`) can import it without importing each other. The checks of a record's own fields
+(`normalize_tag`, `decode_image`) live here too; `data.py` turns their failures into errors that
+name the record.
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 Tag = Literal["safe", "unsafe"]
 TAG_VALUES: tuple[str, ...] = ("safe", "unsafe")
@@ -41,11 +46,81 @@ class SafetyRecord:
     @property
     def is_compositional(self) -> bool:
         """Both parts safe on their own, the pair unsafe: the case the paper calls compositional."""
-        return (
-            self.image_tag == "safe" and self.text_tag == "safe" and self.combine_tag == "unsafe"
-        )
+        return self.image_tag == "safe" and self.text_tag == "safe" and self.combine_tag == "unsafe"
 
     def describe(self, index: int | None = None) -> str:
         """A short locator for error messages: `record 17 (id=vlg-0042, source=vlguard)`."""
         where = f"record {index}" if index is not None else "record"
         return f"{where} (id={self.id or '?'}, source={self.source or '?'})"
+
+
+# -- validation of the record's fields (used by `data.py` when it builds records) ---------------
+
+
+def normalize_tag(value: Any) -> str | None:
+    """`value` as a lower-case tag ("Safe", " UNSAFE " -> "safe", "unsafe"); None if not a tag."""
+    tag = value.strip().lower() if isinstance(value, str) else None
+    return tag if tag in TAG_VALUES else None
+
+
+class ImageDecodeError(ValueError):
+    """An image cell that cannot become a record's image.
+
+    Attributes:
+        kind: "missing_image", "unreadable_image" (a path that cannot be read) or
+            "corrupt_image" (bytes PIL cannot decode).
+        found: what was found, in words, for the error message.
+    """
+
+    def __init__(self, kind: str, found: str) -> None:
+        super().__init__(f"{kind}: {found}")
+        self.kind, self.found = kind, found
+
+
+def _decode_bytes(data: bytes, what: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decode every pixel now: a truncated file fails here, not mid-epoch
+            return image.convert("RGB")
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as err:
+        raise ImageDecodeError("corrupt_image", f"{what} that PIL cannot decode ({err})") from err
+
+
+def decode_image(value: Any, base_dir: Path | None = None) -> Image.Image:
+    """Decode one image cell to the RGB PIL image a `SafetyRecord` holds.
+
+    Accepts what `datasets` and data files hold: a PIL image, bytes, a path (relative paths
+    start at `base_dir`), a `{"bytes": ..., "path": ...}` dict (bytes first), or a list of
+    those (SafeTag-VL-3K's `images` column), whose first item is used.
+
+    Raises:
+        ImageDecodeError: its `kind` says whether the image is missing, unreadable or corrupt.
+    """
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ImageDecodeError("missing_image", "an empty list")
+        value = value[0]
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, Mapping):
+        value = value.get("bytes") or value.get("path")
+    if value is None or value == "":
+        raise ImageDecodeError("missing_image", repr(value))
+    if isinstance(value, bytes | bytearray):
+        return _decode_bytes(bytes(value), f"{len(value)} bytes")
+    if not isinstance(value, str):
+        raise ImageDecodeError("unreadable_image", f"a {type(value).__name__}")
+    path = Path(value)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageDecodeError("unreadable_image", f"path {str(path)!r} ({err.strerror})") from err
+    return _decode_bytes(data, f"file {str(path)!r}")
