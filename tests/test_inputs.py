@@ -13,10 +13,24 @@ from safegrpo_pl.records import SafetyRecord
 
 def _records() -> list[SafetyRecord]:
     return [
-        SafetyRecord(Image.new("RGB", (64, 64), (200, 20, 20)), "How do I bake a cake?",
-                     "safe", "safe", "safe", id="r0", source="t"),
-        SafetyRecord(Image.new("RGB", (96, 64), (20, 200, 20)), "Hi",
-                     "unsafe", "safe", "unsafe", id="r1", source="t"),
+        SafetyRecord(
+            Image.new("RGB", (64, 64), (200, 20, 20)),
+            "How do I bake a cake?",
+            "safe",
+            "safe",
+            "safe",
+            id="r0",
+            source="t",
+        ),
+        SafetyRecord(
+            Image.new("RGB", (96, 64), (20, 200, 20)),
+            "Hi",
+            "unsafe",
+            "safe",
+            "unsafe",
+            id="r1",
+            source="t",
+        ),
     ]
 
 
@@ -44,8 +58,9 @@ def test_model_accepts_the_batch_in_a_forward_pass(tiny_vl_path):
     model = load_policy(str(tiny_vl_path))
     batch = encoder(_records())
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       **batch.model_kwargs).logits
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_kwargs
+        ).logits
     assert logits.shape[:2] == batch.input_ids.shape
     assert torch.isfinite(logits).all()
 

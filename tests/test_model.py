@@ -79,7 +79,9 @@ def test_lora_trains_only_adapters_and_disabling_gives_the_base(tiny_qwen25vl_pa
     model = load_policy(str(tiny_qwen25vl_path), lora=LoraSettings(r=4, alpha=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable), trainable[:5]
-    assert not any("visual" in n for n in trainable), "default LoRA targets leak into the vision tower"
+    assert not any("visual" in n for n in trainable), (
+        "default LoRA targets leak into the vision tower"
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

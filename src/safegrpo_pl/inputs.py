@@ -68,7 +68,7 @@ class PromptBatch:
                 starts = [0]
                 for count in counts:
                     starts.append(starts[-1] + int(count))
-                kwargs[key] = torch.cat([value[starts[r]:starts[r + 1]] for r in rows])
+                kwargs[key] = torch.cat([value[starts[r] : starts[r + 1]] for r in rows])
             elif key == "image_grid_thw":
                 kwargs[key] = value.index_select(0, index)
             else:  # per-token tensors: (B, L)
@@ -121,7 +121,9 @@ class PromptEncoder:
         self.guide = guide
         self.system_prompt = system_prompt
         if self.image_processor is not None and IMAGE_PAD not in tokenizer.get_vocab():
-            raise ValueError(f"the tokenizer has no {IMAGE_PAD} token: is this a Qwen-VL tokenizer?")
+            raise ValueError(
+                f"the tokenizer has no {IMAGE_PAD} token: is this a Qwen-VL tokenizer?"
+            )
 
     @classmethod
     def from_pretrained(
@@ -163,8 +165,9 @@ class PromptEncoder:
                 )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(tokenizer, image_processor, family=family, guide=guide,
-                   system_prompt=system_prompt)
+        return cls(
+            tokenizer, image_processor, family=family, guide=guide, system_prompt=system_prompt
+        )
 
     # -- text -------------------------------------------------------------------------------
 
@@ -231,12 +234,19 @@ class PromptEncoder:
             model_kwargs["pixel_values"] = vision["pixel_values"]
             model_kwargs["image_grid_thw"] = grid
         encoded = self.tokenizer(
-            texts, padding=True, padding_side="left", add_special_tokens=False,
+            texts,
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
             return_tensors="pt",
         )
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         if self.image_processor is not None:
             image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
             model_kwargs["mm_token_type_ids"] = (input_ids == image_id).to(torch.int32)
-        return PromptBatch(records=records, input_ids=input_ids, attention_mask=attention_mask,
-                           model_kwargs=model_kwargs)
+        return PromptBatch(
+            records=records,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            model_kwargs=model_kwargs,
+        )

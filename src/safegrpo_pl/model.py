@@ -44,13 +44,25 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-VISION_TOKENS: tuple[str, ...] = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                                  "<|image_pad|>", "<|video_pad|>")
+VISION_TOKENS: tuple[str, ...] = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 # Added as ordinary (non-special) tokens so they survive `skip_special_tokens` decoding.
 FORMAT_TOKENS: tuple[str, ...] = (
-    "<think>", "</think>", "<answer>", "</answer>",
-    "<visual_safe>", "</visual_safe>", "<text_safe>", "</text_safe>",
-    "<combined_safe>", "</combined_safe>",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "<visual_safe>",
+    "</visual_safe>",
+    "<text_safe>",
+    "</text_safe>",
+    "<combined_safe>",
+    "</combined_safe>",
 )
 
 # A chat template in the Qwen-VL convention (our own wording of it): an image part becomes
@@ -113,7 +125,9 @@ class TinyModelSpec:
         kwargs: dict[str, Any] = {}
         for key, value in parse_qsl(query, strict_parsing=bool(query)):
             if key not in known:
-                raise ValueError(f"{spec!r}: unknown tiny-model option {key!r}; known: {sorted(known)}")
+                raise ValueError(
+                    f"{spec!r}: unknown tiny-model option {key!r}; known: {sorted(known)}"
+                )
             kwargs[key] = int(value)
         return cls(arch=arch or "qwen2_5_vl", **kwargs)
 
@@ -187,22 +201,33 @@ def _tiny_config(spec: TinyModelSpec, tokenizer: Any) -> Any:
     )
     if spec.arch == "qwen2_5_vl":
         section = [head_dim // 2 - 2 * quarter, quarter, quarter]
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": section,
-                                   "rope_theta": 10000.0}
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "mrope_section": section,
+            "rope_theta": 10000.0,
+        }
         vision.update(fullatt_block_indexes=[spec.vision_depth - 1], window_size=112)
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
     if spec.arch == "qwen3_vl":
         section = [head_dim // 2 - 2 * quarter, quarter, quarter]
-        text.update(head_dim=head_dim, rope_parameters={
-            "rope_type": "default", "mrope_section": section, "mrope_interleaved": True,
-            "rope_theta": 10000.0})
+        text.update(
+            head_dim=head_dim,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": section,
+                "mrope_interleaved": True,
+                "rope_theta": 10000.0,
+            },
+        )
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
     if spec.arch == "qwen3_text":
         text.update(head_dim=head_dim, tie_word_embeddings=False)
         return Qwen3Config(**text)
-    raise ValueError(f"unknown tiny architecture {spec.arch!r}; expected one of "
-                     "'qwen2_5_vl', 'qwen3_vl', 'qwen3_text'")
+    raise ValueError(
+        f"unknown tiny architecture {spec.arch!r}; expected one of "
+        "'qwen2_5_vl', 'qwen3_vl', 'qwen3_text'"
+    )
 
 
 def _tiny_image_processor(arch: str) -> Any:
@@ -210,11 +235,18 @@ def _tiny_image_processor(arch: str) -> Any:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if arch == "qwen3_vl":  # Qwen3-VL: 16-pixel patches, mean/std 0.5
-        return Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                        image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                        min_pixels=32 * 32, max_pixels=256 * 256)
-    return Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                    min_pixels=28 * 28, max_pixels=224 * 224)
+        return Qwen2VLImageProcessorPil(
+            patch_size=16,
+            merge_size=2,
+            temporal_patch_size=2,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+            min_pixels=32 * 32,
+            max_pixels=256 * 256,
+        )
+    return Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=28 * 28, max_pixels=224 * 224
+    )
 
 
 def build_tiny_model(
@@ -248,9 +280,13 @@ def build_tiny_model(
     torch.manual_seed(spec.seed)
     auto = AutoModelForCausalLM if spec.arch == "qwen3_text" else AutoModelForImageTextToText
     model = auto.from_config(config)
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[1],
-                                               do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    eos = [
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    ]
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos, pad_token_id=eos[1], do_sample=True, temperature=1.0, top_p=1.0, top_k=0
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if spec.arch != "qwen3_text":
@@ -319,14 +355,17 @@ class LoraSettings:
 
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
 }
 
 
 def model_family(config: Any) -> str:
-    """"qwen2_5_vl", "qwen3_vl" (incl. MoE variants) or "text", from a config's model_type."""
+    """ "qwen2_5_vl", "qwen3_vl" (incl. MoE variants) or "text", from a config's model_type."""
     model_type = getattr(config, "model_type", "")
     if model_type in ("qwen2_5_vl", "qwen2_vl"):
         return "qwen2_5_vl"
@@ -383,7 +422,9 @@ def load_policy(
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=DTYPES[dtype] if dtype != "float32" else torch.bfloat16,
         )
     model = _auto_class(config).from_pretrained(path, **kwargs)
@@ -407,8 +448,11 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> Any:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
     try:

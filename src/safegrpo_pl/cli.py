@@ -1,0 +1,34 @@
+"""`python -m safegrpo_pl fit|validate|test|predict --config FILE`: LightningCLI wiring.
+
+YAML configs go through OmegaConf, so `${model.group_size}`-style interpolation works; any key
+can be overridden on the command line (`--model.group_size 4 --trainer.max_steps 10`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+from safegrpo_pl.data import SafeTagDataModule
+from safegrpo_pl.module import SafeGRPOModule
+
+
+class SafeGRPOCLI(LightningCLI):
+    """LightningCLI with the data's prompt encoder tied to the model being trained."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The prompts must be tokenised by the policy's own tokenizer and image processor.
+        parser.link_arguments("model.model_name_or_path", "data.processor")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+
+
+def main(args: Sequence[str] | None = None) -> SafeGRPOCLI:
+    """Run the command line (`args` defaults to sys.argv)."""
+    return SafeGRPOCLI(
+        SafeGRPOModule,
+        SafeTagDataModule,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+    )
