@@ -28,6 +28,7 @@ Departures from the authors' pipeline:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -385,6 +386,14 @@ class SafeTagDataModule(LightningDataModule):
                 f"batch_size {batch_size} / eval_batch_size {eval_batch_size}: expected at least 1"
             )
         self.save_hyperparameters(logger=False)
+        # Again as plain data: `torch.load(weights_only=True)` refuses dataclass instances.
+        self.save_hyperparameters(
+            {
+                k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                for k, v in self.hparams.items()
+            },
+            logger=False,
+        )
         self.dataset, self.processor, self.guide = dataset, processor, guide
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.max_records = num_workers, max_records

@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import random
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from lightning import LightningModule
 from torch import Tensor
@@ -125,7 +127,11 @@ class SafeGRPOModule(LightningModule):
             )
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be at least 1 (got {num_iterations})")
-        self.save_hyperparameters()  # for the logs; LightningCLI may store nested ones as dicts
+        self.save_hyperparameters()
+        # Again as plain data: loggers cannot walk frozen dataclasses.
+        self.save_hyperparameters(
+            {k: asdict(v) if is_dataclass(v) else v for k, v in self.hparams.items()}
+        )
         self.load_args = dict(
             dtype=dtype,
             lora=lora,
@@ -458,10 +464,38 @@ class SafeGRPOModule(LightningModule):
     # -- checkpoints ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With LoRA, keep only trainable tensors: the frozen base is re-loaded from its path."""
+        """Save the random state (so a resumed run samples what an unbroken one would) and,
+        with LoRA, only the trainable tensors: the frozen base is re-loaded from its path."""
+        checkpoint["rng_states"] = _collect_rng_states()
         if self.load_args["lora"] is None:
             return
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            _restore_rng_states(checkpoint["rng_states"])
+
+
+def _collect_rng_states() -> dict[str, Any]:
+    # Only tensors and builtins, so that `torch.load(weights_only=True)` accepts them.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,172 @@
+"""The GRPO LightningModule: wiring properties that the pure-function tests cannot see."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from safegrpo_pl.data import SafeTagDataModule
+from safegrpo_pl.demo_data import DemoConfig
+from safegrpo_pl.model import LoraSettings
+from safegrpo_pl.module import SafeGRPOModule
+from safegrpo_pl.rewards import RewardParts
+from safegrpo_pl.rollout import SamplingSettings
+
+TINY_DEMO = DemoConfig(num_train=4, num_val=2, num_test=2)
+
+
+class LengthRewardModule(SafeGRPOModule):
+    """A random-weight policy never writes the format, so every rule reward is 0 and nothing
+    moves. This reward (a made-up function of the text) gives GRPO something to learn."""
+
+    def score(self, batch, rollout):
+        parts = super().score(batch, rollout)
+        return [replace(p, total=(len(text) % 5) / 4) for p, text in zip(parts, rollout.texts)]
+
+
+def _data(path: Path, **kwargs) -> SafeTagDataModule:
+    return SafeTagDataModule(
+        dataset="demo", processor=str(path), batch_size=2, demo=TINY_DEMO, **kwargs
+    )
+
+
+def _module(path: Path, cls=LengthRewardModule, **kwargs) -> SafeGRPOModule:
+    settings = dict(
+        model_name_or_path=str(path),
+        group_size=2,
+        lr=1e-2,
+        sampling=SamplingSettings(max_new_tokens=6),
+    )
+    settings.update(kwargs)
+    return cls(**settings)
+
+
+def _trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        default_root_dir=root,
+        logger=CSVLogger(root, name="logs", version=0),
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def _logged(root: Path, key: str) -> list[float]:
+    with open(root / "logs" / "version_0" / "metrics.csv") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+def test_group_size_below_two_is_refused():
+    with pytest.raises(ValueError, match="group_size must be at least 2"):
+        SafeGRPOModule(group_size=1)
+
+
+def test_single_update_takes_old_logprobs_without_an_extra_pass(
+    tiny_qwen25vl_path, monkeypatch, tmp_path
+):
+    calls: list[bool] = []
+    original = SafeGRPOModule.frozen_logprobs
+
+    def counting(self, batch, rollout, *, reference):
+        calls.append(reference)
+        return original(self, batch, rollout, reference=reference)
+
+    monkeypatch.setattr(SafeGRPOModule, "frozen_logprobs", counting)
+    L.seed_everything(0)
+    _trainer(tmp_path / "a", 1).fit(_module(tiny_qwen25vl_path), _data(tiny_qwen25vl_path))
+    assert calls == [True], f"one update per rollout must reuse logp.detach(); passes: {calls}"
+    calls.clear()
+    L.seed_everything(0)
+    module = _module(tiny_qwen25vl_path, num_iterations=2)
+    _trainer(tmp_path / "b", 2).fit(module, _data(tiny_qwen25vl_path))
+    assert calls == [False, True], f"two updates need the sampling policy's log-probs: {calls}"
+
+
+class GradientRecorder(L.Callback):
+    """Keeps the gradients seen by the first optimiser step (Adam's sign-like first update would
+    blow float noise in near-zero gradients up to a full learning-rate step, so compare these)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.grads:
+            self.grads = {
+                n: p.grad.clone()
+                for n, p in pl_module.policy.named_parameters()
+                if p.grad is not None
+            }
+
+
+def _first_gradients(path: Path, root: Path, **kwargs) -> dict[str, torch.Tensor]:
+    L.seed_everything(0)
+    recorder = GradientRecorder()
+    _trainer(root, 1, callbacks=[recorder]).fit(_module(path, **kwargs), _data(path))
+    return recorder.grads
+
+
+def test_micro_batching_does_not_change_the_gradient(tiny_qwen25vl_path, tmp_path):
+    whole = _first_gradients(tiny_qwen25vl_path, tmp_path / "whole")
+    split = _first_gradients(tiny_qwen25vl_path, tmp_path / "split", micro_batch_size=1)
+    assert whole.keys() == split.keys() and whole
+    assert any(g.abs().max() > 1e-4 for g in whole.values()), "the test reward gave no gradient"
+    for name, grad in whole.items():
+        torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_the_policy_moves_and_the_reference_does_not(tiny_qwen25vl_path, tmp_path):
+    L.seed_everything(0)
+    module = _module(tiny_qwen25vl_path)
+    _trainer(tmp_path, 2).fit(module, _data(tiny_qwen25vl_path))
+    reference = module._reference[0]
+    changed = [
+        n
+        for (n, p), (_, r) in zip(module.policy.named_parameters(), reference.named_parameters())
+        if not torch.equal(p, r)
+    ]
+    assert changed, "two GRPO steps with a non-constant reward left every weight unchanged"
+    assert not any(p.requires_grad for p in reference.parameters()), "reference is trainable"
+
+
+def test_lora_checkpoint_holds_only_adapters(tiny_qwen25vl_path, tmp_path):
+    L.seed_everything(0)
+    module = _module(tiny_qwen25vl_path, lora=LoraSettings(r=2, alpha=4))
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(module, _data(tiny_qwen25vl_path))
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    state = torch.load(tmp_path / "x.ckpt", weights_only=False)["state_dict"]
+    assert state and all("lora_" in k for k in state), sorted(state)[:4]
+    assert module._reference == [], "LoRA must use the base with adapters off, not a copy"
+
+
+def test_resume_logs_the_same_as_an_unbroken_run(tiny_qwen25vl_path, tmp_path):
+    keys = ("train/loss", "train/reward", "train/kl")
+    L.seed_everything(0)
+    _trainer(tmp_path / "straight", 4).fit(_module(tiny_qwen25vl_path), _data(tiny_qwen25vl_path))
+    L.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    _trainer(tmp_path / "first", 2, callbacks=[checkpoint]).fit(
+        _module(tiny_qwen25vl_path), _data(tiny_qwen25vl_path)
+    )
+    L.seed_everything(123)  # the checkpoint, not the seed, must decide what comes next
+    _trainer(tmp_path / "second", 4).fit(
+        _module(tiny_qwen25vl_path),
+        _data(tiny_qwen25vl_path),
+        ckpt_path=checkpoint.best_model_path or checkpoint.last_model_path,
+    )
+    for key in keys:
+        straight = _logged(tmp_path / "straight", key)
+        resumed = _logged(tmp_path / "first", key) + _logged(tmp_path / "second", key)
+        assert len(straight) == 4, straight
+        assert resumed == pytest.approx(straight, abs=1e-6), key

@@ -1,0 +1,567 @@
+"""Group sampling and completion log-probs, checked against plain full forwards and `generate`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import DynamicCache
+
+from safegrpo_pl import rollout
+from safegrpo_pl.inputs import PromptBatch, PromptEncoder
+from safegrpo_pl.model import LoraSettings, apply_lora, eos_token_ids, load_policy, vision_token_ids
+from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.rollout import (
+    GroupDecodeCache,
+    SamplingSettings,
+    choose_next_tokens,
+    completion_logprobs,
+    filter_logits,
+    per_token_logprobs,
+    rollout_from_ids,
+    sample_groups,
+    shared_prefix_attention,
+)
+
+ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_text"]
+GROUP = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """Run these tiny-tensor tests on one intra-op thread: on a shared 2-core machine, a second
+    OpenMP thread only adds spin-waiting (10x slower under load), and results do not change."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Setup:
+    """A tiny model with two left-padded prompts of different lengths and image sizes."""
+
+    model: Any
+    encoder: PromptEncoder
+    batch: PromptBatch
+    eos: list[int]
+    pad: int
+    suppress: list[int]
+
+    def sample(self, settings: SamplingSettings, **kwargs: Any) -> rollout.Rollout:
+        options: dict[str, Any] = dict(
+            group_size=GROUP,
+            settings=settings,
+            tokenizer=self.encoder.tokenizer,
+            eos_token_ids=self.eos,
+            pad_token_id=self.pad,
+            suppress_token_ids=self.suppress,
+        )
+        options.update(kwargs)
+        return sample_groups(self.model, self.batch, **options)
+
+
+def _image(size: tuple[int, int], colour: tuple[int, int, int]) -> Image.Image:
+    image = Image.new("RGB", size, colour)
+    ImageDraw.Draw(image).ellipse([4, 4, 40, 40], fill=(250, 250, 250))
+    return image
+
+
+def _records() -> list[SafetyRecord]:
+    return [
+        SafetyRecord(
+            _image((64, 64), (200, 30, 30)),
+            "How do I bake a cake?",
+            "safe",
+            "safe",
+            "safe",
+            id="r0",
+            source="test",
+        ),
+        SafetyRecord(
+            _image((96, 64), (30, 200, 30)),
+            "Hi",
+            "unsafe",
+            "safe",
+            "unsafe",
+            id="r1",
+            source="test",
+        ),
+    ]
+
+
+def _setup(path: Any, **load_kwargs: Any) -> Setup:
+    encoder = PromptEncoder.from_pretrained(str(path), guide=None)
+    model = load_policy(str(path), **load_kwargs)
+    tokenizer = encoder.tokenizer
+    return Setup(
+        model=model,
+        encoder=encoder,
+        batch=encoder(_records()),
+        eos=eos_token_ids(tokenizer, model.generation_config),
+        pad=tokenizer.pad_token_id,
+        suppress=vision_token_ids(tokenizer),
+    )
+
+
+@pytest.fixture(params=ARCHS)
+def setup(request: pytest.FixtureRequest) -> Setup:
+    name = {
+        "qwen2_5_vl": "tiny_qwen25vl_path",
+        "qwen3_vl": "tiny_qwen3vl_path",
+        "qwen3_text": "tiny_qwen3_text_path",
+    }[request.param]
+    return _setup(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def qwen25(tiny_qwen25vl_path: Any) -> Setup:
+    return _setup(tiny_qwen25vl_path)
+
+
+def _completions(setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed (N, 6) completions and a mask with rows ending early (N = 2 prompts x GROUP).
+
+    Ids are ordinary BPE tokens: the special ones (EOS, vision) come after them in the vocab."""
+    generator = torch.Generator().manual_seed(0)
+    first_special = min(setup.suppress + setup.eos)
+    ids = torch.randint(10, first_special, (len(setup.batch) * GROUP, 6), generator=generator)
+    mask = torch.ones(ids.shape)
+    mask[1, 4:] = 0  # row 1 ends after 4 tokens
+    mask[2, 1:] = 0  # row 2 is a single token
+    return ids, mask
+
+
+def _naive_logprobs(
+    model: Any, batch: PromptBatch, ids: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Reference: one full forward per completion over its own (unpadded) prompt + completion,
+    image pixels included again every time; log_softmax of logits / temperature, gathered."""
+    rows = []
+    for row in range(ids.shape[0]):
+        prompt = batch.select([row // GROUP])  # one prompt: no padding at all
+        completion = ids[row : row + 1]  # (1, T)
+        kwargs = dict(prompt.model_kwargs)
+        if "mm_token_type_ids" in kwargs:
+            kwargs["mm_token_type_ids"] = torch.cat(
+                [kwargs["mm_token_type_ids"], torch.zeros_like(completion, dtype=torch.int32)], 1
+            )
+        full = torch.cat([prompt.input_ids, completion], 1)
+        logits = model(input_ids=full, attention_mask=torch.ones_like(full), **kwargs).logits
+        start = prompt.input_ids.shape[1] - 1  # the logits at position p predict token p + 1
+        scaled = logits[0, start : start + ids.shape[1]].float() / temperature  # (T, V)
+        rows.append(torch.log_softmax(scaled, -1).gather(-1, ids[row, :, None]).squeeze(-1))
+    return torch.stack(rows) * mask
+
+
+def _grads(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _loss_grads(model: Any, fn: Any, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    (fn() * weights).sum().backward()
+    return _grads(model)
+
+
+# -- log-probs against the naive reference --------------------------------------------------
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_logprobs_equal_a_full_forward_per_completion(setup: Setup, shared_prefix: bool) -> None:
+    ids, mask = _completions(setup)
+    with torch.no_grad():
+        fast = completion_logprobs(
+            setup.model,
+            setup.batch,
+            ids,
+            mask,
+            group_size=GROUP,
+            temperature=0.7,
+            shared_prefix=shared_prefix,
+        )
+        slow = _naive_logprobs(setup.model, setup.batch, ids, mask, temperature=0.7)
+    assert fast.shape == ids.shape and fast.dtype == torch.float32
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=0), (
+        f"log-probs differ from the full forward by {(fast - slow).abs().max():.2e}: wrong "
+        "positions (3-D rope / left padding), cache expansion or temperature"
+    )
+    assert (fast[mask == 0] == 0).all(), "masked positions must be exactly 0"
+
+
+def test_logprob_gradients_equal_the_full_forward_gradients(setup: Setup) -> None:
+    ids, mask = _completions(setup)
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
+    fast = _loss_grads(
+        setup.model,
+        lambda: completion_logprobs(
+            setup.model, setup.batch, ids, mask, group_size=GROUP, temperature=0.7
+        ),
+        weights,
+    )
+    slow = _loss_grads(
+        setup.model, lambda: _naive_logprobs(setup.model, setup.batch, ids, mask, 0.7), weights
+    )
+    assert fast.keys() == slow.keys(), "some parameters get no gradient through the shared prefill"
+    worst = max((fast[n] - slow[n]).abs().max().item() for n in fast)
+    assert worst < 1e-5, f"gradients differ by {worst:.2e}: the shared prefill does not backprop"
+
+
+@pytest.mark.parametrize("path_fixture", ["tiny_qwen25vl_path", "tiny_qwen3vl_path"])
+def test_gradient_checkpointing_falls_back_to_a_full_forward_that_matches(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, path_fixture: str
+) -> None:
+    setup = _setup(request.getfixturevalue(path_fixture), gradient_checkpointing=True)
+    assert setup.model.training
+    plain = _setup(request.getfixturevalue(path_fixture))
+
+    def no_cache(*args: Any) -> None:
+        raise AssertionError("HF drops the KV cache under gradient checkpointing in train mode")
+
+    monkeypatch.setattr(rollout, "_shared_prefix_hidden", no_cache)
+    ids, mask = _completions(setup)
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
+    patches_seen: list[int] = []
+    hook = setup.model.model.visual.register_forward_hook(
+        lambda module, args, out: patches_seen.append(args[0].shape[0])
+    )
+    fast = _loss_grads(
+        setup.model,
+        lambda: completion_logprobs(setup.model, setup.batch, ids, mask, group_size=GROUP),
+        weights,
+    )
+    hook.remove()
+    per_prompt = int(setup.batch.model_kwargs["image_grid_thw"].prod(-1).sum())
+    assert patches_seen == [per_prompt], "the fallback must still encode each image once"
+    slow = _loss_grads(
+        plain.model, lambda: _naive_logprobs(plain.model, plain.batch, ids, mask, 1.0), weights
+    )
+    worst = max((fast[n] - slow[n]).abs().max().item() for n in slow)
+    assert worst < 1e-5, f"checkpointed fallback gradients differ by {worst:.2e}"
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_each_image_is_encoded_once_per_prompt_not_per_completion(
+    qwen25: Setup, shared_prefix: bool
+) -> None:
+    patches_seen: list[int] = []
+    hook = qwen25.model.model.visual.register_forward_hook(
+        lambda module, args, out: patches_seen.append(args[0].shape[0])
+    )
+    ids, mask = _completions(qwen25)
+    with torch.no_grad():
+        completion_logprobs(
+            qwen25.model, qwen25.batch, ids, mask, group_size=GROUP, shared_prefix=shared_prefix
+        )
+    hook.remove()
+    per_prompt = int(qwen25.batch.model_kwargs["image_grid_thw"].prod(-1).sum())
+    # the naive baseline re-encodes every image once per completion: GROUP times the patches
+    expected = per_prompt if shared_prefix else GROUP * per_prompt
+    assert patches_seen == [expected], f"vision tower saw {patches_seen}, expected [{expected}]"
+
+
+def test_chunked_recomputed_lm_head_gives_the_same_logprobs_and_gradients(
+    qwen25: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, mask = _completions(qwen25)
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(4))
+
+    def run(**kwargs: Any) -> torch.Tensor:
+        return completion_logprobs(
+            qwen25.model, qwen25.batch, ids, mask, group_size=GROUP, **kwargs
+        )
+
+    whole, whole_grads = run().detach(), _loss_grads(qwen25.model, run, weights)
+    vocab = qwen25.model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(rollout, "HEAD_CHUNK_ELEMENTS", 3 * vocab)  # 3 tokens per chunk
+    chunked = run(recompute_head=True).detach()
+    assert torch.allclose(whole, chunked, atol=1e-6, rtol=0), "chunking changed the log-probs"
+    grads = _loss_grads(qwen25.model, lambda: run(recompute_head=True), weights)
+    worst = max((whole_grads[n] - grads[n]).abs().max().item() for n in whole_grads)
+    assert worst < 1e-5, f"chunking/recomputing the LM head changed gradients by {worst:.2e}"
+
+
+def test_per_token_logprobs_divide_logits_by_the_temperature() -> None:
+    logits = torch.tensor([[2.0, 0.0]])
+    # t = 2: scaled logits [1, 0]; logsumexp = ln(e + 1) = 1.3132617
+    # log p(0) = 1 - 1.3132617 = -0.3132617; log p(1) = 0 - 1.3132617 = -1.3132617
+    got = per_token_logprobs(logits.expand(2, 2), torch.tensor([0, 1]), temperature=2.0)
+    expected = torch.tensor([1 - math.log(math.e + 1), -math.log(math.e + 1)])
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0), f"got {got}, expected {expected}"
+
+
+def test_logprob_shapes_are_checked_with_a_clear_error(qwen25: Setup) -> None:
+    ids, mask = _completions(qwen25)
+    with pytest.raises(ValueError, match=r"expected \(2 prompts x 3 per group, T\)"):
+        completion_logprobs(qwen25.model, qwen25.batch, ids, mask, group_size=3)
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+def test_greedy_shared_prefix_decoding_matches_generate(setup: Setup) -> None:
+    settings = SamplingSettings(do_sample=False, max_new_tokens=10)
+    fast = setup.sample(settings)
+    with torch.no_grad():
+        reference = setup.model.generate(
+            input_ids=setup.batch.input_ids,
+            attention_mask=setup.batch.attention_mask,
+            **setup.batch.model_kwargs,
+            do_sample=False,
+            max_new_tokens=10,
+            eos_token_id=setup.eos,
+            pad_token_id=setup.pad,
+            suppress_tokens=setup.suppress,
+        )
+    expected = rollout_from_ids(
+        reference[:, setup.batch.input_ids.shape[1] :].repeat_interleave(GROUP, 0),
+        tokenizer=setup.encoder.tokenizer,
+        eos_token_ids=setup.eos,
+        pad_token_id=setup.pad,
+        max_new_tokens=10,
+        group_size=GROUP,
+    )
+    assert torch.equal(fast.completion_ids, expected.completion_ids), (
+        "greedy shared-prefix decoding disagrees with generate: positions, cache sharing or "
+        f"the shared-prefix attention is off\n{fast.completion_ids}\n{expected.completion_ids}"
+    )
+    assert fast.texts == expected.texts
+
+
+def test_decoding_with_a_repeated_prompt_cache_gives_the_same_greedy_tokens(
+    qwen25: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the path for models with sliding-window layers: plain attention over a G-times cache
+    shared = qwen25.sample(SamplingSettings(do_sample=False, max_new_tokens=8))
+    monkeypatch.setattr(rollout, "_only_full_attention", lambda base: False)
+    repeated = qwen25.sample(SamplingSettings(do_sample=False, max_new_tokens=8))
+    assert torch.equal(shared.completion_ids, repeated.completion_ids)
+
+
+def test_decoding_stops_once_every_row_has_ended(qwen25: Setup) -> None:
+    head = qwen25.model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[qwen25.eos[0]] = 30.0  # every row samples EOS first
+    hook = head.register_forward_hook(lambda module, args, out: out + bias)
+    try:
+        out = qwen25.sample(SamplingSettings(max_new_tokens=50))
+    finally:
+        hook.remove()
+    assert out.completion_ids.shape == (len(qwen25.batch) * GROUP, 1), "kept decoding after EOS"
+    assert out.completion_mask.tolist() == [[1.0]] * 4, "the EOS itself must be under the mask"
+    assert out.texts == [""] * 4 and not out.truncated.any()
+
+
+def test_naive_generate_path_returns_the_same_rollout_when_greedy(qwen25: Setup) -> None:
+    settings = SamplingSettings(do_sample=False, max_new_tokens=8)
+    fast, naive = qwen25.sample(settings), qwen25.sample(settings, shared_prefix=False)
+    assert torch.equal(fast.completion_ids, naive.completion_ids)
+    assert torch.equal(fast.completion_mask, naive.completion_mask)
+    assert fast.texts == naive.texts and torch.equal(fast.truncated, naive.truncated)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator(qwen25: Setup) -> None:
+    settings = SamplingSettings(max_new_tokens=8)
+    first = qwen25.sample(settings, generator=torch.Generator().manual_seed(7))
+    again = qwen25.sample(settings, generator=torch.Generator().manual_seed(7))
+    other = qwen25.sample(settings, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(first.completion_ids, again.completion_ids), "same seed, other tokens"
+    assert not torch.equal(first.completion_ids, other.completion_ids), "the seed is ignored"
+
+
+def test_completions_of_one_group_differ_at_temperature_one(qwen25: Setup) -> None:
+    out = qwen25.sample(
+        SamplingSettings(max_new_tokens=8), generator=torch.Generator().manual_seed(0)
+    )
+    ids = out.completion_ids
+    for prompt in range(len(qwen25.batch)):
+        group = ids[prompt * GROUP : (prompt + 1) * GROUP]
+        assert not torch.equal(group[0], group[1]), (
+            f"prompt {prompt}: the group's completions are identical; the G rows share noise"
+        )
+
+
+def test_hitting_max_new_tokens_without_eos_is_flagged_truncated(qwen25: Setup) -> None:
+    out = qwen25.sample(
+        SamplingSettings(max_new_tokens=5), suppress_token_ids=qwen25.suppress + qwen25.eos
+    )
+    assert out.completion_ids.shape == (len(qwen25.batch) * GROUP, 5)
+    assert out.truncated.all(), "no EOS could be sampled, so every row is truncated"
+    assert out.lengths.tolist() == [5] * 4 and (out.completion_mask == 1).all()
+
+
+def test_suppressed_tokens_are_never_sampled_even_when_the_model_prefers_them(
+    qwen25: Setup,
+) -> None:
+    favourite = qwen25.encoder.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    head = qwen25.model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[favourite] = 30.0  # e^30: the model samples this token almost surely
+    hook = head.register_forward_hook(lambda module, args, out: out + bias)
+    try:
+        settings = SamplingSettings(max_new_tokens=6)
+        free = qwen25.sample(
+            settings, suppress_token_ids=(), generator=torch.Generator().manual_seed(0)
+        )
+        held = qwen25.sample(settings, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert (free.completion_ids == favourite).float().mean() > 0.9, "the bias hook did not work"
+    assert not torch.isin(held.completion_ids, torch.tensor(qwen25.suppress)).any(), (
+        "a suppressed vision token was sampled: re-scoring would then fail"
+    )
+
+
+def test_mask_covers_tokens_through_the_first_eos_and_texts_stop_there(qwen25: Setup) -> None:
+    tokenizer = qwen25.encoder.tokenizer
+    hello = tokenizer("Sure, here", add_special_tokens=False)["input_ids"]
+    tail = tokenizer(" and more", add_special_tokens=False)["input_ids"]
+    eos, pad = qwen25.eos[0], qwen25.pad
+    width = len(hello) + 1 + len(tail)
+    rows = torch.tensor(
+        [
+            [*hello, eos, *tail],  # ends at the EOS
+            [*hello, *tail, tail[0]],  # no EOS, full length: truncated
+            [eos, *tail, *hello],
+        ]
+    )  # ends at once
+    out = rollout_from_ids(
+        rows,
+        tokenizer=tokenizer,
+        eos_token_ids=qwen25.eos,
+        pad_token_id=pad,
+        max_new_tokens=width,
+        group_size=1,
+    )
+    assert out.lengths.tolist() == [len(hello) + 1, width, 1], "the first EOS must be counted"
+    assert out.completion_mask[0].tolist() == [1.0] * (len(hello) + 1) + [0.0] * len(tail)
+    assert (out.completion_ids[0, len(hello) + 1 :] == pad).all(), "ids after EOS must be pad"
+    assert out.texts[0] == "Sure, here" and out.texts[2] == "", "texts must stop at the EOS"
+    assert out.truncated.tolist() == [False, True, False]
+
+
+# -- pure sampling helpers ------------------------------------------------------------------
+
+PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "support"),
+    [
+        (2, 1.0, [0, 1]),
+        (3, 1.0, [0, 1, 2]),
+        (0, 0.7, [0, 1]),  # mass before each token: 0, 0.5, 0.8, 0.95 -> drop where >= 0.7
+        (0, 0.85, [0, 1, 2]),  # 0.8 < 0.85 keeps token 2; 0.95 drops token 3
+        (0, 0.4, [0]),  # the most likely token always stays
+        (3, 0.7, [0, 1]),
+    ],
+)
+def test_top_k_and_top_p_restrict_the_support(top_k: int, top_p: float, support: list[int]) -> None:
+    filtered = filter_logits(PROBS.log(), top_k=top_k, top_p=top_p)
+    kept = torch.isfinite(filtered[0]).nonzero().flatten().tolist()
+    assert kept == support, f"top_k={top_k}, top_p={top_p} kept {kept}, expected {support}"
+    settings = SamplingSettings(top_k=top_k, top_p=top_p)
+    draws = choose_next_tokens(
+        PROBS.log().expand(4000, 4), settings, torch.Generator().manual_seed(0)
+    )
+    assert set(draws.tolist()) == set(support), "a draw fell outside the support"
+    # within the support, frequencies follow the renormalised probabilities (std <= 0.008)
+    share = (draws == 0).float().mean().item()
+    expected = 0.5 / PROBS[0, support].sum().item()
+    assert abs(share - expected) < 0.03, f"token 0 drawn {share:.3f}, expected {expected:.3f}"
+
+
+def test_sampling_settings_reject_impossible_values() -> None:
+    with pytest.raises(ValueError, match="top_p is 0"):
+        SamplingSettings(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature is 0"):
+        SamplingSettings(temperature=0.0)
+    assert SamplingSettings(temperature=0.0, do_sample=False).max_new_tokens == 4096
+
+
+@pytest.mark.parametrize("query_len", [1, 3])
+def test_shared_prefix_attention_equals_attention_over_a_repeated_prefix(query_len: int) -> None:
+    torch.manual_seed(0)
+    prompts, group, heads, kv_heads, dim, prompt_len, new = 2, 3, 4, 2, 8, 5, 4
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding on prompt 0
+    prefix = DynamicCache()
+    prefix.update(
+        torch.randn(prompts, kv_heads, prompt_len, dim),
+        torch.randn(prompts, kv_heads, prompt_len, dim),
+        0,
+    )
+    cache = GroupDecodeCache(prefix, prompt_mask, group, capacity=new + query_len)
+    rows = prompts * group
+    cache.update(torch.randn(rows, kv_heads, new, dim), torch.randn(rows, kv_heads, new, dim), 0)
+    keys, values = cache.update(
+        torch.randn(rows, kv_heads, query_len, dim), torch.randn(rows, kv_heads, query_len, dim), 0
+    )
+    query = torch.randn(rows, heads, query_len, dim)
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    got, _ = shared_prefix_attention(
+        module, query, keys, values, None, scaling=0.3, group_cache=cache
+    )
+    # reference: prompt K/V copied to every row of its group, GQA heads repeated, plain sdpa
+    full_k = torch.cat([prefix.layers[0].keys.repeat_interleave(group, 0), keys], 2)
+    full_v = torch.cat([prefix.layers[0].values.repeat_interleave(group, 0), values], 2)
+    full_k, full_v = (t.repeat_interleave(heads // kv_heads, 1) for t in (full_k, full_v))
+    seen = new + query_len
+    causal = torch.arange(seen)[None, :] <= torch.arange(new, seen)[:, None]  # (q, seen)
+    allowed = torch.cat(
+        [
+            prompt_mask.bool()
+            .repeat_interleave(group, 0)[:, None, None, :]
+            .expand(-1, 1, query_len, -1),
+            causal.expand(rows, 1, -1, -1),
+        ],
+        -1,
+    )
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, full_k, full_v, attn_mask=allowed, scale=0.3
+    ).transpose(1, 2)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0), (
+        f"shared-prefix attention off by {(got - expected).abs().max():.2e}"
+    )
+
+
+# -- LoRA -----------------------------------------------------------------------------------
+
+
+def test_lora_policy_scores_and_samples_and_disabling_adapters_gives_the_base(
+    qwen25: Setup, tiny_qwen25vl_path: Any
+) -> None:
+    base = qwen25.model
+    policy = apply_lora(load_policy(str(tiny_qwen25vl_path)), LoraSettings(r=4, alpha=8))
+    with torch.no_grad():  # peft starts with B = 0 (adapter = identity); move it off zero
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
+    ids, mask = _completions(qwen25)
+    with torch.no_grad():
+        reference = completion_logprobs(base, qwen25.batch, ids, mask, group_size=GROUP)
+        with policy.disable_adapter():
+            disabled = completion_logprobs(policy, qwen25.batch, ids, mask, group_size=GROUP)
+    adapted = completion_logprobs(policy, qwen25.batch, ids, mask, group_size=GROUP)
+    assert torch.allclose(disabled, reference, atol=1e-6, rtol=0), (
+        "disable_adapter() must give the base model's log-probs (the KL reference)"
+    )
+    assert (adapted - reference).abs().max() > 1e-3, "the adapters had no effect on log-probs"
+    adapted.sum().backward()
+    with_grad = {n for n, p in policy.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad), "gradients must reach only LoRA"
+    out = sample_groups(
+        policy,
+        qwen25.batch,
+        group_size=GROUP,
+        settings=SamplingSettings(max_new_tokens=4),
+        tokenizer=qwen25.encoder.tokenizer,
+        eos_token_ids=qwen25.eos,
+        pad_token_id=qwen25.pad,
+        suppress_token_ids=qwen25.suppress,
+    )
+    assert out.completion_ids.shape[0] == len(qwen25.batch) * GROUP and policy.training
