@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from safegrpo_pl.model import build_tiny_model
+
+
+# Tiny models are overhead-bound: one thread is faster than two fighting over a shared CPU.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
