@@ -10,7 +10,6 @@ import torch
 
 from safegrpo_pl.model import build_tiny_model
 
-
 # Tiny models are overhead-bound: one thread is faster than two fighting over a shared CPU.
 torch.set_num_threads(1)
 

@@ -16,7 +16,6 @@ from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.demo_data import DemoConfig
 from safegrpo_pl.model import LoraSettings
 from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.rewards import RewardParts
 from safegrpo_pl.rollout import SamplingSettings
 
 TINY_DEMO = DemoConfig(num_train=4, num_val=2, num_test=2)
@@ -28,7 +27,10 @@ class LengthRewardModule(SafeGRPOModule):
 
     def score(self, batch, rollout):
         parts = super().score(batch, rollout)
-        return [replace(p, total=(len(text) % 5) / 4) for p, text in zip(parts, rollout.texts)]
+        return [
+            replace(p, total=(len(text) % 5) / 4)
+            for p, text in zip(parts, rollout.texts, strict=True)
+        ]
 
 
 def _data(path: Path, **kwargs) -> SafeTagDataModule:
@@ -132,7 +134,9 @@ def test_the_policy_moves_and_the_reference_does_not(tiny_qwen25vl_path, tmp_pat
     reference = module._reference[0]
     changed = [
         n
-        for (n, p), (_, r) in zip(module.policy.named_parameters(), reference.named_parameters())
+        for (n, p), (_, r) in zip(
+            module.policy.named_parameters(), reference.named_parameters(), strict=True
+        )
         if not torch.equal(p, r)
     ]
     assert changed, "two GRPO steps with a non-constant reward left every weight unchanged"
