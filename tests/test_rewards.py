@@ -500,8 +500,9 @@ def test_adversarial_megabyte_scores_under_a_second(unit: str) -> None:
 
 
 @pytest.mark.parametrize("unit", list(_ADVERSARIAL_UNITS.values()), ids=list(_ADVERSARIAL_UNITS))
-def test_doubling_adversarial_input_roughly_doubles_time(unit: str) -> None:
-    # Best of 5 runs each to shed scheduler noise; linear gives ~2x, quadratic ~4x.
-    half = unit * (250_000 // len(unit))
-    ratio = _seconds_to_score(half + half, repeats=5) / _seconds_to_score(half, repeats=5)
-    assert ratio < 3.0, f"doubling the input multiplied time by {ratio:.1f}: not linear"
+def test_quadrupling_adversarial_input_roughly_quadruples_time(unit: str) -> None:
+    # Best of 5 runs each to shed scheduler noise; linear gives ~4x, quadratic ~16x. The wide
+    # gap keeps the test meaningful on a loaded shared CPU.
+    quarter = unit * (125_000 // len(unit))
+    ratio = _seconds_to_score(quarter * 4, repeats=5) / _seconds_to_score(quarter, repeats=5)
+    assert ratio < 8.0, f"quadrupling the input multiplied time by {ratio:.1f}: not linear"
