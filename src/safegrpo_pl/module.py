@@ -25,7 +25,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -89,7 +89,7 @@ class SafeGRPOModule(LightningModule):
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient-norm clipping threshold.
         sampling: rollout sampling settings (temperature, top-p, top-k, max_new_tokens).
-        val_sampling: validation/test decoding (greedy by default).
+        val_sampling: validation/test decoding; null = greedy with `sampling.max_new_tokens`.
         loss: clipping, dual clip, KL estimator, aggregation and advantage settings.
         reward: rule-reward weights and refusal keywords.
         shared_prefix: encode each image and prefill each prompt once per group.
@@ -114,7 +114,7 @@ class SafeGRPOModule(LightningModule):
         weight_decay: float = 0.01,
         max_grad_norm: float = 1.0,
         sampling: SamplingSettings = SamplingSettings(),  # noqa: B008 (frozen dataclass)
-        val_sampling: SamplingSettings = SamplingSettings(do_sample=False),  # noqa: B008
+        val_sampling: SamplingSettings | None = None,
         loss: LossSettings = LossSettings(),  # noqa: B008
         reward: RewardConfig = RewardConfig(),  # noqa: B008
         shared_prefix: bool = True,
@@ -150,7 +150,9 @@ class SafeGRPOModule(LightningModule):
         self.num_iterations = num_iterations
         self.kl_coef = kl_coef
         self.sampling = sampling
-        self.val_sampling = val_sampling
+        # Greedy, with the rollout's length budget, unless set: a cap of its own would let a
+        # model that never stops decode 4096 tokens per validation prompt.
+        self.val_sampling = val_sampling or replace(sampling, do_sample=False)
         self.loss_settings = loss
         self.reward_config = reward
         self.shared_prefix = shared_prefix
