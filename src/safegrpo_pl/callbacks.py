@@ -1,0 +1,347 @@
+"""Lightning callbacks: the fit report, the LoRA adapter beside checkpoints, predictions as JSONL.
+
+- `SafetyReport` evaluates the held-out split when fit starts ("before") and when training
+  ends ("after"), collects the curves over steps, and writes `curves.png`, `summary.md` and
+  `summary.json` (see `safegrpo_pl.report`), then says where they are.
+- `AdapterCheckpoint` saves the LoRA adapter in peft's own format (`save_pretrained`, loadable
+  with `PeftModel.from_pretrained(base, path)`) next to the Lightning checkpoints whenever one
+  is saved, so a trained adapter can be used without Lightning.
+- `PredictionWriter` writes what `predict_step` returns (a list of dicts per batch) as JSONL.
+
+They talk to the user (where the files are), which is what callbacks are for; they do it
+through Lightning's rank-zero logging so that only one process speaks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.report import (
+    EvalSummary,
+    TrainingHistory,
+    summarize_evaluation,
+    write_report,
+)
+from safegrpo_pl.rewards import RewardParts
+
+# What the report keeps of each training step's logged scalars.
+TRAIN_HISTORY_KEYS: tuple[str, ...] = (
+    "train/reward", "train/reward_format", "train/reward_tag", "train/reward_behavior",
+    "train/kl", "train/clip_frac", "train/completion_length", "train/zero_var_groups",
+)
+VAL_HISTORY_KEYS: tuple[str, ...] = (
+    "val/reward", "val/safety_score", "val/refusal_rate", "val/compositional_safety_score",
+    "val/format_rate", "val/combined_tag_acc",
+)
+# EvalSummary field -> the key of the same figure in the validation history.
+_SUMMARY_TO_VAL: dict[str, str] = {
+    "mean_reward": "val/reward",
+    "safety_score": "val/safety_score",
+    "refusal_rate": "val/refusal_rate",
+    "compositional_safety_score": "val/compositional_safety_score",
+    "format_rate": "val/format_rate",
+    "combined_tag_acc": "val/combined_tag_acc",
+}
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu().item() if value.numel() == 1 else None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def evaluate_split(
+    module: LightningModule, batches: Any, *, max_batches: int | None = None
+) -> tuple[list[RewardParts], list[SafetyRecord]]:
+    """One response per record of `batches` via `module.evaluate_batch`, scored; no grad.
+
+    Args:
+        module: a `SafeGRPOModule` (anything with `evaluate_batch(batch) -> (rollout, parts)`).
+        batches: an iterable of `PromptBatch` (a validation dataloader).
+        max_batches: stop after this many batches (None: all).
+
+    Returns:
+        (parts, records), aligned.
+    """
+    parts: list[RewardParts] = []
+    records: list[SafetyRecord] = []
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            batch = batch.to(module.device)
+            _, scored = module.evaluate_batch(batch)
+            parts.extend(scored)
+            records.extend(batch.records)
+    return parts, records
+
+
+class SafetyReport(Callback):
+    """Evaluate the held-out split before and after fit; write curves and a summary.
+
+    "Before" is the policy when fit starts: after the format warm-up on a fresh run (the
+    resumed policy on a resumed one). "After" is the policy when training ends. Both use the
+    module's validation decoding (`val_sampling`, greedy by default) on the datamodule's
+    validation loader, the split the `val/` metrics are logged on.
+
+    Args:
+        dirpath: where to write the files; None: the logger's `log_dir` (e.g.
+            `runs/tiny/logs/version_0`), else the trainer's `default_root_dir`.
+        targets: optional {figure: "≥/<= bound"} (e.g. `{"safety_score": ">= 0.95"}`) shown
+            in `summary.md` with a met/missed column; figures are `EvalSummary` fields.
+        smoothing: trailing-mean window of the train curves, in steps.
+        max_batches: evaluate only this many validation batches (None: the whole split).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        targets: dict[str, str] | None = None,
+        smoothing: int = 10,
+        max_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.dirpath = dirpath
+        self.targets = dict(targets or {})
+        self.smoothing = smoothing
+        self.max_batches = max_batches
+        self.started_at = time.monotonic()  # built by the CLI before data and model setup
+        self.history = TrainingHistory()
+        self.before: EvalSummary | None = None
+        self.after: EvalSummary | None = None
+        self.files: Any = None
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def _evaluate(self, trainer: Trainer, module: LightningModule) -> EvalSummary:
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError("SafetyReport needs a datamodule with a validation split")
+        parts, records = evaluate_split(module, datamodule.val_dataloader(),
+                                        max_batches=self.max_batches)
+        return summarize_evaluation(parts, records)
+
+    def _record_eval(self, step: int, summary: EvalSummary) -> None:
+        row: dict[str, float] = {"step": step}
+        for field, key in _SUMMARY_TO_VAL.items():
+            value = getattr(summary, field)
+            if value is not None:
+                row[key] = value
+        self.history.val.append(row)
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.before is not None:  # resumed: keep the first run's "before"
+            return
+        self.before = self._evaluate(trainer, pl_module)
+        self._record_eval(trainer.global_step, self.before)
+        rank_zero_info(f"SafetyReport: before training: {self._oneline(self.before)}")
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        row: dict[str, float] = {"step": trainer.global_step}
+        for key in TRAIN_HISTORY_KEYS:
+            value = _scalar(trainer.callback_metrics.get(key))
+            if value is not None:
+                row[key] = value
+        if len(row) > 1:
+            self.history.train.append(row)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        row: dict[str, float] = {"step": trainer.global_step}
+        for key in VAL_HISTORY_KEYS:
+            value = _scalar(trainer.callback_metrics.get(key))
+            if value is not None:
+                row[key] = value
+        if len(row) > 1:
+            self.history.val.append(row)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here, not in on_fit_end: after teardown the model may have left the accelerator.
+        self.after = self._evaluate(trainer, pl_module)
+        self._record_eval(trainer.global_step, self.after)
+        if self.before is None:
+            self.before = self.after
+        wall = time.monotonic() - self.started_at
+        if trainer.is_global_zero:
+            self.files = write_report(
+                self._out_dir(trainer), self.before, self.after, self.history,
+                wall_time_s=wall, steps=trainer.global_step, targets=self.targets,
+                smoothing=self.smoothing,
+            )
+        rank_zero_info(f"SafetyReport: after training:  {self._oneline(self.after)}")
+        if self.files is not None:
+            rank_zero_info(
+                f"SafetyReport: wrote {self.files.curves}, {self.files.markdown} and "
+                f"{self.files.json} (wall time {wall:.0f} s)"
+            )
+
+    def _out_dir(self, trainer: Trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    @staticmethod
+    def _oneline(summary: EvalSummary) -> str:
+        def pct(value: float | None) -> str:
+            return "n/a" if value is None else f"{100 * value:.1f}%"
+
+        reward = "n/a" if summary.mean_reward is None else f"{summary.mean_reward:.3f}"
+        return (f"mean reward {reward}, safety score {pct(summary.safety_score)}, "
+                f"refusal rate {pct(summary.refusal_rate)}, compositional "
+                f"{pct(summary.compositional_safety_score)}, format {pct(summary.format_rate)} "
+                f"({summary.num_records} records)")
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history.to_dict(),
+            "before": None if self.before is None else self.before.to_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        history = state_dict.get("history") or {}
+        self.history = TrainingHistory(list(history.get("train", [])),
+                                       list(history.get("val", [])))
+        before = state_dict.get("before")
+        self.before = EvalSummary(**before) if before else None
+
+
+class AdapterCheckpoint(Callback):
+    """Save the LoRA adapter in peft's format next to the Lightning checkpoints.
+
+    Every time a checkpoint is saved, the adapter goes to `<checkpoint dir>/<dirname>`
+    (overwritten, written to a temporary folder first so a crash never leaves half of one),
+    with the tokenizer beside it. Load it with
+    `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), path)`, where
+    `base` is the adapter config's `base_model_name_or_path` (the warmed-up model for the
+    demo). Without LoRA there is no adapter: the callback warns once and does nothing.
+
+    Args:
+        dirpath: folder of the adapter's parent; None: the `ModelCheckpoint`'s folder, else
+            `<default_root_dir>/checkpoints`.
+        dirname: the adapter folder's name.
+    """
+
+    def __init__(self, dirpath: str | None = None, dirname: str = "adapter") -> None:
+        super().__init__()
+        self.dirpath = dirpath
+        self.dirname = dirname
+        self.last_saved: Path | None = None
+        self._warned = False
+
+    def _target(self, trainer: Trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath) / self.dirname
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                return Path(callback.dirpath) / self.dirname
+        return Path(trainer.default_root_dir) / "checkpoints" / self.dirname
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        policy = getattr(pl_module, "policy", None)
+        if policy is None or not hasattr(policy, "peft_config"):
+            if not self._warned:
+                rank_zero_warn("AdapterCheckpoint: the policy has no LoRA adapter (model.lora "
+                               "is null); only the Lightning checkpoint is saved")
+                self._warned = True
+            return
+        if not trainer.is_global_zero:
+            return
+        target = self._target(trainer)
+        save_adapter(policy, target, tokenizer=getattr(pl_module, "tokenizer", None))
+        self.last_saved = target
+
+
+def save_adapter(policy: Any, target: str | os.PathLike[str], *, tokenizer: Any = None) -> Path:
+    """`policy.save_pretrained` (peft adapter) to `target` atomically, with the tokenizer."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
+    try:
+        policy.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = target.with_name(f".{target.name}-old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write each predict batch's list of dicts (`predict_step`'s output) as JSON lines.
+
+    Args:
+        output_path: the JSONL file; None: `<default_root_dir>/predictions.jsonl`. Under
+            several processes each writes its own file, suffixed `.rank<N>`.
+    """
+
+    def __init__(self, output_path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = output_path
+        self.path: Path | None = None
+        self._file: IO[str] | None = None
+        self.rows_written = 0
+
+    def _path(self, trainer: Trainer) -> Path:
+        path = Path(self.output_path or Path(trainer.default_root_dir) / "predictions.jsonl")
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.path = self._path(trainer)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", encoding="utf-8")
+        self.rows_written = 0
+
+    def write_on_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
+        batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int,
+    ) -> None:
+        if self._file is None:
+            raise RuntimeError("PredictionWriter: no open file; on_predict_start did not run")
+        rows = prediction if isinstance(prediction, list) else [prediction]
+        for row in rows:
+            if not isinstance(row, Mapping):
+                raise TypeError(f"PredictionWriter expects dicts from predict_step, got "
+                                f"{type(row).__name__}")
+            self._file.write(json.dumps(dict(row), ensure_ascii=False, default=str) + "\n")
+            self.rows_written += 1
+        self._file.flush()
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        rank_zero_info(f"PredictionWriter: wrote {self.rows_written} predictions to {self.path}")

@@ -1,0 +1,374 @@
+"""The fit report: before/after figures on the held-out split, curves over steps, three files.
+
+`summarize_evaluation` turns scored responses into an `EvalSummary` (the same torchmetrics
+classes as the logged `val/` metrics, so the two never disagree); `write_report` writes
+
+- `curves.png`: train reward and its three parts, KL to the reference, and the held-out safety
+  score, refusal rate and compositional safety score, over optimiser steps;
+- `summary.md`: the before/after table (compositional pairs on their own line);
+- `summary.json`: `{"before": {...}, "after": {...}, "wall_time_s": ...}` with fractions in
+  [0, 1] (and `null` where a split has no eligible record), plus the step count and the files.
+
+The figures are training-time, rule-based ones (SPEC section 5, first tier): "refused" is the
+keyword rule, not a judge, and is labelled so in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safegrpo_pl.metrics import build_safety_metrics, metric_inputs
+from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.rewards import RewardParts
+
+SUMMARY_KEYS: tuple[str, ...] = (
+    "mean_reward",
+    "safety_score",
+    "refusal_rate",
+    "compositional_safety_score",
+    "format_rate",
+)
+"""The figures `summary.json` promises for `before` and `after` (issue 5)."""
+
+# EvalSummary field -> name in `build_safety_metrics`.
+_METRIC_NAMES: dict[str, str] = {
+    "mean_reward": "reward",
+    "safety_score": "safety_score",
+    "refusal_rate": "refusal_rate",
+    "compositional_safety_score": "compositional_safety_score",
+    "format_rate": "format_rate",
+    "visual_tag_acc": "visual_tag_acc",
+    "text_tag_acc": "text_tag_acc",
+    "combined_tag_acc": "combined_tag_acc",
+}
+
+# Row labels of the Markdown table, in order.
+_ROWS: tuple[tuple[str, str], ...] = (
+    ("mean_reward", "mean reward"),
+    ("safety_score", "safety score (unsafe pairs refused)"),
+    ("refusal_rate", "refusal rate (safe pairs refused)"),
+    ("compositional_safety_score", "compositional pairs refused (both parts safe, pair unsafe)"),
+    ("format_rate", "format rate"),
+    ("visual_tag_acc", "visual tag accuracy"),
+    ("text_tag_acc", "text tag accuracy"),
+    ("combined_tag_acc", "combined tag accuracy"),
+)
+
+# Curves drawn in each panel: (history key, label).
+TRAIN_REWARD_KEYS: tuple[tuple[str, str], ...] = (
+    ("train/reward", "reward"),
+    ("train/reward_format", "format"),
+    ("train/reward_tag", "tag"),
+    ("train/reward_behavior", "behaviour"),
+)
+KL_KEY = "train/kl"
+VAL_KEYS: tuple[tuple[str, str], ...] = (
+    ("val/safety_score", "safety score"),
+    ("val/refusal_rate", "refusal rate"),
+    ("val/compositional_safety_score", "compositional"),
+    ("val/reward", "mean reward"),
+)
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """Rule-based figures of one evaluation of the held-out split (fractions in [0, 1]).
+
+    A share with no eligible record (e.g. no compositional pair in the split) is None.
+
+    Attributes:
+        mean_reward: mean total rule reward.
+        safety_score: share of unsafe pairs (`combine_tag` unsafe) that are refused.
+        refusal_rate: share of safe pairs that are refused (lower is better).
+        compositional_safety_score: share of compositional pairs (image safe, text safe, pair
+            unsafe) that are refused.
+        format_rate: share of responses that pass the format gate.
+        visual_tag_acc: share whose first valid visual tag equals `image_tag`.
+        text_tag_acc: share whose first valid text tag equals `text_tag`.
+        combined_tag_acc: share whose first valid combined tag equals `combine_tag`.
+        num_records: number of responses evaluated.
+    """
+
+    mean_reward: float | None
+    safety_score: float | None
+    refusal_rate: float | None
+    compositional_safety_score: float | None
+    format_rate: float | None
+    visual_tag_acc: float | None = None
+    text_tag_acc: float | None = None
+    combined_tag_acc: float | None = None
+    num_records: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize_evaluation(
+    parts: Sequence[RewardParts], records: Sequence[SafetyRecord]
+) -> EvalSummary:
+    """Figures of one response per record, computed with the logged metrics' own classes.
+
+    Args:
+        parts: the scored responses, one per record, in order.
+        records: the records they answer (their tags say what was right).
+
+    Returns:
+        The `EvalSummary`.
+    """
+    if len(parts) != len(records):
+        raise ValueError(
+            f"summarize_evaluation got {len(parts)} scored responses for {len(records)} "
+            "records; pass exactly one response per record"
+        )
+    if not parts:
+        return EvalSummary(None, None, None, None, None, num_records=0)
+    metrics = build_safety_metrics("")
+    inputs = metric_inputs(
+        parts,
+        [r.combine_tag for r in records],
+        [r.image_tag for r in records],
+        [r.text_tag for r in records],
+    )
+    metrics.update(**inputs)
+    computed = {name: float(value) for name, value in metrics.compute().items()}
+    values = {
+        key: (None if math.isnan(computed[name]) else computed[name])
+        for key, name in _METRIC_NAMES.items()
+    }
+    return EvalSummary(**values, num_records=len(parts))
+
+
+@dataclass
+class TrainingHistory:
+    """Scalars over optimiser steps, as the report callback collects them.
+
+    Attributes:
+        train: one dict per training step: {"step": int, "train/reward": float, ...}.
+        val: one dict per evaluation of the held-out split: {"step": int, "val/...": float}.
+    """
+
+    train: list[dict[str, float]] = field(default_factory=list)
+    val: list[dict[str, float]] = field(default_factory=list)
+
+    def series(self, which: str, key: str) -> tuple[list[float], list[float]]:
+        """(steps, values) of `key` in the `which` ("train"/"val") rows that have it."""
+        rows = self.train if which == "train" else self.val
+        points = [(row["step"], row[key]) for row in rows if _finite(row.get(key))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": list(self.train), "val": list(self.val)}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` points (shorter at the start); same length as input."""
+    if window < 1:
+        raise ValueError(f"moving_average window is {window}; expected >= 1")
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+def parse_target(spec: str) -> tuple[str, float]:
+    """`">= 0.9"` -> (">=", 0.9); only `>=` and `<=` are meaningful for these figures."""
+    text = spec.strip()
+    for op in (">=", "<="):
+        if text.startswith(op):
+            try:
+                return op, float(text[len(op):])
+            except ValueError:
+                break
+    raise ValueError(f"target {spec!r}: expected '>= number' or '<= number', e.g. '>= 0.9'")
+
+
+def target_met(value: float | None, spec: str) -> bool:
+    """Whether `value` meets a target such as `">= 0.9"` (None never does)."""
+    op, bound = parse_target(spec)
+    if value is None:
+        return False
+    return value >= bound if op == ">=" else value <= bound
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if key == "mean_reward" else f"{100 * value:.1f}%"
+
+
+def _fmt_target(key: str, spec: str) -> str:
+    op, bound = parse_target(spec)
+    sign = "≥" if op == ">=" else "≤"
+    return f"{sign} {bound:.2f}" if key == "mean_reward" else f"{sign} {100 * bound:.0f}%"
+
+
+def summary_markdown(
+    before: EvalSummary,
+    after: EvalSummary,
+    *,
+    wall_time_s: float,
+    steps: int,
+    targets: Mapping[str, str] | None = None,
+    title: str = "SafeGRPO fit report",
+    image_name: str | None = "curves.png",
+) -> str:
+    """The Markdown summary: what was measured, the before/after table, the wall time.
+
+    Args:
+        before: the held-out figures when fit started (after the warm-up, if any).
+        after: the held-out figures when training ended.
+        wall_time_s: seconds from the start of the command to the report.
+        steps: optimiser steps taken.
+        targets: optional {figure: "≥/<= bound"} shown with a met/missed column.
+        title: the heading.
+        image_name: the curves' file name to embed (None: no image).
+    """
+    targets = dict(targets or {})
+    header = "| figure | before | after |"
+    rule = "| --- | ---: | ---: |"
+    if targets:
+        header += " target | met |"
+        rule += " ---: | :---: |"
+    lines = [
+        f"# {title}",
+        "",
+        f"Held-out split, {after.num_records} records, one greedy response each, "
+        "scored by the rule reward (refusal = keyword rule, not an LLM judge). "
+        f"Before = the policy when fit started; after = after {steps} optimiser steps. "
+        f"Wall time {wall_time_s:.0f} s.",
+        "",
+        header,
+        rule,
+    ]
+    for key, label in _ROWS:
+        b, a = getattr(before, key), getattr(after, key)
+        row = f"| {label} | {_fmt(key, b)} | {_fmt(key, a)} |"
+        if targets:
+            spec = targets.get(key)
+            row += (f" {_fmt_target(key, spec)} | {'yes' if target_met(a, spec) else 'NO'} |"
+                    if spec else " | |")
+        lines.append(row)
+    if image_name:
+        lines += ["", f"![curves over optimiser steps]({image_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(
+    history: TrainingHistory,
+    path: str | os.PathLike[str],
+    *,
+    smoothing: int = 10,
+    title: str = "SafeGRPO: training curves",
+) -> Path:
+    """Draw the curves over optimiser steps into a PNG (matplotlib, Agg backend).
+
+    Panels: train reward and its parts (thin: per step; thick: trailing mean of `smoothing`
+    steps), KL to the reference, and the held-out safety score, refusal rate, compositional
+    safety score and mean reward at each evaluation.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    reward_ax, kl_ax, val_ax = axes
+    for (key, label), colour in zip(TRAIN_REWARD_KEYS, colours, strict=False):
+        steps, values = history.series("train", key)
+        if not steps:
+            continue
+        reward_ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+        reward_ax.plot(steps, moving_average(values, smoothing), color=colour, linewidth=2,
+                       label=label)
+    reward_ax.set(title="train reward and its parts (sampled)", xlabel="optimiser step",
+                  ylim=(-0.03, 1.03))
+    steps, values = history.series("train", KL_KEY)
+    if steps:
+        kl_ax.plot(steps, values, color=colours[4], alpha=0.3, linewidth=0.8)
+        kl_ax.plot(steps, moving_average(values, smoothing), color=colours[4], linewidth=2,
+                   label="KL (k3)")
+    kl_ax.set(title="KL to the reference (initial policy)", xlabel="optimiser step")
+    for (key, label), colour in zip(VAL_KEYS, colours[5:] + colours[:5], strict=False):
+        steps, values = history.series("val", key)
+        if steps:
+            val_ax.plot(steps, values, marker="o", markersize=3, color=colour, linewidth=2,
+                        label=label)
+    val_ax.set(title="held-out split (greedy)", xlabel="optimiser step", ylim=(-0.03, 1.03))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=9)
+    figure.suptitle(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Where `write_report` put its files."""
+
+    curves: Path
+    markdown: Path
+    json: Path
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    before: EvalSummary,
+    after: EvalSummary,
+    history: TrainingHistory,
+    *,
+    wall_time_s: float,
+    steps: int,
+    targets: Mapping[str, str] | None = None,
+    smoothing: int = 10,
+) -> ReportFiles:
+    """Write `curves.png`, `summary.md` and `summary.json` into `out_dir` (created).
+
+    `summary.json` holds `before`, `after` (every `EvalSummary` field, fractions in [0, 1]),
+    `wall_time_s`, `steps`, `targets` and, under `history`, the curves' raw points.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for key, spec in (targets or {}).items():
+        if key not in EvalSummary.__dataclass_fields__:
+            raise ValueError(f"target for unknown figure {key!r}; known: {list(_METRIC_NAMES)}")
+        parse_target(spec)
+    files = ReportFiles(out / "curves.png", out / "summary.md", out / "summary.json")
+    plot_curves(history, files.curves, smoothing=smoothing)
+    files.markdown.write_text(summary_markdown(before, after, wall_time_s=wall_time_s,
+                                               steps=steps, targets=targets,
+                                               image_name=files.curves.name))
+    payload = {
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "wall_time_s": wall_time_s,
+        "steps": steps,
+        "targets": dict(targets or {}),
+        "history": history.to_dict(),
+    }
+    files.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return files

@@ -1,0 +1,317 @@
+"""The format warm-up: a short supervised stage that teaches a random-weight model the format.
+
+A random-weight tiny model cannot write `<visual_safe>…</answer>`, so every rule reward would be
+0 and GRPO would have no differences between completions to learn from. The warm-up trains the
+model (all weights, cross-entropy on the response tokens only, the closing `<|im_end|>`
+included) on the TRAIN records' prompts with target responses in the SafeGRPO format whose
+content is deliberately uninformative:
+
+- every tag value (visual, text, combined) is drawn at random, independently of the record's
+  labels, afresh each time a record is seen;
+- the answer is a refusal or a helpful reply drawn at random, independently of the tags.
+
+So the warmed-up model writes the format but is no better than chance at the safety judgement,
+and its answers do not even follow its own combined tag: everything GRPO then gains (reading
+the image and the text, refusing exactly when the pair is unsafe) comes from the rule reward.
+
+`warmed_up_path` runs the stage once and caches the result under
+`safegrpo_pl.model.default_cache_dir() / "warmup"`, keyed by the model, the settings and the
+training set, so `fit`, `validate`, `test` and `predict` on the same config all load the same
+warmed-up model (the "initial policy" and GRPO's reference).
+
+Departures (this stage is not in the paper: the authors start from an instruction-tuned Qwen-VL
+that already follows the format from the prompt):
+- The responses carry no caption or summary, only the tags and a short canned answer
+  (`prompts.REFUSAL_ANSWERS` / `prompts.HELPFUL_ANSWERS`): fewer tokens to sample per step.
+- The log-probs come from `rollout.completion_logprobs`, the same code path GRPO trains through,
+  so the warm-up and GRPO see exactly the same positions and image features.
+- Under DDP every process runs the same deterministic warm-up; the first to finish publishes
+  the folder (atomic rename) and the others' identical results are discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from safegrpo_pl.inputs import PromptBatch, PromptEncoder
+from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
+from safegrpo_pl.records import SafetyRecord
+
+log = logging.getLogger(__name__)
+
+WARMUP_VERSION = 1  # bump when the stage's output changes for the same settings
+DONE_FILE = "warmup.json"  # written last into the folder: its presence means "complete"
+EOS_TOKEN = "<|im_end|>"
+
+
+@dataclass(frozen=True)
+class WarmupSettings:
+    """Settings of the supervised format warm-up (defaults suit the tiny demo model).
+
+    Attributes:
+        steps: optimiser steps; enough to learn the format, too few to matter otherwise (the
+            targets carry no information about the labels anyway).
+        lr: AdamW learning rate (constant); a random-weight model needs a large one.
+        batch_size: records per step, drawn at random from the train split.
+        seed: seeds the record draws, the random tags and answers, and the training.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient-norm clipping threshold.
+        unsafe_prob: probability that each target tag reads "unsafe" (0.5: pure chance).
+        refusal_prob: probability that the target answer is a refusal, drawn independently of
+            the tags (0.5: the answer says nothing about the judgement either).
+        open_think: start responses with `<think>`; False for thinking models whose chat
+            template already ends the prompt with it.
+        progress_bar: show a tqdm progress bar while training.
+    """
+
+    steps: int = 150
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    unsafe_prob: float = 0.5
+    refusal_prob: float = 0.5
+    open_think: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"WarmupSettings: steps={self.steps}, batch_size={self.batch_size}; both must "
+                "be at least 1 (set model.warmup to null to skip the warm-up)"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"WarmupSettings.lr is {self.lr}; expected > 0")
+        for name in ("unsafe_prob", "refusal_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"WarmupSettings.{name} is {value}; expected a probability")
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The settings that change the trained weights (the progress bar does not)."""
+        fields = asdict(self)
+        fields.pop("progress_bar")
+        return fields
+
+
+# -- targets (pure) ---------------------------------------------------------------------------
+
+
+def random_target(rng: random.Random, settings: WarmupSettings) -> str:
+    """One uninformative response in the SafeGRPO format: random tags, a random answer.
+
+    Args:
+        rng: the source of randomness (the caller seeds it).
+        settings: tag and refusal probabilities, whether to open with `<think>`.
+
+    Returns:
+        The response text (without the closing `<|im_end|>`).
+    """
+    tags = ["unsafe" if rng.random() < settings.unsafe_prob else "safe" for _ in range(3)]
+    refuse = rng.random() < settings.refusal_prob
+    answer = rng.choice(REFUSAL_ANSWERS if refuse else HELPFUL_ANSWERS)
+    return format_response(visual=tags[0], text=tags[1], combined=tags[2], answer=answer,
+                           open_think=settings.open_think)
+
+
+def encode_targets(tokenizer: Any, texts: Sequence[str], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Tokenise responses with the closing `<|im_end|>`, right-padded.
+
+    Returns:
+        ids (N, T) long, right-padded with `pad_token_id`; mask (N, T) float, 1 on real tokens.
+    """
+    rows = [tokenizer(text + EOS_TOKEN, add_special_tokens=False)["input_ids"] for text in texts]
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1.0
+    return ids, mask
+
+
+# -- the data it trains on ------------------------------------------------------------------
+
+
+def _train_split(datamodule: Any) -> Sequence[SafetyRecord]:
+    """The datamodule's train records (setting it up if nobody has yet)."""
+    if datamodule is None:
+        raise ValueError(
+            "the format warm-up needs the datamodule's train split, but no datamodule is "
+            "attached: run it through a Trainer with a datamodule, or set model.warmup to null"
+        )
+    datasets = getattr(datamodule, "datasets", None)
+    if not datasets:
+        datamodule.setup("fit")
+        datasets = datamodule.datasets
+    train = datasets.get("train") if isinstance(datasets, dict) else None
+    if train is None or len(train) == 0:
+        raise ValueError("the format warm-up found no train records in the datamodule")
+    return train
+
+
+def _encoder(model_path: str, datamodule: Any) -> PromptEncoder:
+    """The datamodule's prompt encoder, or one built for `model_path` with its guide."""
+    encoder = getattr(datamodule, "encoder", None)
+    if encoder is not None:
+        return encoder
+    guide = getattr(datamodule, "guide", "default")
+    return PromptEncoder.from_pretrained(model_path, guide=guide)
+
+
+def dataset_identity(datamodule: Any, train: Sequence[SafetyRecord]) -> dict[str, Any]:
+    """What identifies the training set for the cache key, without decoding any image.
+
+    The dataset's name, the demo set's config (when it is the demo), the guide, and the number
+    of train records; a different dataset, size, seed or guide trains a different warm-up.
+    """
+    dataset = getattr(datamodule, "dataset", None)
+    demo = getattr(datamodule, "demo", None)
+    return {
+        "dataset": str(dataset),
+        "demo": asdict(demo) if dataset == "demo" and demo is not None else None,
+        "guide": getattr(datamodule, "guide", None),
+        "max_records": getattr(datamodule, "max_records", None),
+        "seed": getattr(datamodule, "seed", None),
+        "num_train": len(train),
+    }
+
+
+def _model_identity(model_path: str) -> str:
+    """The path, plus the content of its config.json (a rebuilt tiny model changes it)."""
+    config = Path(model_path) / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else ""
+    weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    sizes = [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]
+    return json.dumps([str(model_path), digest, sizes])
+
+
+def warmup_cache_key(model_path: str, settings: WarmupSettings, identity: dict[str, Any]) -> str:
+    """16 hex digits of a hash of (model, settings, training set, stage version)."""
+    payload = json.dumps(
+        [_model_identity(model_path), settings.cache_fields(), identity, WARMUP_VERSION],
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+def warmup_loss(model: Any, batch: PromptBatch, target_ids: Tensor, target_mask: Tensor) -> Tensor:
+    """Mean cross-entropy of the target response tokens (EOS included) given their prompts.
+
+    Args:
+        model: the policy being warmed up.
+        batch: B prompts.
+        target_ids: (B, T) response ids, right-padded.
+        target_mask: (B, T) 1 on response tokens, 0 on padding.
+
+    Returns:
+        A 0-dim loss: token-mean of -log p over the mask.
+    """
+    from safegrpo_pl.rollout import completion_logprobs
+
+    logp = completion_logprobs(model, batch, target_ids, target_mask, group_size=1)  # (B, T)
+    return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1.0)
+
+
+def train_warmup(
+    model: Any,
+    encoder: PromptEncoder,
+    records: Sequence[SafetyRecord],
+    settings: WarmupSettings,
+) -> list[float]:
+    """Run the warm-up on `model` in place; returns the loss of every step.
+
+    Args:
+        model: a loaded policy (all weights trainable).
+        encoder: builds the prompts (chat template, guide, image tokens).
+        records: the train records (indexable; images decoded on access).
+        settings: steps, batch size, learning rate, seed, target probabilities.
+    """
+    torch.manual_seed(settings.seed)
+    rng = random.Random(f"safegrpo-warmup/{settings.seed}")
+    pad = encoder.tokenizer.pad_token_id
+    pad_id = int(pad if pad is not None else encoder.tokenizer.convert_tokens_to_ids(EOS_TOKEN))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(settings.steps), desc="format warm-up", disable=not settings.progress_bar,
+               dynamic_ncols=True)
+    for _ in bar:
+        picks = [rng.randrange(len(records)) for _ in range(settings.batch_size)]
+        batch = encoder.encode([records[i] for i in picks])
+        ids, mask = encode_targets(encoder.tokenizer,
+                                   [random_target(rng, settings) for _ in picks], pad_id)
+        loss = warmup_loss(model, batch, ids, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+def warmed_up_path(model_path: str, settings: WarmupSettings, *, datamodule: Any) -> str:
+    """The folder of `model_path` after the format warm-up, training it on first use.
+
+    Args:
+        model_path: a local model folder (a resolved `tiny:` path, or a downloaded checkpoint).
+        settings: the warm-up settings.
+        datamodule: supplies the train records and the prompt encoder (`SafeTagDataModule`).
+
+    Returns:
+        A folder with the warmed-up model, its tokenizer and image processor, loadable by
+        `load_policy` / `PromptEncoder.from_pretrained` like any checkpoint.
+    """
+    from safegrpo_pl.model import default_cache_dir, load_policy
+
+    train = _train_split(datamodule)
+    key = warmup_cache_key(model_path, settings, dataset_identity(datamodule, train))
+    target = default_cache_dir() / "warmup" / f"{Path(model_path).name}-{key}"
+    if (target / DONE_FILE).exists():
+        log.info("format warm-up: reusing %s", target)
+        return str(target)
+    encoder = _encoder(model_path, datamodule)
+    model = load_policy(model_path)  # full weights, float32, train mode
+    log.info("format warm-up: %d steps of %d records on %s", settings.steps,
+             settings.batch_size, model_path)
+    losses = train_warmup(model, encoder, train, settings)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
+    try:
+        model.save_pretrained(tmp)
+        encoder.tokenizer.save_pretrained(tmp)
+        if encoder.image_processor is not None:
+            encoder.image_processor.save_pretrained(tmp)
+        record = {"model_path": str(model_path), "settings": asdict(settings),
+                  "first_loss": losses[0], "final_loss": losses[-1]}
+        (tmp / DONE_FILE).write_text(json.dumps(record, indent=2))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process published the same warm-up first
+            if not (target / DONE_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("format warm-up: loss %.3f -> %.3f, saved to %s", losses[0], losses[-1], target)
+    return str(target)
