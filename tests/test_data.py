@@ -24,15 +24,10 @@ from data_fixtures import (
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from safegrpo_pl.data import (
-    BadRecordError,
-    SafeTagDataModule,
-    SafetyDataset,
-    load_raw,
-    seeded_split,
-)
+from safegrpo_pl.data import SafeTagDataModule, SafetyDataset
 from safegrpo_pl.demo_data import TYPOGRAPHIC_PROMPTS, DemoConfig
 from safegrpo_pl.records import ImageDecodeError, SafetyRecord, decode_image
+from safegrpo_pl.sources import BadRecordError, load_raw, seeded_split
 
 TINY_DEMO = DemoConfig(num_train=12, num_val=4, num_test=6)
 

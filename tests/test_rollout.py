@@ -14,9 +14,9 @@ from transformers import DynamicCache
 from safegrpo_pl import rollout
 from safegrpo_pl.inputs import PromptBatch, PromptEncoder
 from safegrpo_pl.model import LoraSettings, apply_lora, eos_token_ids, load_policy, vision_token_ids
+from safegrpo_pl.prefix_attention import GroupDecodeCache, shared_prefix_attention
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rollout import (
-    GroupDecodeCache,
     SamplingSettings,
     choose_next_tokens,
     completion_logprobs,
@@ -24,7 +24,6 @@ from safegrpo_pl.rollout import (
     per_token_logprobs,
     rollout_from_ids,
     sample_groups,
-    shared_prefix_attention,
 )
 
 ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_text"]
