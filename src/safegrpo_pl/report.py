@@ -308,11 +308,14 @@ def plot_curves(
         kl_ax.plot(steps, moving_average(values, smoothing), color=colours[4], linewidth=2,
                    label="KL (k3)")
     kl_ax.set(title="KL to the reference (initial policy)", xlabel="optimiser step")
-    for (key, label), colour in zip(VAL_KEYS, colours[5:] + colours[:5], strict=False):
+    # Distinct line styles and markers: curves that coincide (e.g. all at 100%) stay visible.
+    styles = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+    for (key, label), colour, (line, marker) in zip(VAL_KEYS, colours[5:] + colours[:5], styles,
+                                                    strict=False):
         steps, values = history.series("val", key)
         if steps:
-            val_ax.plot(steps, values, marker="o", markersize=3, color=colour, linewidth=2,
-                        label=label)
+            val_ax.plot(steps, values, linestyle=line, marker=marker, markersize=4,
+                        color=colour, linewidth=2, label=label)
     val_ax.set(title="held-out split (greedy)", xlabel="optimiser step", ylim=(-0.03, 1.03))
     for ax in axes:
         ax.grid(alpha=0.3)

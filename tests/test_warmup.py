@@ -1,0 +1,153 @@
+"""The format warm-up: uninformative targets, response-only loss, a cache, and its outcome."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from safegrpo_pl import warmup
+from safegrpo_pl.data import SafeTagDataModule
+from safegrpo_pl.demo_data import DemoConfig
+from safegrpo_pl.model import eos_token_ids, load_policy, vision_token_ids
+from safegrpo_pl.rewards import reward_parts, score_completions
+from safegrpo_pl.rollout import SamplingSettings, sample_groups
+from safegrpo_pl.warmup import (
+    DONE_FILE,
+    EOS_TOKEN,
+    WarmupSettings,
+    encode_targets,
+    random_target,
+    warmed_up_path,
+    warmup_loss,
+)
+
+
+def _datamodule(model_path: Path, num_train: int = 16, num_val: int = 8) -> SafeTagDataModule:
+    # No guide: short prompts keep these tests fast; the warm-up does not need the guide.
+    dm = SafeTagDataModule(dataset="demo", processor=str(model_path), guide=None, batch_size=2,
+                           demo=DemoConfig(num_train=num_train, num_val=num_val, num_test=4))
+    dm.setup("fit")
+    return dm
+
+
+def test_random_targets_pass_the_format_gate_and_carry_no_signal():
+    rng = random.Random(0)
+    settings = WarmupSettings()
+    draws = [reward_parts(random_target(rng, settings), image_tag="safe", text_tag="safe",
+                          combine_tag="unsafe") for _ in range(2000)]
+    assert all(p.format == 1.0 for p in draws), "a warm-up target fails the format gate"
+    # The label is unsafe, so "combined_correct" is exactly "the drawn tag is unsafe".
+    unsafe_share = statistics.mean(p.combined_correct for p in draws)
+    # 2000 fair coins: std 0.011; 0.05 is > 4 std.
+    assert abs(unsafe_share - 0.5) < 0.05, f"combined tags not fair coins: {unsafe_share:.3f}"
+    refusal_if_unsafe = statistics.mean(p.refused for p in draws if p.combined_correct)
+    refusal_if_safe = statistics.mean(p.refused for p in draws if not p.combined_correct)
+    assert abs(refusal_if_unsafe - refusal_if_safe) < 0.07, (
+        f"refusal depends on the combined tag ({refusal_if_unsafe:.2f} vs "
+        f"{refusal_if_safe:.2f}): the warm-up would teach the behaviour GRPO should learn"
+    )
+
+
+def test_targets_end_with_eos_and_are_right_padded(tiny_qwen25vl_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen25vl_path)
+    pad = tokenizer.pad_token_id
+    ids, mask = encode_targets(tokenizer, ["<answer>a</answer>", "<answer>a longer one</answer>"],
+                               pad)
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    lengths = mask.sum(1).long().tolist()
+    assert lengths[0] < lengths[1]
+    for row, length in enumerate(lengths):
+        assert ids[row, length - 1] == eos, "the closing <|im_end|> is not trained"
+        assert (ids[row, length:] == pad).all() and (mask[row, length:] == 0).all()
+
+
+def test_warmup_loss_is_cross_entropy_on_response_tokens_only(tiny_qwen25vl_path):
+    dm = _datamodule(tiny_qwen25vl_path)
+    record = dm.datasets["train"][0]
+    batch = dm.encoder.encode([record])
+    tokenizer = dm.encoder.tokenizer
+    ids, mask = encode_targets(tokenizer, [random_target(random.Random(1), WarmupSettings())],
+                               tokenizer.pad_token_id)
+    model = load_policy(str(tiny_qwen25vl_path)).eval()
+    with torch.no_grad():
+        ours = warmup_loss(model, batch, ids, mask)
+        # Reference: the model's own loss, labels -100 on the prompt (one record, no padding).
+        prompt_len = batch.input_ids.shape[1]
+        kwargs = dict(batch.model_kwargs)
+        kwargs["mm_token_type_ids"] = torch.cat(
+            [kwargs["mm_token_type_ids"], torch.zeros_like(ids, dtype=torch.int32)], 1)
+        labels = torch.cat([torch.full((1, prompt_len), -100), ids], 1)
+        reference = model(input_ids=torch.cat([batch.input_ids, ids], 1),
+                          attention_mask=torch.ones(1, prompt_len + ids.shape[1],
+                                                    dtype=torch.long),
+                          labels=labels, **kwargs).loss
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_warmed_up_folder_is_cached_and_keyed_by_settings(tiny_qwen25vl_path, monkeypatch):
+    dm = _datamodule(tiny_qwen25vl_path)
+    settings = WarmupSettings(steps=2, batch_size=2, progress_bar=False)
+    first = warmed_up_path(str(tiny_qwen25vl_path), settings, datamodule=dm)
+    assert (Path(first) / DONE_FILE).is_file()
+    load_policy(first)  # loadable like any checkpoint
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the warm-up ran again although its folder was cached")
+
+    monkeypatch.setattr(warmup, "train_warmup", no_training)
+    assert warmed_up_path(str(tiny_qwen25vl_path), settings, datamodule=dm) == first
+    # The progress bar does not change the weights, so it shares the cache entry.
+    quiet = WarmupSettings(steps=2, batch_size=2, progress_bar=True)
+    assert warmed_up_path(str(tiny_qwen25vl_path), quiet, datamodule=dm) == first
+    other = WarmupSettings(steps=3, batch_size=2, progress_bar=False)
+    with pytest.raises(AssertionError, match="ran again"):
+        warmed_up_path(str(tiny_qwen25vl_path), other, datamodule=dm)
+
+
+def test_warmup_needs_a_datamodule(tiny_qwen25vl_path):
+    with pytest.raises(ValueError, match="needs the datamodule"):
+        warmed_up_path(str(tiny_qwen25vl_path), WarmupSettings(steps=1), datamodule=None)
+
+
+@pytest.mark.parametrize("field", ["steps", "batch_size"])
+def test_settings_refuse_zero_sizes(field):
+    with pytest.raises(ValueError, match="at least 1"):
+        WarmupSettings(**{field: 0})
+
+
+@pytest.mark.slow
+def test_warmup_teaches_the_format_but_not_the_judgement(tiny_qwen25vl_path):
+    dm = _datamodule(tiny_qwen25vl_path, num_train=128, num_val=48)
+    settings = WarmupSettings(steps=150, lr=3e-3, batch_size=16, progress_bar=False)
+    model = load_policy(warmed_up_path(str(tiny_qwen25vl_path), settings, datamodule=dm))
+    tokenizer = dm.encoder.tokenizer
+    records = [dm.datasets["validation"][i] for i in range(48)]
+    batch = dm.encoder.encode(records)
+    group = 4
+    rollout = sample_groups(
+        model, batch, group_size=group, settings=SamplingSettings(max_new_tokens=96),
+        tokenizer=tokenizer, eos_token_ids=eos_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id, suppress_token_ids=vision_token_ids(tokenizer),
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    def repeat(tags: list[str]) -> list[str]:
+        return [t for t in tags for _ in range(group)]
+
+    parts = score_completions(rollout.texts, repeat(batch.image_tags), repeat(batch.text_tags),
+                              repeat(batch.combine_tags))
+    format_rate = statistics.mean(p.format for p in parts)
+    combined_acc = statistics.mean(p.combined_correct for p in parts)
+    assert format_rate > 0.85, f"sampled format rate {format_rate:.2f} after the warm-up"
+    # 192 samples of a label-blind coin on ~50/50 labels: std ~0.036 (more with the per-record
+    # correlation); 0.5 +- 0.2 is a chance band, far from what a judging model would reach.
+    assert 0.3 < combined_acc < 0.7, (
+        f"combined tag accuracy {combined_acc:.2f} after the warm-up: the warm-up leaked the "
+        "labels, so GRPO would have nothing left to teach"
+    )
