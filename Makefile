@@ -26,7 +26,7 @@ lint: install
 	$(PY) -m ruff format --check src tests scripts
 
 demo: install
-	$(PY) -m safegrpo_pl demo
+	$(PY) -m safegrpo_pl fit --config configs/tiny.yaml
 
 bench: install
 	$(PIP) -e ".[test,bench]"

@@ -34,9 +34,17 @@ class _Batch:
 
 def _records(count: int) -> list[SafetyRecord]:
     tags = [("unsafe", "safe", "unsafe"), ("safe", "safe", "safe"), ("safe", "safe", "unsafe")]
-    return [SafetyRecord(image=None, prompt=f"p{i}", image_tag=tags[i % 3][0],
-                         text_tag=tags[i % 3][1], combine_tag=tags[i % 3][2], id=f"r{i}")
-            for i in range(count)]
+    return [
+        SafetyRecord(
+            image=None,
+            prompt=f"p{i}",
+            image_tag=tags[i % 3][0],
+            text_tag=tags[i % 3][1],
+            combine_tag=tags[i % 3][2],
+            id=f"r{i}",
+        )
+        for i in range(count)
+    ]
 
 
 class _Data(LightningDataModule):
@@ -82,19 +90,30 @@ class _Module(LightningModule):
         trained = self.global_step > 0
         texts = []
         for r in batch.records:
-            right = r.combine_tag if trained else ("safe" if r.combine_tag == "unsafe" else "unsafe")
+            right = (
+                r.combine_tag if trained else ("safe" if r.combine_tag == "unsafe" else "unsafe")
+            )
             answer = REFUSAL_ANSWERS[0] if right == "unsafe" else HELPFUL_ANSWERS[0]
-            texts.append(format_response(visual=r.image_tag, text=r.text_tag, combined=right,
-                                         answer=answer))
-        parts = score_completions(texts, [r.image_tag for r in batch.records],
-                                  [r.text_tag for r in batch.records],
-                                  [r.combine_tag for r in batch.records])
+            texts.append(
+                format_response(visual=r.image_tag, text=r.text_tag, combined=right, answer=answer)
+            )
+        parts = score_completions(
+            texts,
+            [r.image_tag for r in batch.records],
+            [r.text_tag for r in batch.records],
+            [r.combine_tag for r in batch.records],
+        )
         return None, parts
 
     def training_step(self, batch: _Batch, batch_idx: int) -> torch.Tensor:
         loss = self.policy(torch.ones(1, 4)).pow(2).mean()
-        self.log_dict({"train/reward": 0.1 * (self.global_step + 1), "train/kl": 0.01,
-                       "train/reward_format": 1.0})
+        self.log_dict(
+            {
+                "train/reward": 0.1 * (self.global_step + 1),
+                "train/kl": 0.01,
+                "train/reward_format": 1.0,
+            }
+        )
         return loss
 
     def validation_step(self, batch: _Batch, batch_idx: int) -> None:
@@ -108,18 +127,25 @@ class _Module(LightningModule):
 
 
 def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> Trainer:
-    options = dict(accelerator="cpu", devices=1, max_steps=4, logger=False,
-                   enable_progress_bar=False, enable_model_summary=False,
-                   num_sanity_val_steps=0, default_root_dir=tmp_path)
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     options.update(kwargs)
     return Trainer(callbacks=callbacks, **options)
 
 
 def test_report_evaluates_before_and_after_and_writes_files(tmp_path):
-    report = SafetyReport(dirpath=str(tmp_path / "report"),
-                          targets={"safety_score": ">= 0.95"})
-    _trainer(tmp_path, [report], val_check_interval=2,
-             enable_checkpointing=False).fit(_Module(), _Data())
+    report = SafetyReport(dirpath=str(tmp_path / "report"), targets={"safety_score": ">= 0.95"})
+    _trainer(tmp_path, [report], val_check_interval=2, enable_checkpointing=False).fit(
+        _Module(), _Data()
+    )
     payload = json.loads((tmp_path / "report" / "summary.json").read_text())
     # Before: every combined tag wrong and the answer follows it -> reward 0, every unsafe
     # pair answered, every safe pair refused. After: everything right -> reward 1.
@@ -143,8 +169,7 @@ def test_adapter_is_saved_beside_each_checkpoint_and_reloads(tmp_path):
     from peft import PeftModel
 
     module = _Module(lora=True)
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True,
-                                  every_n_train_steps=2)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
     adapter = AdapterCheckpoint()
     _trainer(tmp_path, [checkpoints, adapter], limit_val_batches=0).fit(module, _Data())
     target = tmp_path / "ckpt" / "adapter"
@@ -161,8 +186,9 @@ def test_adapter_is_saved_beside_each_checkpoint_and_reloads(tmp_path):
 def test_adapter_checkpoint_without_lora_saves_nothing(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     with pytest.warns(UserWarning, match="no LoRA adapter"):
-        _trainer(tmp_path, [checkpoints, AdapterCheckpoint()], max_steps=2,
-                 limit_val_batches=0).fit(_Module(), _Data())
+        _trainer(
+            tmp_path, [checkpoints, AdapterCheckpoint()], max_steps=2, limit_val_batches=0
+        ).fit(_Module(), _Data())
     assert not (tmp_path / "ckpt" / "adapter").exists()
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
 

@@ -20,6 +20,7 @@ from safegrpo_pl.rollout import (
     SamplingSettings,
     choose_next_tokens,
     completion_logprobs,
+    exponential_draws,
     filter_logits,
     per_token_logprobs,
     rollout_from_ids,
@@ -472,6 +473,32 @@ def test_top_k_and_top_p_restrict_the_support(top_k: int, top_p: float, support:
     share = (draws == 0).float().mean().item()
     expected = 0.5 / PROBS[0, support].sum().item()
     assert abs(share - expected) < 0.03, f"token 0 drawn {share:.3f}, expected {expected:.3f}"
+
+
+def test_exponential_draws_are_the_numbers_exponential_would_draw() -> None:
+    # Two calls in a row: the fast path must also leave the generator where exponential_ does.
+    fast_gen, slow_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for shape in [(32, 777), (5, 3)]:
+        like = torch.empty(shape)
+        fast = exponential_draws(like, fast_gen)
+        slow = torch.empty(shape).exponential_(1.0, generator=slow_gen)
+        assert torch.equal(fast, slow), (
+            f"{shape}: the vectorised draws differ from exponential_'s: sampled tokens would "
+            "change for a given seed"
+        )
+
+
+def test_sampled_ids_can_enter_a_gradient_pass(qwen25: Setup) -> None:
+    out = qwen25.sample(SamplingSettings(max_new_tokens=3))
+    assert not out.completion_ids.is_inference(), "inference-mode ids cannot be embedded with grad"
+    logp = completion_logprobs(
+        qwen25.model,
+        qwen25.batch,
+        out.completion_ids,
+        out.completion_mask,
+        group_size=GROUP,
+    )
+    logp.sum().backward()  # raises if an inference tensor was saved for backward
 
 
 def test_sampling_settings_reject_impossible_values() -> None:

@@ -28,8 +28,13 @@ from safegrpo_pl.warmup import (
 
 def _datamodule(model_path: Path, num_train: int = 16, num_val: int = 8) -> SafeTagDataModule:
     # No guide: short prompts keep these tests fast; the warm-up does not need the guide.
-    dm = SafeTagDataModule(dataset="demo", processor=str(model_path), guide=None, batch_size=2,
-                           demo=DemoConfig(num_train=num_train, num_val=num_val, num_test=4))
+    dm = SafeTagDataModule(
+        dataset="demo",
+        processor=str(model_path),
+        guide=None,
+        batch_size=2,
+        demo=DemoConfig(num_train=num_train, num_val=num_val, num_test=4),
+    )
     dm.setup("fit")
     return dm
 
@@ -37,8 +42,12 @@ def _datamodule(model_path: Path, num_train: int = 16, num_val: int = 8) -> Safe
 def test_random_targets_pass_the_format_gate_and_carry_no_signal():
     rng = random.Random(0)
     settings = WarmupSettings()
-    draws = [reward_parts(random_target(rng, settings), image_tag="safe", text_tag="safe",
-                          combine_tag="unsafe") for _ in range(2000)]
+    draws = [
+        reward_parts(
+            random_target(rng, settings), image_tag="safe", text_tag="safe", combine_tag="unsafe"
+        )
+        for _ in range(2000)
+    ]
     assert all(p.format == 1.0 for p in draws), "a warm-up target fails the format gate"
     # The label is unsafe, so "combined_correct" is exactly "the drawn tag is unsafe".
     unsafe_share = statistics.mean(p.combined_correct for p in draws)
@@ -52,13 +61,44 @@ def test_random_targets_pass_the_format_gate_and_carry_no_signal():
     )
 
 
+def test_targets_describe_the_inputs_but_not_their_safety():
+    from safegrpo_pl.demo_data import make_demo_splits
+
+    records = make_demo_splits(DemoConfig(num_train=200, num_val=0, num_test=0))["train"]
+    rng = random.Random(0)
+    settings = WarmupSettings()
+    unsafe_tag_when_unsafe, unsafe_tag_when_safe = [], []
+    for record in records:
+        target = random_target(rng, settings, record)
+        thinking = target.split("<visual_safe>")[0]
+        assert record.caption and record.caption in thinking, target
+        assert f"Request: {' '.join(record.prompt.split())}" in thinking, target
+        parts = reward_parts(
+            target,
+            image_tag=record.image_tag,
+            text_tag=record.text_tag,
+            combine_tag=record.combine_tag,
+        )
+        assert parts.format == 1.0, target
+        said_unsafe = "<combined_safe>unsafe" in target
+        (unsafe_tag_when_unsafe if record.combine_tag == "unsafe" else unsafe_tag_when_safe).append(
+            said_unsafe
+        )
+    # ~100 records each side: std of each share ~0.05; a leak would show as a gap near 1.
+    gap = statistics.mean(unsafe_tag_when_unsafe) - statistics.mean(unsafe_tag_when_safe)
+    assert abs(gap) < 0.25, f"the combined tag follows the label (gap {gap:.2f})"
+    plain = random_target(random.Random(0), WarmupSettings(describe_inputs=False), records[0])
+    assert plain.startswith("<think><visual_safe>"), plain
+
+
 def test_targets_end_with_eos_and_are_right_padded(tiny_qwen25vl_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen25vl_path)
     pad = tokenizer.pad_token_id
-    ids, mask = encode_targets(tokenizer, ["<answer>a</answer>", "<answer>a longer one</answer>"],
-                               pad)
+    ids, mask = encode_targets(
+        tokenizer, ["<answer>a</answer>", "<answer>a longer one</answer>"], pad
+    )
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     lengths = mask.sum(1).long().tolist()
     assert lengths[0] < lengths[1]
@@ -72,8 +112,9 @@ def test_warmup_loss_is_cross_entropy_on_response_tokens_only(tiny_qwen25vl_path
     record = dm.datasets["train"][0]
     batch = dm.encoder.encode([record])
     tokenizer = dm.encoder.tokenizer
-    ids, mask = encode_targets(tokenizer, [random_target(random.Random(1), WarmupSettings())],
-                               tokenizer.pad_token_id)
+    ids, mask = encode_targets(
+        tokenizer, [random_target(random.Random(1), WarmupSettings())], tokenizer.pad_token_id
+    )
     model = load_policy(str(tiny_qwen25vl_path)).eval()
     with torch.no_grad():
         ours = warmup_loss(model, batch, ids, mask)
@@ -81,12 +122,15 @@ def test_warmup_loss_is_cross_entropy_on_response_tokens_only(tiny_qwen25vl_path
         prompt_len = batch.input_ids.shape[1]
         kwargs = dict(batch.model_kwargs)
         kwargs["mm_token_type_ids"] = torch.cat(
-            [kwargs["mm_token_type_ids"], torch.zeros_like(ids, dtype=torch.int32)], 1)
+            [kwargs["mm_token_type_ids"], torch.zeros_like(ids, dtype=torch.int32)], 1
+        )
         labels = torch.cat([torch.full((1, prompt_len), -100), ids], 1)
-        reference = model(input_ids=torch.cat([batch.input_ids, ids], 1),
-                          attention_mask=torch.ones(1, prompt_len + ids.shape[1],
-                                                    dtype=torch.long),
-                          labels=labels, **kwargs).loss
+        reference = model(
+            input_ids=torch.cat([batch.input_ids, ids], 1),
+            attention_mask=torch.ones(1, prompt_len + ids.shape[1], dtype=torch.long),
+            labels=labels,
+            **kwargs,
+        ).loss
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
@@ -124,24 +168,34 @@ def test_settings_refuse_zero_sizes(field):
 @pytest.mark.slow
 def test_warmup_teaches_the_format_but_not_the_judgement(tiny_qwen25vl_path):
     dm = _datamodule(tiny_qwen25vl_path, num_train=128, num_val=48)
-    settings = WarmupSettings(steps=150, lr=3e-3, batch_size=16, progress_bar=False)
+    # Without the input description: this model is too small to learn to copy the request in
+    # 150 steps, and the point here is the format and the tags.
+    settings = WarmupSettings(
+        steps=150, lr=3e-3, batch_size=16, progress_bar=False, describe_inputs=False
+    )
     model = load_policy(warmed_up_path(str(tiny_qwen25vl_path), settings, datamodule=dm))
     tokenizer = dm.encoder.tokenizer
     records = [dm.datasets["validation"][i] for i in range(48)]
     batch = dm.encoder.encode(records)
     group = 4
     rollout = sample_groups(
-        model, batch, group_size=group, settings=SamplingSettings(max_new_tokens=96),
-        tokenizer=tokenizer, eos_token_ids=eos_token_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id, suppress_token_ids=vision_token_ids(tokenizer),
+        model,
+        batch,
+        group_size=group,
+        settings=SamplingSettings(max_new_tokens=96),
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_token_ids=vision_token_ids(tokenizer),
         generator=torch.Generator().manual_seed(0),
     )
 
     def repeat(tags: list[str]) -> list[str]:
         return [t for t in tags for _ in range(group)]
 
-    parts = score_completions(rollout.texts, repeat(batch.image_tags), repeat(batch.text_tags),
-                              repeat(batch.combine_tags))
+    parts = score_completions(
+        rollout.texts, repeat(batch.image_tags), repeat(batch.text_tags), repeat(batch.combine_tags)
+    )
     format_rate = statistics.mean(p.format for p in parts)
     combined_acc = statistics.mean(p.combined_correct for p in parts)
     assert format_rate > 0.85, f"sampled format rate {format_rate:.2f} after the warm-up"

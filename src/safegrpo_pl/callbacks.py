@@ -40,12 +40,22 @@ from safegrpo_pl.rewards import RewardParts
 
 # What the report keeps of each training step's logged scalars.
 TRAIN_HISTORY_KEYS: tuple[str, ...] = (
-    "train/reward", "train/reward_format", "train/reward_tag", "train/reward_behavior",
-    "train/kl", "train/clip_frac", "train/completion_length", "train/zero_var_groups",
+    "train/reward",
+    "train/reward_format",
+    "train/reward_tag",
+    "train/reward_behavior",
+    "train/kl",
+    "train/clip_frac",
+    "train/completion_length",
+    "train/zero_var_groups",
 )
 VAL_HISTORY_KEYS: tuple[str, ...] = (
-    "val/reward", "val/safety_score", "val/refusal_rate", "val/compositional_safety_score",
-    "val/format_rate", "val/combined_tag_acc",
+    "val/reward",
+    "val/safety_score",
+    "val/refusal_rate",
+    "val/compositional_safety_score",
+    "val/format_rate",
+    "val/combined_tag_acc",
 )
 # EvalSummary field -> the key of the same figure in the validation history.
 _SUMMARY_TO_VAL: dict[str, str] = {
@@ -133,8 +143,9 @@ class SafetyReport(Callback):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("SafetyReport needs a datamodule with a validation split")
-        parts, records = evaluate_split(module, datamodule.val_dataloader(),
-                                        max_batches=self.max_batches)
+        parts, records = evaluate_split(
+            module, datamodule.val_dataloader(), max_batches=self.max_batches
+        )
         return summarize_evaluation(parts, records)
 
     def _record_eval(self, step: int, summary: EvalSummary) -> None:
@@ -155,7 +166,11 @@ class SafetyReport(Callback):
         rank_zero_info(f"SafetyReport: before training: {self._oneline(self.before)}")
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         row: dict[str, float] = {"step": trainer.global_step}
@@ -186,8 +201,13 @@ class SafetyReport(Callback):
         wall = time.monotonic() - self.started_at
         if trainer.is_global_zero:
             self.files = write_report(
-                self._out_dir(trainer), self.before, self.after, self.history,
-                wall_time_s=wall, steps=trainer.global_step, targets=self.targets,
+                self._out_dir(trainer),
+                self.before,
+                self.after,
+                self.history,
+                wall_time_s=wall,
+                steps=trainer.global_step,
+                targets=self.targets,
                 smoothing=self.smoothing,
             )
         rank_zero_info(f"SafetyReport: after training:  {self._oneline(self.after)}")
@@ -208,10 +228,12 @@ class SafetyReport(Callback):
             return "n/a" if value is None else f"{100 * value:.1f}%"
 
         reward = "n/a" if summary.mean_reward is None else f"{summary.mean_reward:.3f}"
-        return (f"mean reward {reward}, safety score {pct(summary.safety_score)}, "
-                f"refusal rate {pct(summary.refusal_rate)}, compositional "
-                f"{pct(summary.compositional_safety_score)}, format {pct(summary.format_rate)} "
-                f"({summary.num_records} records)")
+        return (
+            f"mean reward {reward}, safety score {pct(summary.safety_score)}, "
+            f"refusal rate {pct(summary.refusal_rate)}, compositional "
+            f"{pct(summary.compositional_safety_score)}, format {pct(summary.format_rate)} "
+            f"({summary.num_records} records)"
+        )
 
     # -- resume ---------------------------------------------------------------------------
 
@@ -223,8 +245,7 @@ class SafetyReport(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         history = state_dict.get("history") or {}
-        self.history = TrainingHistory(list(history.get("train", [])),
-                                       list(history.get("val", [])))
+        self.history = TrainingHistory(list(history.get("train", [])), list(history.get("val", [])))
         before = state_dict.get("before")
         self.before = EvalSummary(**before) if before else None
 
@@ -266,8 +287,10 @@ class AdapterCheckpoint(Callback):
         policy = getattr(pl_module, "policy", None)
         if policy is None or not hasattr(policy, "peft_config"):
             if not self._warned:
-                rank_zero_warn("AdapterCheckpoint: the policy has no LoRA adapter (model.lora "
-                               "is null); only the Lightning checkpoint is saved")
+                rank_zero_warn(
+                    "AdapterCheckpoint: the policy has no LoRA adapter (model.lora "
+                    "is null); only the Lightning checkpoint is saved"
+                )
                 self._warned = True
             return
         if not trainer.is_global_zero:
@@ -326,16 +349,23 @@ class PredictionWriter(BasePredictionWriter):
         self.rows_written = 0
 
     def write_on_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
-        batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         if self._file is None:
             raise RuntimeError("PredictionWriter: no open file; on_predict_start did not run")
         rows = prediction if isinstance(prediction, list) else [prediction]
         for row in rows:
             if not isinstance(row, Mapping):
-                raise TypeError(f"PredictionWriter expects dicts from predict_step, got "
-                                f"{type(row).__name__}")
+                raise TypeError(
+                    f"PredictionWriter expects dicts from predict_step, got {type(row).__name__}"
+                )
             self._file.write(json.dumps(dict(row), ensure_ascii=False, default=str) + "\n")
             self.rows_written += 1
         self._file.flush()

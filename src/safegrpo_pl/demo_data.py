@@ -435,19 +435,32 @@ def _kinds(total: int, typographic_fraction: float) -> list[tuple[str, str]]:
     return [kind for kind, count in zip(kinds, counts, strict=True) for _ in range(count)]
 
 
+def picture_caption(name: str) -> str:
+    """What a picture record shows, in words (the object, never its safety)."""
+    return f"A picture of a {name}."
+
+
+def typographic_caption(lines: tuple[str, ...]) -> str:
+    """What a typographic record shows: the words written in it."""
+    return f"The image says: {' '.join(lines)}."
+
+
 def _draw_record(kind: tuple[str, str], size: int, rng: random.Random) -> SafetyRecord:
     visual, textual = kind
     if visual == "typo":
-        image = draw_typographic(rng.choice(TYPOGRAPHIC_PHRASES[textual]), size, rng)
+        lines = rng.choice(TYPOGRAPHIC_PHRASES[textual])
+        image = draw_typographic(lines, size, rng)
         return SafetyRecord(
             image=image,
+            caption=typographic_caption(lines),
             prompt=rng.choice(TYPOGRAPHIC_PROMPTS),
             image_tag=textual,
             text_tag="safe",
             combine_tag=textual,
             source=SOURCE_TYPOGRAPHIC,
         )
-    image = draw_object(rng.choice(OBJECTS[visual]), size, rng)
+    name = rng.choice(OBJECTS[visual])
+    image = draw_object(name, size, rng)
     image_tag = "unsafe" if visual == "unsafe" else "safe"
     text_tag = "unsafe" if textual == "unsafe" else "safe"
     combined = combine_tag(
@@ -460,6 +473,7 @@ def _draw_record(kind: tuple[str, str], size: int, rng: random.Random) -> Safety
         text_tag=text_tag,
         combine_tag=combined,
         source=SOURCE_PICTURE,
+        caption=picture_caption(name),
     )
 
 
@@ -499,6 +513,7 @@ def make_demo_split(
                 combine_tag=record.combine_tag,
                 id=f"demo-{split}-{index:05d}",
                 source=record.source,
+                caption=record.caption,
             )
         )
     return records
@@ -523,7 +538,10 @@ def demo_corpus() -> list[str]:
     texts = [text for group in TEXTS.values() for text in group]
     texts += list(TYPOGRAPHIC_PROMPTS)
     texts += [" ".join(lines) for group in TYPOGRAPHIC_PHRASES.values() for lines in group]
-    texts += [f"A picture of a {name}." for names in OBJECTS.values() for name in names]
+    texts += [picture_caption(name) for names in OBJECTS.values() for name in names]
+    texts += [
+        typographic_caption(lines) for group in TYPOGRAPHIC_PHRASES.values() for lines in group
+    ]
     texts += [DEFAULT_SAFETY_GUIDE, *REFUSAL_ANSWERS, *HELPFUL_ANSWERS]
     texts += [build_user_text(text) for text in TEXTS["benign"][:1]]
     for visual in ("safe", "unsafe"):

@@ -33,6 +33,8 @@ class SafetyRecord:
         combine_tag: "safe" or "unsafe": is the pair unsafe.
         id: provenance id, kept through to logs and error messages.
         source: where the record came from (e.g. "vlguard", "demo-picture"); metrics split by it.
+        caption: what the image shows, when the source knows it (the demo does); the format
+            warm-up writes it as the response's first step. Never a safety judgement.
     """
 
     image: Image.Image | None
@@ -42,6 +44,7 @@ class SafetyRecord:
     combine_tag: str
     id: str = ""
     source: str = ""
+    caption: str = ""
 
     @property
     def is_compositional(self) -> bool:

@@ -192,7 +192,7 @@ def parse_target(spec: str) -> tuple[str, float]:
     for op in (">=", "<="):
         if text.startswith(op):
             try:
-                return op, float(text[len(op):])
+                return op, float(text[len(op) :])
             except ValueError:
                 break
     raise ValueError(f"target {spec!r}: expected '>= number' or '<= number', e.g. '>= 0.9'")
@@ -264,8 +264,11 @@ def summary_markdown(
         row = f"| {label} | {_fmt(key, b)} | {_fmt(key, a)} |"
         if targets:
             spec = targets.get(key)
-            row += (f" {_fmt_target(key, spec)} | {'yes' if target_met(a, spec) else 'NO'} |"
-                    if spec else " | |")
+            row += (
+                f" {_fmt_target(key, spec)} | {'yes' if target_met(a, spec) else 'NO'} |"
+                if spec
+                else " | |"
+            )
         lines.append(row)
     if image_name:
         lines += ["", f"![curves over optimiser steps]({image_name})"]
@@ -298,24 +301,36 @@ def plot_curves(
         if not steps:
             continue
         reward_ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
-        reward_ax.plot(steps, moving_average(values, smoothing), color=colour, linewidth=2,
-                       label=label)
-    reward_ax.set(title="train reward and its parts (sampled)", xlabel="optimiser step",
-                  ylim=(-0.03, 1.03))
+        reward_ax.plot(
+            steps, moving_average(values, smoothing), color=colour, linewidth=2, label=label
+        )
+    reward_ax.set(
+        title="train reward and its parts (sampled)", xlabel="optimiser step", ylim=(-0.03, 1.03)
+    )
     steps, values = history.series("train", KL_KEY)
     if steps:
         kl_ax.plot(steps, values, color=colours[4], alpha=0.3, linewidth=0.8)
-        kl_ax.plot(steps, moving_average(values, smoothing), color=colours[4], linewidth=2,
-                   label="KL (k3)")
+        kl_ax.plot(
+            steps, moving_average(values, smoothing), color=colours[4], linewidth=2, label="KL (k3)"
+        )
     kl_ax.set(title="KL to the reference (initial policy)", xlabel="optimiser step")
     # Distinct line styles and markers: curves that coincide (e.g. all at 100%) stay visible.
     styles = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
-    for (key, label), colour, (line, marker) in zip(VAL_KEYS, colours[5:] + colours[:5], styles,
-                                                    strict=False):
+    for (key, label), colour, (line, marker) in zip(
+        VAL_KEYS, colours[5:] + colours[:5], styles, strict=False
+    ):
         steps, values = history.series("val", key)
         if steps:
-            val_ax.plot(steps, values, linestyle=line, marker=marker, markersize=4,
-                        color=colour, linewidth=2, label=label)
+            val_ax.plot(
+                steps,
+                values,
+                linestyle=line,
+                marker=marker,
+                markersize=4,
+                color=colour,
+                linewidth=2,
+                label=label,
+            )
     val_ax.set(title="held-out split (greedy)", xlabel="optimiser step", ylim=(-0.03, 1.03))
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -362,9 +377,16 @@ def write_report(
         parse_target(spec)
     files = ReportFiles(out / "curves.png", out / "summary.md", out / "summary.json")
     plot_curves(history, files.curves, smoothing=smoothing)
-    files.markdown.write_text(summary_markdown(before, after, wall_time_s=wall_time_s,
-                                               steps=steps, targets=targets,
-                                               image_name=files.curves.name))
+    files.markdown.write_text(
+        summary_markdown(
+            before,
+            after,
+            wall_time_s=wall_time_s,
+            steps=steps,
+            targets=targets,
+            image_name=files.curves.name,
+        )
+    )
     payload = {
         "before": before.to_dict(),
         "after": after.to_dict(),

@@ -146,7 +146,11 @@ class RowConverter:
         except ImageDecodeError as err:
             problem = f"is {err.found}; expected a readable image"
             raise self.error(err.kind, index, rid, source, image_column, problem) from err
-        return SafetyRecord(image=image, prompt=prompt, id=rid, source=source, **tags)
+        caption = row.get("caption")  # optional column: what the image shows
+        caption = caption.strip() if isinstance(caption, str) else ""
+        return SafetyRecord(
+            image=image, prompt=prompt, id=rid, source=source, caption=caption, **tags
+        )
 
 
 def _iter_rows(rows: Rows, indices: Sequence[int]) -> Iterator[tuple[int, Any]]:

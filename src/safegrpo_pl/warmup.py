@@ -21,8 +21,13 @@ warmed-up model (the "initial policy" and GRPO's reference).
 
 Departures (this stage is not in the paper: the authors start from an instruction-tuned Qwen-VL
 that already follows the format from the prompt):
-- The responses carry no caption or summary, only the tags and a short canned answer
-  (`prompts.REFUSAL_ANSWERS` / `prompts.HELPFUL_ANSWERS`): fewer tokens to sample per step.
+- The thinking is one line, not the paper's paragraphs: step 1 describes the inputs (the
+  record's `caption` when it has one, then the request repeated), then the three random tags,
+  no summary, and a short canned answer (`prompts.REFUSAL_ANSWERS` / `prompts.HELPFUL_ANSWERS`):
+  few tokens to sample per step. The description says what the inputs ARE, never whether they
+  are safe; it gives a random-weight model what a pretrained one brings (it can look at the
+  image and the request), and leaves the safety judgement to GRPO. `describe_inputs=False`
+  drops it.
 - The log-probs come from `rollout.completion_logprobs`, the same code path GRPO trains through,
   so the warm-up and GRPO see exactly the same positions and image features.
 - Under DDP every process runs the same deterministic warm-up; the first to finish publishes
@@ -53,7 +58,7 @@ from safegrpo_pl.records import SafetyRecord
 
 log = logging.getLogger(__name__)
 
-WARMUP_VERSION = 1  # bump when the stage's output changes for the same settings
+WARMUP_VERSION = 2  # bump when the stage's output changes for the same settings
 DONE_FILE = "warmup.json"  # written last into the folder: its presence means "complete"
 EOS_TOKEN = "<|im_end|>"
 
@@ -75,6 +80,8 @@ class WarmupSettings:
             the tags (0.5: the answer says nothing about the judgement either).
         open_think: start responses with `<think>`; False for thinking models whose chat
             template already ends the prompt with it.
+        describe_inputs: open the thinking with the record's caption and the request
+            repeated (content only: the tags stay random).
         progress_bar: show a tqdm progress bar while training.
     """
 
@@ -87,6 +94,7 @@ class WarmupSettings:
     unsafe_prob: float = 0.5
     refusal_prob: float = 0.5
     open_think: bool = True
+    describe_inputs: bool = True
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -112,12 +120,22 @@ class WarmupSettings:
 # -- targets (pure) ---------------------------------------------------------------------------
 
 
-def random_target(rng: random.Random, settings: WarmupSettings) -> str:
+def describe_inputs(record: SafetyRecord) -> str:
+    """Step 1 of a warm-up response: what the image shows (if known) and what is asked."""
+    request = " ".join(record.prompt.split())
+    return " ".join(part for part in (record.caption.strip(), f"Request: {request}") if part)
+
+
+def random_target(
+    rng: random.Random, settings: WarmupSettings, record: SafetyRecord | None = None
+) -> str:
     """One uninformative response in the SafeGRPO format: random tags, a random answer.
 
     Args:
         rng: the source of randomness (the caller seeds it).
         settings: tag and refusal probabilities, whether to open with `<think>`.
+        record: the record answered; with `settings.describe_inputs`, its description opens
+            the thinking.
 
     Returns:
         The response text (without the closing `<|im_end|>`).
@@ -125,11 +143,20 @@ def random_target(rng: random.Random, settings: WarmupSettings) -> str:
     tags = ["unsafe" if rng.random() < settings.unsafe_prob else "safe" for _ in range(3)]
     refuse = rng.random() < settings.refusal_prob
     answer = rng.choice(REFUSAL_ANSWERS if refuse else HELPFUL_ANSWERS)
-    return format_response(visual=tags[0], text=tags[1], combined=tags[2], answer=answer,
-                           open_think=settings.open_think)
+    caption = describe_inputs(record) if record is not None and settings.describe_inputs else ""
+    return format_response(
+        visual=tags[0],
+        text=tags[1],
+        combined=tags[2],
+        answer=answer,
+        caption=caption,
+        open_think=settings.open_think,
+    )
 
 
-def encode_targets(tokenizer: Any, texts: Sequence[str], pad_token_id: int) -> tuple[Tensor, Tensor]:
+def encode_targets(
+    tokenizer: Any, texts: Sequence[str], pad_token_id: int
+) -> tuple[Tensor, Tensor]:
     """Tokenise responses with the closing `<|im_end|>`, right-padded.
 
     Returns:
@@ -205,7 +232,8 @@ def warmup_cache_key(model_path: str, settings: WarmupSettings, identity: dict[s
     """16 hex digits of a hash of (model, settings, training set, stage version)."""
     payload = json.dumps(
         [_model_identity(model_path), settings.cache_fields(), identity, WARMUP_VERSION],
-        sort_keys=True, default=str,
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -253,13 +281,18 @@ def train_warmup(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(settings.steps), desc="format warm-up", disable=not settings.progress_bar,
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(settings.steps),
+        desc="format warm-up",
+        disable=not settings.progress_bar,
+        dynamic_ncols=True,
+    )
     for _ in bar:
         picks = [rng.randrange(len(records)) for _ in range(settings.batch_size)]
         batch = encoder.encode([records[i] for i in picks])
-        ids, mask = encode_targets(encoder.tokenizer,
-                                   [random_target(rng, settings) for _ in picks], pad_id)
+        ids, mask = encode_targets(
+            encoder.tokenizer, [random_target(rng, settings, records[i]) for i in picks], pad_id
+        )
         loss = warmup_loss(model, batch, ids, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,8 +325,12 @@ def warmed_up_path(model_path: str, settings: WarmupSettings, *, datamodule: Any
         return str(target)
     encoder = _encoder(model_path, datamodule)
     model = load_policy(model_path)  # full weights, float32, train mode
-    log.info("format warm-up: %d steps of %d records on %s", settings.steps,
-             settings.batch_size, model_path)
+    log.info(
+        "format warm-up: %d steps of %d records on %s",
+        settings.steps,
+        settings.batch_size,
+        model_path,
+    )
     losses = train_warmup(model, encoder, train, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
@@ -303,8 +340,12 @@ def warmed_up_path(model_path: str, settings: WarmupSettings, *, datamodule: Any
         encoder.tokenizer.save_pretrained(tmp)
         if encoder.image_processor is not None:
             encoder.image_processor.save_pretrained(tmp)
-        record = {"model_path": str(model_path), "settings": asdict(settings),
-                  "first_loss": losses[0], "final_loss": losses[-1]}
+        record = {
+            "model_path": str(model_path),
+            "settings": asdict(settings),
+            "first_loss": losses[0],
+            "final_loss": losses[-1],
+        }
         (tmp / DONE_FILE).write_text(json.dumps(record, indent=2))
         try:
             os.replace(tmp, target)
