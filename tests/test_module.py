@@ -174,3 +174,23 @@ def test_resume_logs_the_same_as_an_unbroken_run(tiny_qwen25vl_path, tmp_path):
         resumed = _logged(tmp_path / "first", key) + _logged(tmp_path / "second", key)
         assert len(straight) == 4, straight
         assert resumed == pytest.approx(straight, abs=1e-6), key
+
+
+def test_lr_multiplier_shapes():
+    from safegrpo_pl.module import lr_multiplier
+
+    assert [lr_multiplier(s, 4, "constant") for s in range(5)] == [1.0] * 5
+    assert [lr_multiplier(s, 4, "linear") for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    # Half a cosine: 1 at the start, 1/2 half-way, 0 at the end, (1 + cos(pi/4)) / 2 at 1/4.
+    cosine = [lr_multiplier(s, 4, "cosine") for s in range(5)]
+    assert cosine == pytest.approx([1.0, 0.5 + 0.5 * 2**-0.5, 0.5, 0.5 - 0.5 * 2**-0.5, 0.0])
+
+
+def test_lr_decay_is_stepped_once_per_optimiser_step(tiny_qwen25vl_path, tmp_path):
+    data = _data(tiny_qwen25vl_path)
+    module = _module(tiny_qwen25vl_path, lr_decay="linear", lr=1e-2)
+    _trainer(tmp_path, max_steps=2).fit(module, datamodule=data)
+    # Logged after each step's update: 1e-2 * (1 - 1/2), then 1e-2 * (1 - 2/2).
+    assert _logged(tmp_path, "train/lr") == pytest.approx([5e-3, 0.0])
+    with pytest.raises(ValueError, match="choose one of"):
+        _module(tiny_qwen25vl_path, lr_decay="exponential")

@@ -66,7 +66,7 @@ def test_targets_describe_the_inputs_but_not_their_safety():
 
     records = make_demo_splits(DemoConfig(num_train=200, num_val=0, num_test=0))["train"]
     rng = random.Random(0)
-    settings = WarmupSettings()
+    settings = WarmupSettings(describe_inputs=True)
     unsafe_tag_when_unsafe, unsafe_tag_when_safe = [], []
     for record in records:
         target = random_target(rng, settings, record)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import random
 import time
 from collections import defaultdict
@@ -42,6 +43,21 @@ from safegrpo_pl.rollout import Rollout, SamplingSettings, completion_logprobs, 
 from safegrpo_pl.warmup import WarmupSettings, warmed_up_path
 
 log = logging.getLogger(__name__)
+
+
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+def lr_multiplier(step: int, total: int, kind: str) -> float:
+    """The learning-rate factor after `step` of `total` optimiser steps: 1 for "constant",
+    1 -> 0 along a line ("linear") or half a cosine ("cosine"). A decay lets a short run on a
+    random-weight model (the demo) settle instead of ending on a large, noisy update."""
+    if kind == "constant":
+        return 1.0
+    progress = min(max(step / total, 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class StepTimer:
@@ -85,7 +101,9 @@ class SafeGRPOModule(LightningModule):
             same for any value); null = the mini-batch.
         num_iterations: passes over each rollout batch (PPO epochs).
         kl_coef: weight of the KL-to-reference term in the loss (beta); 0 skips the reference.
-        lr: AdamW learning rate (constant, no warm-up).
+        lr: AdamW learning rate (no warm-up).
+        lr_decay: "constant" (the paper), or "linear" / "cosine" decay to 0 at
+            `trainer.max_steps`.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient-norm clipping threshold.
         sampling: rollout sampling settings (temperature, top-p, top-k, max_new_tokens).
@@ -111,6 +129,7 @@ class SafeGRPOModule(LightningModule):
         num_iterations: int = 1,
         kl_coef: float = 0.01,
         lr: float = 1e-6,
+        lr_decay: str = "constant",
         weight_decay: float = 0.01,
         max_grad_norm: float = 1.0,
         sampling: SamplingSettings = SamplingSettings(),  # noqa: B008 (frozen dataclass)
@@ -127,6 +146,8 @@ class SafeGRPOModule(LightningModule):
             )
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be at least 1 (got {num_iterations})")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay is {lr_decay!r}; choose one of {list(LR_DECAYS)}")
         self.save_hyperparameters()
         # Again as plain data: loggers cannot walk frozen dataclasses.
         self.save_hyperparameters(
@@ -142,6 +163,7 @@ class SafeGRPOModule(LightningModule):
         )
         self.warmup = warmup
         self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
+        self.lr_decay = lr_decay
         self.automatic_optimization = False  # one rollout feeds several optimiser steps
         self.model_name_or_path = model_name_or_path
         self.group_size = group_size
@@ -203,11 +225,24 @@ class SafeGRPOModule(LightningModule):
         for reference in self._reference:
             reference.to(self.device)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters: check lora.target_modules")
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_decay == "constant":
+            return optimizer
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        if total is None or total < 1:
+            raise ValueError(
+                f"lr_decay={self.lr_decay!r} decays to 0 at trainer.max_steps, which is not set "
+                "(set --trainer.max_steps, or use lr_decay: constant)"
+            )
+        kind = self.lr_decay
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, total, kind)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}
 
     # -- the pieces of a step -------------------------------------------------------------
 
@@ -344,6 +379,9 @@ class SafeGRPOModule(LightningModule):
                 optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
             )
             optimizer.step()
+            schedule = self.lr_schedulers()
+            if schedule is not None:
+                schedule.step()  # manual optimisation: Lightning leaves this to us
         return dict(totals)
 
     # -- Lightning hooks ------------------------------------------------------------------

@@ -21,13 +21,12 @@ warmed-up model (the "initial policy" and GRPO's reference).
 
 Departures (this stage is not in the paper: the authors start from an instruction-tuned Qwen-VL
 that already follows the format from the prompt):
-- The thinking is one line, not the paper's paragraphs: step 1 describes the inputs (the
-  record's `caption` when it has one, then the request repeated), then the three random tags,
-  no summary, and a short canned answer (`prompts.REFUSAL_ANSWERS` / `prompts.HELPFUL_ANSWERS`):
-  few tokens to sample per step. The description says what the inputs ARE, never whether they
-  are safe; it gives a random-weight model what a pretrained one brings (it can look at the
-  image and the request), and leaves the safety judgement to GRPO. `describe_inputs=False`
-  drops it.
+- The thinking is one line, not the paper's paragraphs: the three random tags, no summary, and
+  a short canned answer (`prompts.REFUSAL_ANSWERS` / `prompts.HELPFUL_ANSWERS`): few tokens to
+  sample per step. `describe_inputs=True` opens it with step 1, a description of the inputs
+  (the record's `caption`, then the request repeated): content, never a safety judgement. Off
+  by default: on the tiny demo model it made the warm-up harder (copying is slow to learn) and
+  the GRPO runs no better.
 - The log-probs come from `rollout.completion_logprobs`, the same code path GRPO trains through,
   so the warm-up and GRPO see exactly the same positions and image features.
 - Under DDP every process runs the same deterministic warm-up; the first to finish publishes
@@ -80,6 +79,9 @@ class WarmupSettings:
             the tags (0.5: the answer says nothing about the judgement either).
         open_think: start responses with `<think>`; False for thinking models whose chat
             template already ends the prompt with it.
+        answer_choices: how many of the canned refusals and helpful replies the targets use
+            (1: one of each). Fewer variants leave fewer random tokens for GRPO to push around:
+            which canned wording the policy picks earns no reward, only noise.
         describe_inputs: open the thinking with the record's caption and the request
             repeated (content only: the tags stay random).
         progress_bar: show a tqdm progress bar while training.
@@ -94,7 +96,8 @@ class WarmupSettings:
     unsafe_prob: float = 0.5
     refusal_prob: float = 0.5
     open_think: bool = True
-    describe_inputs: bool = True
+    answer_choices: int = 1
+    describe_inputs: bool = False
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -102,6 +105,11 @@ class WarmupSettings:
             raise ValueError(
                 f"WarmupSettings: steps={self.steps}, batch_size={self.batch_size}; both must "
                 "be at least 1 (set model.warmup to null to skip the warm-up)"
+            )
+        if not 1 <= self.answer_choices <= min(len(REFUSAL_ANSWERS), len(HELPFUL_ANSWERS)):
+            raise ValueError(
+                f"WarmupSettings.answer_choices is {self.answer_choices}; expected 1 to "
+                f"{min(len(REFUSAL_ANSWERS), len(HELPFUL_ANSWERS))}"
             )
         if not self.lr > 0:
             raise ValueError(f"WarmupSettings.lr is {self.lr}; expected > 0")
@@ -142,7 +150,8 @@ def random_target(
     """
     tags = ["unsafe" if rng.random() < settings.unsafe_prob else "safe" for _ in range(3)]
     refuse = rng.random() < settings.refusal_prob
-    answer = rng.choice(REFUSAL_ANSWERS if refuse else HELPFUL_ANSWERS)
+    answers = REFUSAL_ANSWERS if refuse else HELPFUL_ANSWERS
+    answer = rng.choice(answers[: settings.answer_choices])
     caption = describe_inputs(record) if record is not None and settings.describe_inputs else ""
     return format_response(
         visual=tags[0],
