@@ -7,7 +7,9 @@ advantages, and takes 2 passes over the rollout with `grpo_loss` (so the second 
 ratio != 1 and the clipping). The padded positions carry the policy's real, differentiable
 log-prob of the pad token, so a loss that read the padding instead of the choice would get
 no signal (group advantages sum to 0), and one that flipped the advantage or the ratio would
-push P(2) down: each of those bugs fails `test_bandit_learns_the_rewarded_token`.
+push P(2) down: each of those bugs fails `test_bandit_learns_the_rewarded_token`, and
+`test_bandit_test_fails_when_a_bug_is_planted` plants each one to show it (P(2) ends at 0.01
+with a flipped advantage or an inverted ratio, and stays at 0.25 with the mask on the padding).
 """
 
 from __future__ import annotations
@@ -43,11 +45,20 @@ def _exact_kl(logits: Tensor, ref_logits: Tensor) -> float:
     return float((logp.exp() * (logp - ref)).sum())
 
 
+BUGS = ("flipped_advantage", "inverted_ratio", "mask_on_padding")
+
+
 def train_bandit(
-    steps: int, *, kl_coef: float = 0.0, lr: float = 0.5, seed: int = 0, num_iterations: int = 2
+    steps: int,
+    *,
+    kl_coef: float = 0.0,
+    lr: float = 0.5,
+    seed: int = 0,
+    num_iterations: int = 2,
+    bug: str | None = None,
 ) -> tuple[list[float], Tensor]:
     """Run GRPO on the bandit; returns P(rewarded token) before each step and at the end,
-    and the final logits."""
+    and the final logits. `bug` plants one of `BUGS` in the loop, to show the test catches it."""
     logits = torch.zeros(VOCAB, requires_grad=True)
     ref_logits = logits.detach().clone()
     optimizer = torch.optim.SGD([logits], lr=lr)
@@ -62,12 +73,18 @@ def train_bandit(
         ids[:, 0] = choice
         mask = torch.zeros(num_rows, WIDTH)
         mask[:, 0] = 1.0
+        if bug == "mask_on_padding":
+            mask = 1.0 - mask
         rewards = (choice == REWARDED).float()  # (N,)
         advantages = group_advantages(rewards, GROUP_SIZE)  # (N,)
+        if bug == "flipped_advantage":
+            advantages = -advantages
         old_logp = _token_logprobs(logits, ids).detach()  # the sampling policy, kept
         ref_logp = _token_logprobs(ref_logits, ids) if kl_coef > 0 else None
         for _ in range(num_iterations):
             logp = _token_logprobs(logits, ids)
+            if bug == "inverted_ratio":  # ratio = exp(old - new) instead of exp(new - old)
+                logp = 2 * old_logp - logp
             loss, _ = grpo_loss(logp, old_logp, ref_logp, advantages, mask, kl_coef=kl_coef)
             optimizer.zero_grad()
             loss.backward()
@@ -87,6 +104,14 @@ def test_bandit_learns_the_rewarded_token(seed):
     )
 
 
+@pytest.mark.parametrize("bug", BUGS)
+def test_bandit_test_fails_when_a_bug_is_planted(bug):
+    history, _ = train_bandit(40, bug=bug)
+    # The threshold of `test_bandit_learns_the_rewarded_token` is 0.9; a planted bug must land
+    # far below it, not near it, or the test would only catch it by luck.
+    assert history[-1] < 0.5, f"with {bug}, P(rewarded token) still rose to {history[-1]:.2f}"
+
+
 def test_large_kl_coef_keeps_the_policy_near_the_reference():
     _, free = train_bandit(60, kl_coef=0.0)
     _, leashed = train_bandit(60, kl_coef=2.0)
@@ -104,17 +129,18 @@ def test_large_kl_coef_keeps_the_policy_near_the_reference():
 # -- the demo, reduced ------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-REDUCED_STEPS = 60
+REDUCED_STEPS = 120
 
 
 @pytest.mark.slow
 def test_reduced_demo_raises_the_held_out_reward(tmp_path):
-    """`configs/tiny.yaml` through the real CLI, shortened: warm-up, then 60 GRPO steps on 256
-    records; the greedy reward on 64 held-out records must rise well above its start.
+    """`configs/tiny.yaml` through the real CLI, shortened: warm-up, then 120 GRPO steps at a
+    constant lr on 256 records; the greedy reward on 64 held-out records must rise by 0.3.
 
-    Measured with this seed: 0.17 -> ~0.6. Across seeds of the full demo the end-of-warm-up
-    reward stays within 0.17 +- 0.05 (it is one fixed greedy policy, mostly "always X"), so a
-    rise of 0.2 is far outside run-to-run noise, and the warm-up alone can not produce it.
+    The start is the warmed-up greedy policy, which helps with everything and gets the combined
+    tag right by chance (reward 0.166 here), so the warm-up alone cannot pass this test.
+    Measured on this 2-core CPU (about 4.5 minutes): 0.166 -> 0.713. At 60 steps the rise was
+    only ~0.2 (0.367 with a cosine decay, 0.354 without), too close to any margin to test.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     command = [
@@ -126,6 +152,8 @@ def test_reduced_demo_raises_the_held_out_reward(tmp_path):
         str(ROOT / "configs" / "tiny.yaml"),
         "--trainer.max_steps",
         str(REDUCED_STEPS),
+        "--model.lr_decay",
+        "constant",  # a cosine decay over 60 steps would spend half of them at a tiny lr
         "--trainer.val_check_interval",
         "1000",  # no intermediate validation: before/after only
         "--trainer.enable_progress_bar",
@@ -148,8 +176,9 @@ def test_reduced_demo_raises_the_held_out_reward(tmp_path):
     (summary_file,) = tmp_path.glob("**/summary.json")
     summary = json.loads(summary_file.read_text())
     before, after = summary["before"]["mean_reward"], summary["after"]["mean_reward"]
-    assert after - before > 0.2, (
+    print(f"reduced demo: held-out mean reward {before:.3f} -> {after:.3f}")
+    assert after - before > 0.3, (
         f"held-out mean reward went {before:.3f} -> {after:.3f} in {REDUCED_STEPS} GRPO steps; "
-        "expected a rise of more than 0.2"
+        "expected a rise of more than 0.3"
     )
     assert summary["after"]["format_rate"] > 0.9

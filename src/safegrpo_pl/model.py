@@ -435,7 +435,13 @@ def load_policy(
             model, use_gradient_checkpointing=gradient_checkpointing
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed `gradient_checkpointing_enable`; the old name warns.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model.enable_input_require_grads()
     if lora is not None:
         model = apply_lora(model, lora)
