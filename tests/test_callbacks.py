@@ -77,9 +77,9 @@ class _Policy(torch.nn.Module):
 class _Module(LightningModule):
     """Answers every record wrongly before training and perfectly after one step."""
 
-    def __init__(self, lora: bool = False) -> None:
+    def __init__(self, lora: bool = False, policy: torch.nn.Module | None = None) -> None:
         super().__init__()
-        self.policy = _Policy()
+        self.policy = policy if policy is not None else _Policy()
         if lora:
             from peft import LoraConfig, get_peft_model
 
@@ -106,7 +106,10 @@ class _Module(LightningModule):
         return None, parts
 
     def training_step(self, batch: _Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.policy(torch.ones(1, 4)).pow(2).mean()
+        if isinstance(self.policy, _Policy) or hasattr(self.policy, "peft_config"):
+            loss = self.policy(torch.ones(1, 4)).pow(2).mean()
+        else:  # a transformers model
+            loss = self.policy(input_ids=torch.tensor([[1, 2, 3]])).logits.pow(2).mean()
         self.log_dict(
             {
                 "train/reward": 0.1 * (self.global_step + 1),
@@ -183,13 +186,51 @@ def test_adapter_is_saved_beside_each_checkpoint_and_reloads(tmp_path):
     assert not list((tmp_path / "ckpt").glob(".adapter-*")), "temporary folders left behind"
 
 
-def test_adapter_checkpoint_without_lora_saves_nothing(tmp_path):
+def _tiny_causal_lm() -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def test_without_lora_the_whole_trained_model_is_saved_and_reloads(tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    module = _Module(policy=_tiny_causal_lm())
+    start = {name: value.clone() for name, value in module.policy.state_dict().items()}
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    export = AdapterCheckpoint()
+    _trainer(tmp_path, [checkpoints, export], max_steps=2, limit_val_batches=0).fit(module, _Data())
+    target = tmp_path / "ckpt" / "model"
+    assert export.last_saved == target
+    assert not (tmp_path / "ckpt" / "adapter").exists(), "no LoRA, so no adapter folder"
+    loaded = Qwen2ForCausalLM.from_pretrained(target)
+    trained = module.policy.state_dict()
+    changed = False
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, trained[name]), f"{name} differs after reloading"
+        changed = changed or not torch.equal(value, start[name])
+    assert changed, "the saved model is the initial one, not the trained one"
+    assert not list((tmp_path / "ckpt").glob(".model-*")), "temporary folders left behind"
+
+
+def test_adapter_checkpoint_without_lora_or_full_export_saves_nothing(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callback = AdapterCheckpoint(full_model_dirname=None)
     with pytest.warns(UserWarning, match="no LoRA adapter"):
-        _trainer(
-            tmp_path, [checkpoints, AdapterCheckpoint()], max_steps=2, limit_val_batches=0
-        ).fit(_Module(), _Data())
+        _trainer(tmp_path, [checkpoints, callback], max_steps=2, limit_val_batches=0).fit(
+            _Module(policy=_tiny_causal_lm()), _Data()
+        )
     assert not (tmp_path / "ckpt" / "adapter").exists()
+    assert not (tmp_path / "ckpt" / "model").exists()
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
 
 

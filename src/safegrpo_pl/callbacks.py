@@ -251,65 +251,95 @@ class SafetyReport(Callback):
 
 
 class AdapterCheckpoint(Callback):
-    """Save the LoRA adapter in peft's format next to the Lightning checkpoints.
+    """Save the trained policy in a loadable format next to the Lightning checkpoints.
 
-    Every time a checkpoint is saved, the adapter goes to `<checkpoint dir>/<dirname>`
-    (overwritten, written to a temporary folder first so a crash never leaves half of one),
-    with the tokenizer beside it. Load it with
-    `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), path)`, where
-    `base` is the adapter config's `base_model_name_or_path` (the warmed-up model for the
-    demo). Without LoRA there is no adapter: the callback warns once and does nothing.
+    A Lightning checkpoint resumes training; this is what a user deploys. Every time a
+    checkpoint is saved, the policy goes to `<checkpoint dir>/<dirname>` (overwritten, written
+    to a temporary folder first so a crash never leaves half of one), with the tokenizer
+    beside it:
+    - with LoRA, the adapter in peft's format, to `dirname`. Load it with
+      `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), path)`,
+      where `base` is the adapter config's `base_model_name_or_path` (the warmed-up model for
+      the demo);
+    - without LoRA (all weights trained), there is no adapter: the whole model in
+      transformers' format goes to `full_model_dirname`, loadable with `from_pretrained`; with
+      `full_model_dirname=None` the callback warns once and saves nothing.
 
     Args:
-        dirpath: folder of the adapter's parent; None: the `ModelCheckpoint`'s folder, else
+        dirpath: folder of the export's parent; None: the `ModelCheckpoint`'s folder, else
             `<default_root_dir>/checkpoints`.
         dirname: the adapter folder's name.
+        full_model_dirname: the folder's name for a policy without LoRA, or None to skip it.
     """
 
-    def __init__(self, dirpath: str | None = None, dirname: str = "adapter") -> None:
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        dirname: str = "adapter",
+        full_model_dirname: str | None = "model",
+    ) -> None:
         super().__init__()
         self.dirpath = dirpath
         self.dirname = dirname
+        self.full_model_dirname = full_model_dirname
         self.last_saved: Path | None = None
         self._warned = False
 
-    def _target(self, trainer: Trainer) -> Path:
+    def _target(self, trainer: Trainer, name: str) -> Path:
         if self.dirpath:
-            return Path(self.dirpath) / self.dirname
+            return Path(self.dirpath) / name
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-                return Path(callback.dirpath) / self.dirname
-        return Path(trainer.default_root_dir) / "checkpoints" / self.dirname
+                return Path(callback.dirpath) / name
+        return Path(trainer.default_root_dir) / "checkpoints" / name
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         policy = getattr(pl_module, "policy", None)
-        if policy is None or not hasattr(policy, "peft_config"):
+        has_adapter = policy is not None and hasattr(policy, "peft_config")
+        exportable = hasattr(policy, "save_pretrained") and self.full_model_dirname is not None
+        if not has_adapter and not exportable:
             if not self._warned:
                 rank_zero_warn(
                     "AdapterCheckpoint: the policy has no LoRA adapter (model.lora "
-                    "is null); only the Lightning checkpoint is saved"
+                    "is null) and full_model_dirname is None; only the Lightning checkpoint "
+                    "is saved"
                 )
                 self._warned = True
             return
         if not trainer.is_global_zero:
             return
-        target = self._target(trainer)
-        save_adapter(policy, target, tokenizer=getattr(pl_module, "tokenizer", None))
+        name = self.dirname if has_adapter else self.full_model_dirname
+        target = self._target(trainer, name)
+        encoder = getattr(trainer.datamodule, "encoder", None)  # image processor's home
+        save_adapter(
+            policy,
+            target,
+            tokenizer=getattr(pl_module, "tokenizer", None),
+            image_processor=getattr(encoder, "image_processor", None),
+        )
         self.last_saved = target
 
 
-def save_adapter(policy: Any, target: str | os.PathLike[str], *, tokenizer: Any = None) -> Path:
-    """`policy.save_pretrained` (peft adapter) to `target` atomically, with the tokenizer."""
+def save_adapter(
+    policy: Any,
+    target: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    image_processor: Any = None,
+) -> Path:
+    """`policy.save_pretrained` (a peft adapter, or a whole transformers model) to `target`
+    atomically, with the tokenizer and image processor, so the folder loads on its own."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
     try:
         policy.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        for companion in (tokenizer, image_processor):
+            if companion is not None:
+                companion.save_pretrained(tmp)
         old = target.with_name(f".{target.name}-old")
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
