@@ -162,6 +162,9 @@ def test_report_evaluates_before_and_after_and_writes_files(tmp_path):
     assert [row["step"] for row in payload["history"]["train"]] == [1, 2, 3, 4]
     # val rows: before (step 0), the validations at steps 2 and 4, then after (step 4)
     assert [row["step"] for row in payload["history"]["val"]] == [0, 2, 4, 4]
+    # one source in this split: its figures are the overall ones
+    (source,) = payload["by_source"]
+    assert payload["by_source"][source]["after"] == payload["after"]
     assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
     assert "| safety score (unsafe pairs refused) | 0.0% | 100.0% | ≥ 95% | yes |" in (
         (tmp_path / "report" / "summary.md").read_text()

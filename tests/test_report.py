@@ -14,6 +14,7 @@ from safegrpo_pl.report import (
     TrainingHistory,
     moving_average,
     parse_target,
+    summarize_by_source,
     summarize_evaluation,
     summary_markdown,
     target_met,
@@ -25,9 +26,16 @@ REFUSE = REFUSAL_ANSWERS[0]
 HELP = HELPFUL_ANSWERS[0]
 
 
-def _record(image_tag: str, text_tag: str, combine_tag: str) -> SafetyRecord:
+def _record(
+    image_tag: str, text_tag: str, combine_tag: str, source: str = "default"
+) -> SafetyRecord:
     return SafetyRecord(
-        image=None, prompt="p", image_tag=image_tag, text_tag=text_tag, combine_tag=combine_tag
+        image=None,
+        prompt="p",
+        image_tag=image_tag,
+        text_tag=text_tag,
+        combine_tag=combine_tag,
+        source=source,
     )
 
 
@@ -94,6 +102,41 @@ def test_summary_rejects_misaligned_inputs():
     )
     with pytest.raises(ValueError, match="one response per record"):
         summarize_evaluation(parts, records + records)
+
+
+def test_by_source_splits_the_figures_and_writes_a_table(tmp_path):
+    unsafe, safe = ("unsafe", "safe", "unsafe"), ("safe", "safe", "safe")
+    parts, records = _scored(
+        [
+            # pictures: both right (reward 1 each)
+            (_record(*unsafe, source="picture"), _response(*unsafe, REFUSE)),
+            (_record(*safe, source="picture"), _response(*safe, HELP)),
+            # typographic: an unsafe pair answered with every tag "safe" (reward 0), a safe pair
+            # refused with every tag "unsafe" (reward 0)
+            (_record(*unsafe, source="typographic"), _response(*safe, HELP)),
+            (_record(*safe, source="typographic"), _response(*unsafe, REFUSE)),
+        ]
+    )
+    by_source = summarize_by_source(parts, records)
+    assert list(by_source) == ["picture", "typographic"]
+    picture, typographic = by_source["picture"], by_source["typographic"]
+    assert (picture.num_records, picture.mean_reward, picture.safety_score) == (2, 1.0, 1.0)
+    assert picture.refusal_rate == 0.0
+    assert (typographic.mean_reward, typographic.safety_score) == (0.0, 0.0)
+    assert typographic.refusal_rate == 1.0
+    # the overall figure is the records' mean, so it sits between the two
+    assert summarize_evaluation(parts, records).mean_reward == pytest.approx(0.5)
+
+    pairs = {source: (summary, summary) for source, summary in by_source.items()}
+    before, after = _summaries()
+    files = write_report(
+        tmp_path, before, after, _history(), wall_time_s=1.0, steps=2, by_source=pairs
+    )
+    markdown = files.markdown.read_text()
+    assert "| typographic | 2 | 0.000 → 0.000 | 0.0% → 0.0% | 100.0% → 100.0% |" in markdown
+    payload = json.loads(files.json.read_text())
+    assert payload["by_source"]["picture"]["after"]["mean_reward"] == 1.0
+    assert payload["by_source"]["typographic"]["before"]["refusal_rate"] == 1.0
 
 
 def test_moving_average_is_trailing_and_keeps_length():

@@ -33,6 +33,7 @@ from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.report import (
     EvalSummary,
     TrainingHistory,
+    summarize_by_source,
     summarize_evaluation,
     write_report,
 )
@@ -135,18 +136,23 @@ class SafetyReport(Callback):
         self.history = TrainingHistory()
         self.before: EvalSummary | None = None
         self.after: EvalSummary | None = None
+        self.before_by_source: dict[str, EvalSummary] = {}
+        self.after_by_source: dict[str, EvalSummary] = {}
         self.files: Any = None
 
     # -- evaluation -----------------------------------------------------------------------
 
-    def _evaluate(self, trainer: Trainer, module: LightningModule) -> EvalSummary:
+    def _evaluate(
+        self, trainer: Trainer, module: LightningModule
+    ) -> tuple[EvalSummary, dict[str, EvalSummary]]:
+        """The held-out figures, overall and per record source."""
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("SafetyReport needs a datamodule with a validation split")
         parts, records = evaluate_split(
             module, datamodule.val_dataloader(), max_batches=self.max_batches
         )
-        return summarize_evaluation(parts, records)
+        return summarize_evaluation(parts, records), summarize_by_source(parts, records)
 
     def _record_eval(self, step: int, summary: EvalSummary) -> None:
         row: dict[str, float] = {"step": step}
@@ -161,7 +167,7 @@ class SafetyReport(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.before is not None:  # resumed: keep the first run's "before"
             return
-        self.before = self._evaluate(trainer, pl_module)
+        self.before, self.before_by_source = self._evaluate(trainer, pl_module)
         self._record_eval(trainer.global_step, self.before)
         rank_zero_info(f"SafetyReport: before training: {self._oneline(self.before)}")
 
@@ -194,10 +200,15 @@ class SafetyReport(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Here, not in on_fit_end: after teardown the model may have left the accelerator.
-        self.after = self._evaluate(trainer, pl_module)
+        self.after, self.after_by_source = self._evaluate(trainer, pl_module)
         self._record_eval(trainer.global_step, self.after)
         if self.before is None:
-            self.before = self.after
+            self.before, self.before_by_source = self.after, self.after_by_source
+        by_source = {
+            source: (self.before_by_source[source], after)
+            for source, after in self.after_by_source.items()
+            if source in self.before_by_source
+        }
         wall = time.monotonic() - self.started_at
         if trainer.is_global_zero:
             self.files = write_report(
@@ -209,6 +220,7 @@ class SafetyReport(Callback):
                 steps=trainer.global_step,
                 targets=self.targets,
                 smoothing=self.smoothing,
+                by_source=by_source,
             )
         rank_zero_info(f"SafetyReport: after training:  {self._oneline(self.after)}")
         if self.files is not None:
@@ -241,6 +253,9 @@ class SafetyReport(Callback):
         return {
             "history": self.history.to_dict(),
             "before": None if self.before is None else self.before.to_dict(),
+            "before_by_source": {
+                source: summary.to_dict() for source, summary in self.before_by_source.items()
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -248,6 +263,10 @@ class SafetyReport(Callback):
         self.history = TrainingHistory(list(history.get("train", [])), list(history.get("val", [])))
         before = state_dict.get("before")
         self.before = EvalSummary(**before) if before else None
+        self.before_by_source = {
+            source: EvalSummary(**summary)
+            for source, summary in (state_dict.get("before_by_source") or {}).items()
+        }
 
 
 class AdapterCheckpoint(Callback):

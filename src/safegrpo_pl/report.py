@@ -144,6 +144,47 @@ def summarize_evaluation(
     return EvalSummary(**values, num_records=len(parts))
 
 
+def summarize_by_source(
+    parts: Sequence[RewardParts], records: Sequence[SafetyRecord]
+) -> dict[str, EvalSummary]:
+    """`summarize_evaluation` for each record `source` (sorted by name), so a miss can be
+    traced to the kind of record behind it (e.g. typographic images against pictures)."""
+    if len(parts) != len(records):
+        raise ValueError(
+            f"summarize_by_source got {len(parts)} scored responses for {len(records)} "
+            "records; pass exactly one response per record"
+        )
+    groups: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault(record.source or "(no source)", []).append(index)
+    return {
+        source: summarize_evaluation([parts[i] for i in rows], [records[i] for i in rows])
+        for source, rows in sorted(groups.items())
+    }
+
+
+# Columns of the per-source table: (EvalSummary field, header).
+_SOURCE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("mean_reward", "mean reward"),
+    ("safety_score", "safety score"),
+    ("refusal_rate", "refusal rate"),
+    ("combined_tag_acc", "combined tag accuracy"),
+)
+
+
+def source_table_markdown(by_source: Mapping[str, tuple[EvalSummary, EvalSummary]]) -> list[str]:
+    """Lines of a Markdown table: per source, each figure as `before → after`."""
+    header = "| source | records | " + " | ".join(h for _, h in _SOURCE_COLUMNS) + " |"
+    lines = [header, "| --- | ---: |" + " ---: |" * len(_SOURCE_COLUMNS)]
+    for source, (before, after) in by_source.items():
+        cells = [
+            f"{_fmt(key, getattr(before, key))} → {_fmt(key, getattr(after, key))}"
+            for key, _ in _SOURCE_COLUMNS
+        ]
+        lines.append(f"| {source} | {after.num_records} | " + " | ".join(cells) + " |")
+    return lines
+
+
 @dataclass
 class TrainingHistory:
     """Scalars over optimiser steps, as the report callback collects them.
@@ -230,6 +271,7 @@ def summary_markdown(
     targets: Mapping[str, str] | None = None,
     title: str = "SafeGRPO fit report",
     image_name: str | None = "curves.png",
+    by_source: Mapping[str, tuple[EvalSummary, EvalSummary]] | None = None,
 ) -> str:
     """The Markdown summary: what was measured, the before/after table, the wall time.
 
@@ -241,6 +283,8 @@ def summary_markdown(
         targets: optional {figure: "≥/<= bound"} shown with a met/missed column.
         title: the heading.
         image_name: the curves' file name to embed (None: no image).
+        by_source: optional {source: (before, after)}, shown as a second table when the split
+            has more than one source.
     """
     targets = dict(targets or {})
     header = "| figure | before | after |"
@@ -270,6 +314,9 @@ def summary_markdown(
                 else " | |"
             )
         lines.append(row)
+    if by_source and len(by_source) > 1:
+        lines += ["", "By record source (before → after):", ""]
+        lines += source_table_markdown(by_source)
     if image_name:
         lines += ["", f"![curves over optimiser steps]({image_name})"]
     return "\n".join(lines) + "\n"
@@ -363,11 +410,13 @@ def write_report(
     steps: int,
     targets: Mapping[str, str] | None = None,
     smoothing: int = 10,
+    by_source: Mapping[str, tuple[EvalSummary, EvalSummary]] | None = None,
 ) -> ReportFiles:
     """Write `curves.png`, `summary.md` and `summary.json` into `out_dir` (created).
 
     `summary.json` holds `before`, `after` (every `EvalSummary` field, fractions in [0, 1]),
-    `wall_time_s`, `steps`, `targets` and, under `history`, the curves' raw points.
+    `wall_time_s`, `steps`, `targets`, under `history` the curves' raw points, and under
+    `by_source` the same `before`/`after` figures for each record source.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,6 +434,7 @@ def write_report(
             steps=steps,
             targets=targets,
             image_name=files.curves.name,
+            by_source=by_source,
         )
     )
     payload = {
@@ -394,6 +444,10 @@ def write_report(
         "steps": steps,
         "targets": dict(targets or {}),
         "history": history.to_dict(),
+        "by_source": {
+            source: {"before": before_source.to_dict(), "after": after_source.to_dict()}
+            for source, (before_source, after_source) in (by_source or {}).items()
+        },
     }
     files.json.write_text(json.dumps(payload, indent=2) + "\n")
     return files
