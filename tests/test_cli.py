@@ -135,3 +135,21 @@ def test_cli_fit_runs_two_steps_and_writes_checkpoints_and_logs(tmp_path):
     assert sum(1 for r in rows if r.get("train/reward")) == 2, "two training steps logged"
     assert any(r.get("val/format_rate") for r in rows), "validation metrics missing"
     assert list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
+
+
+def test_cli_hides_the_manual_optimisation_note_and_nothing_else():
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from safegrpo_pl.cli import silence_known_notes
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_known_notes()
+        rank_zero_warn(
+            "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
+            "pre-optimization state was saved."
+        )
+        rank_zero_warn("some other note")
+    assert [str(w.message) for w in caught] == ["some other note"]

@@ -6,6 +6,7 @@ can be overridden on the command line (`--model.group_size 4 --trainer.max_steps
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -23,8 +24,19 @@ class SafeGRPOCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
 
+# Lightning's note for manual optimisation: a step-based checkpoint holds the weights after the
+# optimiser step. That is what a GRPO checkpoint should hold, so the 15-line note is noise.
+_MANUAL_OPTIMISATION_NOTE = "Using ModelCheckpoint with manual optimization and every_n_train_steps"
+
+
+def silence_known_notes() -> None:
+    """Hide the dependency notes that say nothing about a SafeGRPO run (others still show)."""
+    warnings.filterwarnings("ignore", message=_MANUAL_OPTIMISATION_NOTE)
+
+
 def main(args: Sequence[str] | None = None) -> SafeGRPOCLI:
     """Run the command line (`args` defaults to sys.argv)."""
+    silence_known_notes()
     return SafeGRPOCLI(
         SafeGRPOModule,
         SafeTagDataModule,
