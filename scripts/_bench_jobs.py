@@ -60,6 +60,21 @@ def _setup_torch(threads: int, seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _start_job(job: dict[str, Any]) -> tuple[stats.BenchSettings, str, Any]:
+    """What every job does first: its settings, torch threads and seed, its model's encoder."""
+    from safegrpo_pl.inputs import PromptEncoder
+
+    settings = stats.BenchSettings(**job["settings"])
+    _setup_torch(settings.threads, settings.seed)
+    path = job["model_path"]
+    return settings, path, PromptEncoder.from_pretrained(path)
+
+
+def _training_prompts(settings: stats.BenchSettings) -> list[Any]:
+    """The records of a timed run: one rollout batch per step, warm-up steps included."""
+    return demo_prompts(settings.prompts_per_step * settings.total_steps, seed=settings.seed)
+
+
 def demo_prompts(count: int, *, image_size: int = 64, seed: int = 0) -> list[Any]:
     """The first `count` records of the demo set's train split (deterministic)."""
     from safegrpo_pl.demo_data import DemoConfig, make_demo_split
@@ -110,13 +125,8 @@ def run_trl(job: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from safegrpo_pl.inputs import PromptEncoder
-
-    settings = stats.BenchSettings(**job["settings"])
-    _setup_torch(settings.threads, settings.seed)
-    path = job["model_path"]
-    encoder = PromptEncoder.from_pretrained(path)
-    records = demo_prompts(settings.prompts_per_step * settings.total_steps, seed=settings.seed)
+    settings, path, encoder = _start_job(job)
+    records = _training_prompts(settings)
     texts = [encoder.prompt_text(r) for r in records]
     tokenizer = AutoTokenizer.from_pretrained(path)
     # TRL tokenises a plain-string prompt with special tokens on: check that adds nothing.
@@ -341,13 +351,8 @@ def _fit_ours(
 
 def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     """Train with our SafeGRPOModule through `Trainer.fit`."""
-    from safegrpo_pl.inputs import PromptEncoder
-
-    settings = stats.BenchSettings(**job["settings"])
-    _setup_torch(settings.threads, settings.seed)
-    path = job["model_path"]
-    encoder = PromptEncoder.from_pretrained(path)
-    records = demo_prompts(settings.prompts_per_step * settings.total_steps, seed=settings.seed)
+    settings, path, encoder = _start_job(job)
+    records = _training_prompts(settings)
     module = _our_module(path, settings, **job.get("module_overrides", {}))
     result = _fit_ours(module, records, encoder, settings)
     return {"kind": "ours", **result, "peak_rss_mb": peak_rss_mb()}
@@ -355,16 +360,11 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
 
 def run_scaling(job: dict[str, Any]) -> dict[str, Any]:
     """Ours at each (group_size, max_new_tokens) of `job["grid"]`, in this one process."""
-    from safegrpo_pl.inputs import PromptEncoder
-
-    base = stats.BenchSettings(**job["settings"])
-    _setup_torch(base.threads, base.seed)
-    path = job["model_path"]
-    encoder = PromptEncoder.from_pretrained(path)
+    base, path, encoder = _start_job(job)
     rows = []
     for group_size, max_new_tokens in job["grid"]:
         settings = base.with_(group_size=group_size, max_new_tokens=max_new_tokens)
-        records = demo_prompts(settings.prompts_per_step * settings.total_steps, seed=base.seed)
+        records = _training_prompts(settings)
         module = _our_module(path, settings)
         result = _fit_ours(module, records, encoder, settings)
         rows.append(
@@ -389,12 +389,7 @@ def run_rollout(job: dict[str, Any]) -> dict[str, Any]:
     """Shared-prefix vs naive sampling and log-probs on a tiny Qwen2.5-VL, alternated."""
     import torch
 
-    from safegrpo_pl.inputs import PromptEncoder
-
-    settings = stats.BenchSettings(**job["settings"])
-    _setup_torch(settings.threads, settings.seed)
-    path = job["model_path"]
-    encoder = PromptEncoder.from_pretrained(path)  # the full step-guided prompt (default guide)
+    settings, path, encoder = _start_job(job)  # the full step-guided prompt (default guide)
     records = demo_prompts(
         settings.prompts_per_step, image_size=job["image_size"], seed=settings.seed
     )
@@ -441,13 +436,8 @@ def run_rollout(job: dict[str, Any]) -> dict[str, Any]:
 
 def run_refmem(job: dict[str, Any]) -> dict[str, Any]:
     """A short fit of ours on a tiny Qwen2.5-VL (LoRA or not); the peak RSS is the result."""
-    from safegrpo_pl.inputs import PromptEncoder
-
-    settings = stats.BenchSettings(**job["settings"])
-    _setup_torch(settings.threads, settings.seed)
-    path = job["model_path"]
-    encoder = PromptEncoder.from_pretrained(path)
-    records = demo_prompts(settings.prompts_per_step * settings.total_steps, seed=settings.seed)
+    settings, path, encoder = _start_job(job)
+    records = _training_prompts(settings)
     module = _our_module(path, settings)
     result = _fit_ours(module, records, encoder, settings)
     return {

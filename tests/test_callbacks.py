@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from safegrpo_pl.callbacks import AdapterCheckpoint, PredictionWriter, SafetyReport
+from safegrpo_pl.model import load_policy
 from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.report import SUMMARY_KEYS
@@ -189,25 +190,10 @@ def test_adapter_is_saved_beside_each_checkpoint_and_reloads(tmp_path):
     assert not list((tmp_path / "ckpt").glob(".adapter-*")), "temporary folders left behind"
 
 
-def _tiny_causal_lm() -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def test_without_lora_the_whole_trained_model_is_saved_and_reloads(tmp_path, tiny_qwen3_text_path):
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=16,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    return Qwen2ForCausalLM(config)
-
-
-def test_without_lora_the_whole_trained_model_is_saved_and_reloads(tmp_path):
-    from transformers import Qwen2ForCausalLM
-
-    module = _Module(policy=_tiny_causal_lm())
+    module = _Module(policy=load_policy(str(tiny_qwen3_text_path)))
     start = {name: value.clone() for name, value in module.policy.state_dict().items()}
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
     export = AdapterCheckpoint()
@@ -215,7 +201,7 @@ def test_without_lora_the_whole_trained_model_is_saved_and_reloads(tmp_path):
     target = tmp_path / "ckpt" / "model"
     assert export.last_saved == target
     assert not (tmp_path / "ckpt" / "adapter").exists(), "no LoRA, so no adapter folder"
-    loaded = Qwen2ForCausalLM.from_pretrained(target)
+    loaded = AutoModelForCausalLM.from_pretrained(target)
     trained = module.policy.state_dict()
     changed = False
     for name, value in loaded.state_dict().items():
@@ -225,12 +211,14 @@ def test_without_lora_the_whole_trained_model_is_saved_and_reloads(tmp_path):
     assert not list((tmp_path / "ckpt").glob(".model-*")), "temporary folders left behind"
 
 
-def test_adapter_checkpoint_without_lora_or_full_export_saves_nothing(tmp_path):
+def test_adapter_checkpoint_without_lora_or_full_export_saves_nothing(
+    tmp_path, tiny_qwen3_text_path
+):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     callback = AdapterCheckpoint(full_model_dirname=None)
     with pytest.warns(UserWarning, match="no LoRA adapter"):
         _trainer(tmp_path, [checkpoints, callback], max_steps=2, limit_val_batches=0).fit(
-            _Module(policy=_tiny_causal_lm()), _Data()
+            _Module(policy=load_policy(str(tiny_qwen3_text_path))), _Data()
         )
     assert not (tmp_path / "ckpt" / "adapter").exists()
     assert not (tmp_path / "ckpt" / "model").exists()

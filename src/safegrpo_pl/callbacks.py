@@ -316,7 +316,7 @@ class AdapterCheckpoint(Callback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         policy = getattr(pl_module, "policy", None)
-        has_adapter = policy is not None and hasattr(policy, "peft_config")
+        has_adapter = hasattr(policy, "peft_config")
         exportable = hasattr(policy, "save_pretrained") and self.full_model_dirname is not None
         if not has_adapter and not exportable:
             if not self._warned:

@@ -109,6 +109,16 @@ class EvalSummary:
         return asdict(self)
 
 
+def _check_one_response_per_record(
+    parts: Sequence[Any], records: Sequence[Any], caller: str
+) -> None:
+    if len(parts) != len(records):
+        raise ValueError(
+            f"{caller} got {len(parts)} scored responses for {len(records)} records; pass "
+            "exactly one response per record"
+        )
+
+
 def summarize_evaluation(
     parts: Sequence[RewardParts], records: Sequence[SafetyRecord]
 ) -> EvalSummary:
@@ -121,11 +131,7 @@ def summarize_evaluation(
     Returns:
         The `EvalSummary`.
     """
-    if len(parts) != len(records):
-        raise ValueError(
-            f"summarize_evaluation got {len(parts)} scored responses for {len(records)} "
-            "records; pass exactly one response per record"
-        )
+    _check_one_response_per_record(parts, records, "summarize_evaluation")
     if not parts:
         return EvalSummary(None, None, None, None, None, num_records=0)
     metrics = build_safety_metrics("")
@@ -149,11 +155,7 @@ def summarize_by_source(
 ) -> dict[str, EvalSummary]:
     """`summarize_evaluation` for each record `source` (sorted by name), so a miss can be
     traced to the kind of record behind it (e.g. typographic images against pictures)."""
-    if len(parts) != len(records):
-        raise ValueError(
-            f"summarize_by_source got {len(parts)} scored responses for {len(records)} "
-            "records; pass exactly one response per record"
-        )
+    _check_one_response_per_record(parts, records, "summarize_by_source")
     groups: dict[str, list[int]] = {}
     for index, record in enumerate(records):
         groups.setdefault(record.source or "(no source)", []).append(index)
