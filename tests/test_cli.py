@@ -51,8 +51,8 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
         configs = [ROOT / "configs" / variant_of[config.name], config]
     cli = _parse(*configs, extra=("--trainer.default_root_dir", str(tmp_path)))
     assert isinstance(cli.model, SafeGRPOModule)
-    assert cli.datamodule.hparams["processor"] == cli.model.model_name_or_path, (
-        "data.processor must follow model.model_name_or_path"
+    assert cli.datamodule.hparams["processor"] == cli.model.settings.name_or_path, (
+        "data.processor must follow model.policy.name_or_path"
     )
 
 
@@ -61,7 +61,7 @@ def test_paper_config_matches_the_paper(tmp_path):
         ROOT / "configs" / "qwen.yaml", extra=("--trainer.default_root_dir", str(tmp_path))
     )
     model = cli.model
-    assert model.group_size == 8 and model.kl_coef == 0.01 and model.lr == 1e-6
+    assert model.group_size == 8 and model.kl_coef == 0.01 and model.optimizer_plan.lr == 1e-6
     assert model.loss_settings.kl_estimator == "k3"
     assert model.sampling.temperature == 1.0 and model.sampling.max_new_tokens == 4096
     assert model.val_sampling.max_new_tokens == 4096, "OmegaConf interpolation not resolved"
@@ -74,7 +74,7 @@ def test_paper_config_builds_qwen3_vl_8b_on_the_meta_device(tmp_path):
     cli = _parse(
         ROOT / "configs" / "qwen.yaml", extra=("--trainer.default_root_dir", str(tmp_path))
     )
-    lora = cli.model.load_args["lora"]
+    lora = cli.model.settings.lora
     assert isinstance(lora, LoraSettings)
     card = json.loads((ROOT / "tests" / "assets" / "qwen3-vl-8b-config.json").read_text())
     card = {k: v for k, v in card.items() if k not in ("model_type", "architectures")}
@@ -95,15 +95,15 @@ def test_cli_fit_runs_two_steps_and_writes_checkpoints_and_logs(tmp_path):
         "-m",
         "safegrpo_pl",
         "fit",
-        "--model.model_name_or_path",
+        "--model.policy.name_or_path",
         "tiny:qwen2_5_vl",
         "--model.group_size",
         "2",
         "--model.sampling.max_new_tokens",
         "8",
-        "--model.lora.r",
+        "--model.policy.lora.r",
         "4",
-        "--model.lora.alpha",
+        "--model.policy.lora.alpha",
         "8",
         "--data.batch_size",
         "2",

@@ -11,18 +11,16 @@ import statistics
 import pytest
 import torch
 
+from safegrpo_pl.aggregation import AGGREGATIONS, aggregation_normalizer, masked_mean
 from safegrpo_pl.grpo import (
-    AGGREGATIONS,
     KL_ESTIMATORS,
     LossSettings,
-    aggregation_normalizer,
     clipped_surrogate,
     group_advantages,
     grpo_loss,
     kl_k1,
     kl_k2,
     kl_k3,
-    masked_mean,
 )
 
 F64 = torch.float64
@@ -249,7 +247,7 @@ def test_kl_coef_zero_needs_no_reference():
         logp, logp.detach(), None, t([1.0, -1.0]), torch.ones(2, 2), kl_coef=0.0
     )
     assert torch.isfinite(loss), "loss without a reference must be finite"
-    assert "kl" not in stats, "no reference: there is no KL to report"
+    assert "kl" not in stats.as_dict(), "no reference: there is no KL to report"
 
 
 def test_kl_coef_positive_without_reference_raises():
@@ -279,7 +277,8 @@ def test_hand_example_full_loss_and_stats():
     d[0, 0], d[2, 1] = math.log(2.0), -math.log(2.0)
     ref = logp + d
     logp[1, 1], ref[1, 1] = 50.0, math.nan  # masked: must not matter
-    loss, stats = grpo_loss(logp, old, ref, t([1.0, -1.0, 0.5, -0.5]), mask, kl_coef=0.1)
+    loss, raw_stats = grpo_loss(logp, old, ref, t([1.0, -1.0, 0.5, -0.5]), mask, kl_coef=0.1)
+    stats = raw_stats.as_dict()
     expected = {
         "loss": (loss, -0.1 / 7),
         "policy_loss": (stats["policy_loss"], -0.15 / 7),
@@ -414,7 +413,10 @@ def test_unknown_variant_names_list_the_choices():
 
 def test_all_masked_batch_gives_zero_loss_and_no_nan():
     logp = torch.zeros(2, 3, requires_grad=True)
-    loss, stats = grpo_loss(logp, logp.detach(), logp.detach(), torch.ones(2), torch.zeros(2, 3))
+    loss, raw_stats = grpo_loss(
+        logp, logp.detach(), logp.detach(), torch.ones(2), torch.zeros(2, 3)
+    )
+    stats = raw_stats.as_dict()
     loss.backward()
     assert loss.item() == 0.0, "no tokens: nothing to learn from"
     assert (logp.grad == 0).all(), "no tokens: gradient must be 0, not NaN"

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.model import LoraSettings
+from safegrpo_pl.model import LoraSettings, PolicySettings
 from safegrpo_pl.module import SafeGRPOModule
 from safegrpo_pl.rollout import SamplingSettings
 
@@ -40,8 +40,12 @@ def _data(path: Path, **kwargs) -> SafeTagDataModule:
 
 
 def _module(path: Path, cls=LengthRewardModule, **kwargs) -> SafeGRPOModule:
+    policy_keys = ("lora", "dtype", "gradient_checkpointing")
+    policy = PolicySettings(
+        name_or_path=str(path), **{k: kwargs.pop(k) for k in policy_keys if k in kwargs}
+    )
     settings = dict(
-        model_name_or_path=str(path),
+        policy=policy,
         group_size=2,
         lr=1e-2,
         sampling=SamplingSettings(max_new_tokens=6),
@@ -177,7 +181,7 @@ def test_resume_logs_the_same_as_an_unbroken_run(tiny_qwen25vl_path, tmp_path):
 
 
 def test_lr_multiplier_shapes():
-    from safegrpo_pl.module import lr_multiplier
+    from safegrpo_pl.optim import lr_multiplier
 
     assert [lr_multiplier(s, 4, "constant") for s in range(5)] == [1.0] * 5
     assert [lr_multiplier(s, 4, "linear") for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]

@@ -134,10 +134,20 @@ def test_warmup_loss_is_cross_entropy_on_response_tokens_only(tiny_qwen25vl_path
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
+def _warm(path, settings, dm):
+    return warmed_up_path(
+        str(path),
+        settings,
+        records=dm.train_records(),
+        encoder=dm.encoder,
+        dataset_key=dm.warmup_key(),
+    )
+
+
 def test_warmed_up_folder_is_cached_and_keyed_by_settings(tiny_qwen25vl_path, monkeypatch):
     dm = _datamodule(tiny_qwen25vl_path)
     settings = WarmupSettings(steps=2, batch_size=2, progress_bar=False)
-    first = warmed_up_path(str(tiny_qwen25vl_path), settings, datamodule=dm)
+    first = _warm(tiny_qwen25vl_path, settings, dm)
     assert (Path(first) / DONE_FILE).is_file()
     load_policy(first)  # loadable like any checkpoint
 
@@ -145,18 +155,37 @@ def test_warmed_up_folder_is_cached_and_keyed_by_settings(tiny_qwen25vl_path, mo
         raise AssertionError("the warm-up ran again although its folder was cached")
 
     monkeypatch.setattr(warmup, "train_warmup", no_training)
-    assert warmed_up_path(str(tiny_qwen25vl_path), settings, datamodule=dm) == first
+    assert _warm(tiny_qwen25vl_path, settings, dm) == first
     # The progress bar does not change the weights, so it shares the cache entry.
     quiet = WarmupSettings(steps=2, batch_size=2, progress_bar=True)
-    assert warmed_up_path(str(tiny_qwen25vl_path), quiet, datamodule=dm) == first
+    assert _warm(tiny_qwen25vl_path, quiet, dm) == first
     other = WarmupSettings(steps=3, batch_size=2, progress_bar=False)
     with pytest.raises(AssertionError, match="ran again"):
-        warmed_up_path(str(tiny_qwen25vl_path), other, datamodule=dm)
+        _warm(tiny_qwen25vl_path, other, dm)
 
 
-def test_warmup_needs_a_datamodule(tiny_qwen25vl_path):
-    with pytest.raises(ValueError, match="needs the datamodule"):
-        warmed_up_path(str(tiny_qwen25vl_path), WarmupSettings(steps=1), datamodule=None)
+def test_warmup_needs_train_records(tiny_qwen25vl_path):
+    dm = _datamodule(tiny_qwen25vl_path)
+    with pytest.raises(ValueError, match="no train records"):
+        warmed_up_path(
+            str(tiny_qwen25vl_path),
+            WarmupSettings(steps=1),
+            records=[],
+            encoder=dm.encoder,
+            dataset_key=dm.warmup_key(),
+        )
+
+
+def test_module_refuses_to_load_before_the_warmup_stage_ran(tiny_qwen25vl_path):
+    from safegrpo_pl.model import PolicySettings
+    from safegrpo_pl.module import SafeGRPOModule
+
+    module = SafeGRPOModule(
+        policy=PolicySettings(name_or_path=str(tiny_qwen25vl_path)),
+        warmup=WarmupSettings(steps=1),
+    )
+    with pytest.raises(ValueError, match="warm-up stage has not run"):
+        module.configure_model()
 
 
 @pytest.mark.parametrize("field", ["steps", "batch_size"])
@@ -173,7 +202,7 @@ def test_warmup_teaches_the_format_but_not_the_judgement(tiny_qwen25vl_path):
     settings = WarmupSettings(
         steps=150, lr=3e-3, batch_size=16, progress_bar=False, describe_inputs=False
     )
-    model = load_policy(warmed_up_path(str(tiny_qwen25vl_path), settings, datamodule=dm))
+    model = load_policy(_warm(tiny_qwen25vl_path, settings, dm))
     tokenizer = dm.encoder.tokenizer
     records = [dm.datasets["validation"][i] for i in range(48)]
     batch = dm.encoder.encode(records)

@@ -321,7 +321,7 @@ class AdapterCheckpoint(Callback):
         if not has_adapter and not exportable:
             if not self._warned:
                 rank_zero_warn(
-                    "AdapterCheckpoint: the policy has no LoRA adapter (model.lora "
+                    "AdapterCheckpoint: the policy has no LoRA adapter (model.policy.lora "
                     "is null) and full_model_dirname is None; only the Lightning checkpoint "
                     "is saved"
                 )

@@ -16,12 +16,32 @@ from safegrpo_pl.module import SafeGRPOModule
 
 
 class SafeGRPOCLI(LightningCLI):
-    """LightningCLI with the data's prompt encoder tied to the model being trained."""
+    """LightningCLI with the data's prompt encoder tied to the model being trained, and the
+    format warm-up run as a stage of its own before every subcommand."""
 
     def add_arguments_to_parser(self, parser) -> None:
         # The prompts must be tokenised by the policy's own tokenizer and image processor.
-        parser.link_arguments("model.model_name_or_path", "data.processor")
-        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.link_arguments("model.policy.name_or_path", "data.processor")
+        parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
+
+    def _warm_start(self) -> None:
+        """Run (or reuse) the format warm-up on the train split before the Trainer starts."""
+        if self.model.warmup is None:
+            return
+        data = self.datamodule
+        self.model.warm_start(data.train_records(), data.encoder, data.warmup_key())
+
+    def before_fit(self) -> None:
+        self._warm_start()
+
+    def before_validate(self) -> None:
+        self._warm_start()
+
+    def before_test(self) -> None:
+        self._warm_start()
+
+    def before_predict(self) -> None:
+        self._warm_start()
 
 
 # Lightning's note for manual optimisation: a step-based checkpoint holds the weights after the

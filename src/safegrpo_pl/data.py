@@ -253,6 +253,27 @@ class SafeTagDataModule(LightningDataModule):
             )
         self.datasets = built
 
+    def train_records(self) -> SafetyDataset:
+        """The validated train split (setting the data up for "fit" if nobody has yet)."""
+        if not self.datasets:
+            self.setup("fit")
+        return self.datasets["train"]
+
+    def warmup_key(self) -> dict[str, Any]:
+        """What identifies the training set for the warm-up's cache, without decoding images.
+
+        The dataset's name, the demo set's config (when it is the demo), the guide, the record
+        cap, the seed and the number of train records: any change trains another warm-up.
+        """
+        return {
+            "dataset": str(self.dataset),
+            "demo": dataclasses.asdict(self.demo) if self.dataset == "demo" else None,
+            "guide": self.guide,
+            "max_records": self.max_records,
+            "seed": self.seed,
+            "num_train": len(self.train_records()),
+        }
+
     @property
     def sources(self) -> list[str]:
         """Every `source` served by any split, sorted (metrics are split by it); [] before setup."""

@@ -1,6 +1,6 @@
 """GRPO math as pure tensor functions: advantages, KL estimators, clipped surrogate, loss.
 
-Everything here takes tensors and returns tensors (SPEC section 4); nothing knows about models,
+Everything here takes tensors and returns tensors (docs/method.md section 4); nothing knows about models,
 Lightning or rewards. Rows are completions laid out group by group: completion i of prompt b is
 row `b * group_size + i`, so N = B * G; T is the (padded) completion length.
 
@@ -31,35 +31,22 @@ training script and the framework it ran on, not the paper's prose):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from safegrpo_pl.aggregation import (
+    AGGREGATIONS,
+    compute_dtype,
+    pick_variant,
+)
+from safegrpo_pl.loss_stats import LossStats
+
 LOG_RATIO_CLAMP = 20.0  # |log rho| and |log(ref/pi)| bound: exp(20) ~ 4.9e8 is still finite
 KL_VALUE_CLAMP = 10.0  # per-token bound on the k3 estimate
-
-_T = TypeVar("_T")
-
-
-def _lookup(table: Mapping[str, _T], name: str, field: str) -> _T:
-    """Pick a variant by name, with an error that lists the valid names."""
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"{field} is {name!r}; expected one of {sorted(table)}") from None
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half precision and integers, otherwise the input's own float type."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _safe_count(count: Tensor) -> Tensor:
-    """A denominator that is 1 where the count is 0, so empty sets give 0 and no NaN gradient."""
-    return torch.where(count > 0, count, torch.ones_like(count))
 
 
 # -- advantages ---------------------------------------------------------------------------
@@ -104,7 +91,7 @@ def group_advantages(
         ValueError: group_size < 2, N not a multiple of group_size, rewards not 1-D or not
             finite, or an unknown scale.
     """
-    scale_fn = _lookup(ADVANTAGE_SCALES, scale, "scale")
+    scale_fn = pick_variant(ADVANTAGE_SCALES, scale, "scale")
     if group_size < 2:
         raise ValueError(
             f"group_size is {group_size}; GRPO needs at least 2 completions per prompt "
@@ -122,7 +109,7 @@ def group_advantages(
     if not bool(torch.isfinite(rewards).all()):
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
         raise ValueError(f"rewards at indices {bad[:10]} are not finite; fix the reward function")
-    grouped = rewards.detach().to(_compute_dtype(rewards.dtype)).view(-1, group_size)  # (B, G)
+    grouped = rewards.detach().to(compute_dtype(rewards.dtype)).view(-1, group_size)  # (B, G)
     centred = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
     std = scale_fn(grouped)  # (B, 1) or None
     advantages = centred if std is None else centred / (std + eps)  # (B, G)
@@ -235,124 +222,11 @@ def clipped_surrogate(
     _check_clip_settings(clip_eps_low, clip_eps_high, dual_clip)
     _check_tokens(logp, old_logp=old_logp)
     _check_advantages(advantages, logp.shape[0])
-    dtype = _compute_dtype(logp.dtype)
+    dtype = compute_dtype(logp.dtype)
     result = _surrogate(
         logp.to(dtype), old_logp.to(dtype), advantages, clip_eps_low, clip_eps_high, dual_clip
     )
     return result.loss, result.clipped
-
-
-# -- aggregation --------------------------------------------------------------------------
-
-
-def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of `values` where `mask` is 1 (over all, or along `dim`); 0 where nothing is kept.
-
-    Masked entries are replaced by 0 rather than multiplied by 0, so inf/NaN there cannot leak.
-    """
-    keep = mask.bool()
-    weights = keep.to(values.dtype)
-    kept = torch.where(keep, values, torch.zeros_like(values))
-    if dim is None:
-        return kept.sum() / _safe_count(weights.sum())
-    return kept.sum(dim) / _safe_count(weights.sum(dim))
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    """A loss aggregation, written as `numerator(values, mask) / denominator(mask, L_max)`.
-
-    Splitting it this way is what makes micro-batching exact: the numerator is a plain sum over
-    rows, so micro-batch numerators add up to the mini-batch's; dividing each by the
-    MINI-batch's denominator (`loss_normalizer`) then sums to the one-pass loss.
-
-    Attributes:
-        numerator: (values (N, T), mask (N, T) float 0/1) -> 0-dim tensor, additive over rows.
-        denominator: (mask (N, T), max_completion_length or None) -> 0-dim tensor: this
-            call's own normaliser.
-    """
-
-    numerator: Callable[[Tensor, Tensor], Tensor]
-    denominator: Callable[[Tensor, int | None], Tensor]
-
-    def __call__(
-        self,
-        values: Tensor,
-        mask: Tensor,
-        *,
-        normalizer: float | None = None,
-        max_completion_length: int | None = None,
-    ) -> Tensor:
-        """Aggregate (N, T) `values` under a 0/1 `mask` to a 0-dim tensor.
-
-        `normalizer`, when given, replaces this call's own denominator (see `grpo_loss`).
-        """
-        keep = mask.bool()
-        weights = keep.to(values.dtype)  # (N, T)
-        kept = torch.where(keep, values, torch.zeros_like(values))  # (N, T)
-        if normalizer is None:
-            denominator = _safe_count(self.denominator(weights, max_completion_length))
-        elif normalizer > 0:
-            denominator = torch.tensor(normalizer, dtype=values.dtype, device=values.device)
-        else:
-            raise ValueError(f"loss_normalizer is {normalizer}; expected a positive number")
-        return self.numerator(kept, weights) / denominator
-
-
-def _token_sum(values: Tensor, weights: Tensor) -> Tensor:
-    return values.sum()
-
-
-def _token_count(weights: Tensor, max_completion_length: int | None) -> Tensor:
-    return weights.sum()
-
-
-def _sum_of_sequence_means(values: Tensor, weights: Tensor) -> Tensor:
-    return (values.sum(1) / _safe_count(weights.sum(1))).sum()  # empty rows add 0
-
-
-def _sequence_count(weights: Tensor, max_completion_length: int | None) -> Tensor:
-    return (weights.sum(1) > 0).sum().to(weights.dtype)  # rows with at least one token
-
-
-def _budget(weights: Tensor, max_completion_length: int | None) -> Tensor:
-    if max_completion_length is None:
-        raise ValueError(
-            "aggregation 'seq-mean-token-sum-norm' needs max_completion_length (the generation "
-            "budget, a constant) or a loss_normalizer; the padded width would vary per batch"
-        )
-    if weights.shape[1] > max_completion_length:
-        raise ValueError(
-            f"mask has {weights.shape[1]} token columns but max_completion_length is "
-            f"{max_completion_length}; pass the budget the completions were sampled with"
-        )
-    return torch.tensor(
-        float(weights.shape[0] * max_completion_length), dtype=weights.dtype, device=weights.device
-    )
-
-
-AGGREGATIONS: dict[str, Aggregation] = {
-    # sum(L * m) / sum(m): every token of the mini-batch weighs the same (default)
-    "token-mean": Aggregation(_token_sum, _token_count),
-    # mean over sequences of each sequence's token mean (the paper's 1/|o_i| form)
-    "seq-mean-token-mean": Aggregation(_sum_of_sequence_means, _sequence_count),
-    # Dr. GRPO: sum(L * m) / (N * max_completion_length), a constant normaliser
-    "seq-mean-token-sum-norm": Aggregation(_token_sum, _budget),
-}
-
-
-def aggregation_normalizer(
-    aggregation: str, mask: Tensor, max_completion_length: int | None = None
-) -> float:
-    """The `loss_normalizer` to pass to every micro-batch of the mini-batch with this `mask`.
-
-    token-mean: the mini-batch's unmasked token count; seq-mean-token-mean: its number of
-    non-empty sequences; seq-mean-token-sum-norm: its rows times `max_completion_length`.
-    Computed from the whole mini-batch's (N, T) mask, before it is split.
-    """
-    agg = _lookup(AGGREGATIONS, aggregation, "aggregation")
-    weights = mask.bool().to(torch.float64)
-    return float(_safe_count(agg.denominator(weights, max_completion_length)))
 
 
 # -- the loss -----------------------------------------------------------------------------
@@ -392,7 +266,7 @@ def grpo_loss(
     aggregation: str = "token-mean",
     loss_normalizer: float | None = None,
     max_completion_length: int | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, LossStats]:
     """The GRPO loss: clipped surrogate plus `kl_coef` times KL, per token, aggregated.
 
     Args:
@@ -414,17 +288,16 @@ def grpo_loss(
         max_completion_length: the generation budget, needed by "seq-mean-token-sum-norm".
 
     Returns:
-        (loss, stats): the 0-dim loss, and detached 0-dim stats: `policy_loss` (the surrogate
-        part of `loss`, same aggregation and normaliser), `kl` (token-mean of the estimator over
-        this call's unmasked tokens; only when `ref_logp` is given), `clip_frac` and
-        `dual_clip_frac` (shares of unmasked tokens), `ratio_mean`, `ratio_min`, `ratio_max`
-        (over unmasked tokens; 1 when there are none) and `num_tokens`.
+        (loss, stats): the 0-dim loss, and a `LossStats` of detached sums (surrogate part of
+        the loss, KL, clipped and dual-clipped tokens, ratio sum and extremes, token count) that
+        merges with the other micro-batches of the mini-batch; `stats.as_dict()` gives the
+        logged figures (token means and shares; `kl` only when `ref_logp` is given).
     """
     _check_tokens(logp, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
     _check_advantages(advantages, logp.shape[0])
     _check_clip_settings(clip_eps_low, clip_eps_high, dual_clip)
-    kl_fn = _lookup(KL_ESTIMATORS, kl_estimator, "kl_estimator")
-    aggregate = _lookup(AGGREGATIONS, aggregation, "aggregation")
+    kl_fn = pick_variant(KL_ESTIMATORS, kl_estimator, "kl_estimator")
+    aggregate = pick_variant(AGGREGATIONS, aggregation, "aggregation")
     if kl_coef < 0:
         raise ValueError(f"kl_coef is {kl_coef}; expected kl_coef >= 0")
     if kl_coef > 0 and ref_logp is None:
@@ -432,7 +305,7 @@ def grpo_loss(
             f"kl_coef is {kl_coef} but ref_logp is None; pass the reference log-probs or set "
             "kl_coef=0 to train without a KL term"
         )
-    dtype = _compute_dtype(logp.dtype)
+    dtype = compute_dtype(logp.dtype)
     keep = mask.bool()  # (N, T)
     weights = keep.to(dtype)  # (N, T)
 
@@ -453,20 +326,18 @@ def grpo_loss(
     loss = aggregate(per_token, weights, **options)
 
     with torch.no_grad():
-        num_tokens = weights.sum()
-        ratio = terms.ratio.detach()
-        any_token = bool(num_tokens > 0)
-        stats = {
-            "policy_loss": aggregate(terms.loss.detach(), weights, **options),
-            "clip_frac": masked_mean(terms.clipped.to(dtype), keep),
-            "dual_clip_frac": masked_mean(terms.dual_clipped.to(dtype), keep),
-            "ratio_mean": masked_mean(ratio, keep) if any_token else ratio.new_ones(()),
-            "ratio_min": ratio[keep].min() if any_token else ratio.new_ones(()),
-            "ratio_max": ratio[keep].max() if any_token else ratio.new_ones(()),
-            "num_tokens": num_tokens,
-        }
-        if kl is not None:
-            stats["kl"] = masked_mean(kl.detach(), keep)
+        ratio = terms.ratio.detach()  # (N, T)
+        inf = torch.tensor(float("inf"), dtype=ratio.dtype, device=ratio.device)
+        stats = LossStats(
+            policy_loss=aggregate(terms.loss.detach(), weights, **options),
+            kl_sum=None if kl is None else (kl.detach() * weights).sum(),
+            clipped=(terms.clipped & keep).to(dtype).sum(),
+            dual_clipped=(terms.dual_clipped & keep).to(dtype).sum(),
+            ratio_sum=torch.where(keep, ratio, torch.zeros_like(ratio)).sum(),
+            ratio_min=torch.where(keep, ratio, inf).min(),
+            ratio_max=torch.where(keep, ratio, -inf).max(),
+            num_tokens=weights.sum(),
+        )
     return loss, stats
 
 
@@ -498,9 +369,9 @@ class LossSettings:
 
     def __post_init__(self) -> None:
         _check_clip_settings(self.clip_eps_low, self.clip_eps_high, self.dual_clip)
-        _lookup(KL_ESTIMATORS, self.kl_estimator, "kl_estimator")
-        _lookup(AGGREGATIONS, self.aggregation, "aggregation")
-        _lookup(ADVANTAGE_SCALES, self.advantage_scale, "advantage_scale")
+        pick_variant(KL_ESTIMATORS, self.kl_estimator, "kl_estimator")
+        pick_variant(AGGREGATIONS, self.aggregation, "aggregation")
+        pick_variant(ADVANTAGE_SCALES, self.advantage_scale, "advantage_scale")
         if self.advantage_eps < 0:
             raise ValueError(f"advantage_eps is {self.advantage_eps}; expected >= 0")
 

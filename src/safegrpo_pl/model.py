@@ -354,6 +354,42 @@ class LoraSettings:
     modules_to_save: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PolicySettings:
+    """Which policy to load and how: one typed object for every model-loading choice.
+
+    Attributes:
+        name_or_path: hub id, local folder, or `tiny:ARCH?opts` for a tiny offline model.
+        dtype: weight dtype ("float32", "bfloat16", "float16").
+        lora: LoRA adapter settings; null trains all weights (the reference is then a frozen
+            copy).
+        load_in_4bit: QLoRA: NF4 base weights through bitsandbytes (needs `lora`).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        trust_remote_code: run code shipped with a checkpoint; off unless you opt in.
+        attn_implementation: attention kernel ("sdpa", "flash_attention_2", ...); null = auto.
+    """
+
+    name_or_path: str = "tiny:qwen2_5_vl"
+    dtype: str = "float32"
+    lora: LoraSettings | None = None
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+    def load(self, path: str | None = None) -> PreTrainedModel:
+        """`load_policy` with these settings, from `path` (default: `name_or_path`)."""
+        return load_policy(
+            path or self.name_or_path,
+            dtype=self.dtype,
+            lora=self.lora,
+            load_in_4bit=self.load_in_4bit,
+            gradient_checkpointing=self.gradient_checkpointing,
+            trust_remote_code=self.trust_remote_code,
+            attn_implementation=self.attn_implementation,
+        )
+
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,

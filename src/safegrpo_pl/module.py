@@ -3,7 +3,7 @@
 One training batch is one rollout batch of B prompts. Per batch: sample G completions per
 prompt, score them with the rule rewards, normalise rewards within each group, compute the old
 and reference log-probs once, then take `num_iterations` passes of optimiser steps over
-mini-batches of whole groups (SPEC section 4). Lightning's manual optimisation is used because
+mini-batches of whole groups (docs/method.md section 4). Lightning's manual optimisation is used because
 one rollout feeds several optimiser steps; `trainer.max_steps` therefore counts optimiser steps.
 
 Departures and choices (all deliberate; see also `grpo.py` and `rewards.py`):
@@ -11,90 +11,58 @@ Departures and choices (all deliberate; see also `grpo.py` and `rewards.py`):
   gradients; with equal work per process this equals the global token mean.
 - The reference model is the initial policy: with LoRA, the same weights with the adapters
   disabled (no second copy); without LoRA, a frozen copy kept out of checkpoints (it is
-  re-created from `model_name_or_path` on resume).
+  re-created from `policy.name_or_path` on resume).
 - Sampling and the old/reference log-prob passes run in eval mode (no dropout), the training
-  pass in train mode.
+  pass in train mode (`PolicyRunner`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-import math
-import random
-import time
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from lightning import LightningModule
 from torch import Tensor
 
-from safegrpo_pl.grpo import LossSettings, aggregation_normalizer, group_advantages, grpo_loss
-from safegrpo_pl.inputs import PromptBatch
+from safegrpo_pl.aggregation import aggregation_normalizer
+from safegrpo_pl.grpo import LossSettings, group_advantages, grpo_loss
+from safegrpo_pl.grpo_step import (
+    completion_rows,
+    gradient_norm,
+    mean_over_steps,
+    prediction_rows,
+    prompt_chunks,
+    repeat_per_completion,
+    rollout_figures,
+)
+from safegrpo_pl.inputs import PromptBatch, PromptEncoder
+from safegrpo_pl.loss_stats import LossStats
 from safegrpo_pl.metrics import build_safety_metrics, loggable_values, metric_inputs
-from safegrpo_pl.model import LoraSettings, eos_token_ids, load_policy, vision_token_ids
+from safegrpo_pl.model import PolicySettings
+from safegrpo_pl.optim import OptimizerPlan
+from safegrpo_pl.policy_runner import PolicyRunner
+from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
-from safegrpo_pl.rollout import Rollout, SamplingSettings, completion_logprobs, sample_groups
+from safegrpo_pl.rng import collect_rng_states, restore_rng_states
+from safegrpo_pl.rollout import Rollout, SamplingSettings
+from safegrpo_pl.timing import StepTimer
 from safegrpo_pl.warmup import WarmupSettings, warmed_up_path
 
 log = logging.getLogger(__name__)
-
-
-LR_DECAYS = ("constant", "linear", "cosine")
-
-
-def lr_multiplier(step: int, total: int, kind: str) -> float:
-    """The learning-rate factor after `step` of `total` optimiser steps: 1 for "constant",
-    1 -> 0 along a line ("linear") or half a cosine ("cosine"). A decay lets a short run on a
-    random-weight model (the demo) settle instead of ending on a large, noisy update."""
-    if kind == "constant":
-        return 1.0
-    progress = min(max(step / total, 0.0), 1.0)
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class StepTimer:
-    """Wall-clock seconds per phase of a step (CUDA-synchronised), for logs and the benchmark."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            sync()
-            self.seconds[name] += time.perf_counter() - start
-
-    def pop(self) -> dict[str, float]:
-        out, self.seconds = dict(self.seconds), defaultdict(float)
-        return out
 
 
 class SafeGRPOModule(LightningModule):
     """SafeGRPO: group-relative policy optimisation with rule-based safety rewards.
 
     Args:
-        model_name_or_path: hub id, local folder, or `tiny:ARCH?opts` for a tiny offline model.
-        dtype: weight dtype ("float32", "bfloat16", "float16").
-        lora: LoRA adapter settings; null trains all weights (reference = a frozen copy).
-        load_in_4bit: QLoRA: NF4 base weights through bitsandbytes (needs `lora`).
-        gradient_checkpointing: recompute activations in backward to save memory.
-        trust_remote_code: run code shipped with a checkpoint; off unless you opt in.
-        attn_implementation: attention kernel ("sdpa", "flash_attention_2", ...); null = auto.
+        policy: which model to train and how to load it (path, dtype, LoRA, 4-bit, gradient
+            checkpointing, attention kernel).
         warmup: optional supervised format warm-up run before GRPO (for random-weight models
-            that cannot yet write the format; see `safegrpo_pl.warmup`).
+            that cannot yet write the format; see `safegrpo_pl.warmup`). It is a stage of its
+            own: `warm_start` runs it, and the CLI calls that before every subcommand.
         group_size: completions sampled per prompt (G); at least 2.
         mini_batch_size: prompts per optimiser step; null = the whole rollout batch (one step).
         micro_batch_size: prompts per forward/backward pass (memory only: the gradient is the
@@ -115,13 +83,7 @@ class SafeGRPOModule(LightningModule):
 
     def __init__(
         self,
-        model_name_or_path: str = "tiny:qwen2_5_vl",
-        dtype: str = "float32",
-        lora: LoraSettings | None = None,
-        load_in_4bit: bool = False,
-        gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
-        attn_implementation: str | None = None,
+        policy: PolicySettings = PolicySettings(),  # noqa: B008 (frozen dataclass)
         warmup: WarmupSettings | None = None,
         group_size: int = 8,
         mini_batch_size: int | None = None,
@@ -132,7 +94,7 @@ class SafeGRPOModule(LightningModule):
         lr_decay: str = "constant",
         weight_decay: float = 0.01,
         max_grad_norm: float = 1.0,
-        sampling: SamplingSettings = SamplingSettings(),  # noqa: B008 (frozen dataclass)
+        sampling: SamplingSettings = SamplingSettings(),  # noqa: B008
         val_sampling: SamplingSettings | None = None,
         loss: LossSettings = LossSettings(),  # noqa: B008
         reward: RewardConfig = RewardConfig(),  # noqa: B008
@@ -146,26 +108,17 @@ class SafeGRPOModule(LightningModule):
             )
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be at least 1 (got {num_iterations})")
-        if lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay is {lr_decay!r}; choose one of {list(LR_DECAYS)}")
-        self.save_hyperparameters()
-        # Again as plain data: loggers cannot walk frozen dataclasses.
+        self.save_hyperparameters()  # collects the arguments above
+        # Saved again as plain data: loggers cannot walk frozen dataclasses, nor can
+        # `torch.load(weights_only=True)` read them back.
         self.save_hyperparameters(
             {k: asdict(v) if is_dataclass(v) else v for k, v in self.hparams.items()}
         )
-        self.load_args = dict(
-            dtype=dtype,
-            lora=lora,
-            load_in_4bit=load_in_4bit,
-            gradient_checkpointing=gradient_checkpointing,
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-        )
+        self.settings = policy
         self.warmup = warmup
-        self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
-        self.lr_decay = lr_decay
+        self.optimizer_plan = OptimizerPlan(lr, weight_decay, lr_decay, max_steps=None)
+        self.max_grad_norm = max_grad_norm
         self.automatic_optimization = False  # one rollout feeds several optimiser steps
-        self.model_name_or_path = model_name_or_path
         self.group_size = group_size
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
@@ -179,44 +132,57 @@ class SafeGRPOModule(LightningModule):
         self.reward_config = reward
         self.shared_prefix = shared_prefix
         self.policy: Any = None
+        self.policy_path: str | None = None  # the folder loaded: the warm-up's, once it ran
         self._reference: list[Any] = []  # a list keeps the frozen copy out of state_dict
         self.tokenizer: Any = None
         self.timer = StepTimer()
-        self.strict_loading = lora is None  # LoRA checkpoints hold only the adapters
+        self.strict_loading = policy.lora is None  # LoRA checkpoints hold only the adapters
 
     # -- setup ----------------------------------------------------------------------------
+
+    def warm_start(
+        self, records: Sequence[SafetyRecord], encoder: PromptEncoder, dataset_key: dict[str, Any]
+    ) -> str:
+        """Run the format warm-up on `records` (or reuse its cached result); returns its folder.
+
+        The warm-up is a stage before GRPO, not part of loading: the CLI calls this before
+        every subcommand with the datamodule's train records, its prompt encoder and what
+        identifies the data set (`SafeTagDataModule.warmup_key()`), and `configure_model`
+        then loads the warmed-up folder.
+        """
+        if self.warmup is None:
+            raise ValueError("warm_start needs model.warmup settings; it is null")
+        from safegrpo_pl.model import resolve_model_path
+
+        base = resolve_model_path(self.settings.name_or_path)
+        self.policy_path = warmed_up_path(
+            base, self.warmup, records=records, encoder=encoder, dataset_key=dataset_key
+        )
+        return self.policy_path
 
     def configure_model(self) -> None:
         """Load the policy (and, without LoRA, its frozen reference) once, on any stage."""
         if self.policy is not None:
             return
-        from transformers import AutoTokenizer
-
         from safegrpo_pl.model import resolve_model_path
 
-        path = resolve_model_path(self.model_name_or_path)
-        if self.warmup is not None:
-            path = warmed_up_path(path, self.warmup, datamodule=self._datamodule())
-        self.policy_path = path
-        self.policy = load_policy(path, **self.load_args)
-        trust = self.load_args["trust_remote_code"]
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-        if self.load_args["lora"] is None and self.kl_coef > 0:
-            reference = copy.deepcopy(self.policy).eval()
-            reference.requires_grad_(False)
-            self._reference = [reference]
-        generation_config = getattr(self.policy, "generation_config", None)
-        self.eos_ids = eos_token_ids(self.tokenizer, generation_config)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
-        self.suppress_ids = vision_token_ids(self.tokenizer)
-
-    def _datamodule(self) -> Any:
-        trainer = self._trainer
-        return getattr(trainer, "datamodule", None) if trainer is not None else None
+        if self.warmup is not None and self.policy_path is None:
+            raise ValueError(
+                "model.warmup is set but the warm-up stage has not run: call "
+                "module.warm_start(records, encoder, dataset_key) before the Trainer (the CLI "
+                "does), or set model.warmup to null"
+            )
+        self.policy_path = self.policy_path or resolve_model_path(self.settings.name_or_path)
+        self.runner = PolicyRunner.load(
+            self.settings, self.policy_path, kl_coef=self.kl_coef, shared_prefix=self.shared_prefix
+        )
+        self.policy = self.runner.model
+        self.tokenizer = self.runner.tokenizer
+        self._reference = [] if self.runner.reference is None else [self.runner.reference]
 
     def setup(self, stage: str) -> None:
-        datamodule = self._datamodule()
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         sources = sorted(getattr(datamodule, "sources", None) or [])
         self.val_metrics = build_safety_metrics("val/", sources)
         self.test_metrics = self.val_metrics.clone(prefix="test/")
@@ -226,91 +192,32 @@ class SafeGRPOModule(LightningModule):
             reference.to(self.device)
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the policy has no trainable parameters: check lora.target_modules")
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.lr_decay == "constant":
-            return optimizer
-        total = self.trainer.max_steps if self._trainer is not None else -1
-        if total is None or total < 1:
-            raise ValueError(
-                f"lr_decay={self.lr_decay!r} decays to 0 at trainer.max_steps, which is not set "
-                "(set --trainer.max_steps, or use lr_decay: constant)"
-            )
-        kind = self.lr_decay
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, total, kind)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        return replace(self.optimizer_plan, max_steps=max_steps).build(self.policy.parameters())
 
     # -- the pieces of a step -------------------------------------------------------------
 
     def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings) -> Rollout:
         """Sample `group_size` completions per prompt with the current policy."""
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            return sample_groups(
-                self.policy,
-                batch,
-                group_size=group_size,
-                settings=settings,
-                tokenizer=self.tokenizer,
-                eos_token_ids=self.eos_ids,
-                pad_token_id=self.pad_id,
-                suppress_token_ids=self.suppress_ids,
-                shared_prefix=self.shared_prefix,
-            )
-        finally:
-            self.policy.train(was_training)
+        return self.runner.sample(batch, group_size, settings)
 
     def score(self, batch: PromptBatch, rollout: Rollout) -> list[RewardParts]:
         """Rule rewards of every completion against its record's tags."""
         group = rollout.group_size
         return score_completions(
             rollout.texts,
-            [t for t in batch.image_tags for _ in range(group)],
-            [t for t in batch.text_tags for _ in range(group)],
-            [t for t in batch.combine_tags for _ in range(group)],
+            repeat_per_completion(batch.image_tags, group),
+            repeat_per_completion(batch.text_tags, group),
+            repeat_per_completion(batch.combine_tags, group),
             config=self.reward_config,
         )
 
-    def _logprobs(self, model: Any, batch: PromptBatch, ids: Tensor, mask: Tensor) -> Tensor:
-        return completion_logprobs(
-            model,
-            batch,
-            ids,
-            mask,
-            group_size=self.group_size,
-            temperature=self.sampling.temperature,
-            shared_prefix=self.shared_prefix,
-        )
-
-    @torch.no_grad()
     def frozen_logprobs(self, batch: PromptBatch, rollout: Rollout, *, reference: bool) -> Tensor:
         """Log-probs (N, T) under the current policy (old) or the reference, in eval mode."""
-        ids, mask = rollout.completion_ids, rollout.completion_mask
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            if not reference:
-                return self._logprobs(self.policy, batch, ids, mask)
-            if self._reference:
-                return self._logprobs(self._reference[0], batch, ids, mask)
-            with self.policy.disable_adapter():
-                return self._logprobs(self.policy, batch, ids, mask)
-        finally:
-            self.policy.train(was_training)
-
-    def _groups(self, num_prompts: int, size: int | None) -> list[list[int]]:
-        size = size or num_prompts
-        if num_prompts % size:
-            raise ValueError(
-                f"the rollout batch of {num_prompts} prompts does not split into mini/micro-batches"
-                f" of {size} prompts; make data.batch_size a multiple of it"
-            )
-        return [list(range(start, start + size)) for start in range(0, num_prompts, size)]
+        temperature = self.sampling.temperature
+        return self.runner.frozen_logprobs(
+            batch, rollout, reference=reference, temperature=temperature
+        )
 
     def optimise(
         self,
@@ -323,58 +230,25 @@ class SafeGRPOModule(LightningModule):
     ) -> dict[str, Tensor]:
         """One optimiser step on the mini-batch of `prompts` (whole groups), micro-batched."""
         optimizer = self.optimizers()
-        group = rollout.group_size
-        rows_of = lambda ps: [p * group + i for p in ps for i in range(group)]  # noqa: E731
-        mini_rows = rows_of(prompts)
-        mini_mask = rollout.completion_mask[mini_rows]
-        num_tokens = mini_mask.sum().clamp(min=1.0)
+        mini_mask = rollout.completion_mask[completion_rows(prompts, rollout.group_size)]
         # The mini-batch's denominator, shared by its micro-batches: any micro-batch size gives
-        # the same gradient (SPEC section 4).
+        # the same gradient (docs/method.md section 4).
         normalizer = aggregation_normalizer(
             self.loss_settings.aggregation, mini_mask, self.sampling.max_new_tokens
         )
         optimizer.zero_grad()
-        totals: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        loss_total, merged = None, None
         micro_size = self.micro_batch_size or len(prompts)
         for start in range(0, len(prompts), micro_size):
             micro = list(prompts[start : start + micro_size])
-            rows = rows_of(micro)
-            mask = rollout.completion_mask[rows]
-            width = int(mask.sum(1).max().item()) or 1
-            mask, ids = mask[:, :width], rollout.completion_ids[rows, :width]
-            with self.timer.phase("policy_forward_backward"):
-                logp = self._logprobs(self.policy, batch.select(micro), ids, mask)
-                old = logp.detach() if old_logp is None else old_logp[rows, :width]
-                ref = None if ref_logp is None else ref_logp[rows, :width]
-                loss, stats = grpo_loss(
-                    logp,
-                    old,
-                    ref,
-                    advantages[rows],
-                    mask,
-                    **self.loss_settings.kwargs(),
-                    kl_coef=self.kl_coef,
-                    loss_normalizer=normalizer,
-                    max_completion_length=self.sampling.max_new_tokens,
-                )
-                self.manual_backward(loss)
-            weight = mask.sum() / num_tokens  # token share of this micro-batch
-            totals["loss"] += loss.detach()  # micro-batch losses add up to the mini-batch's
-            totals["policy_loss"] += stats["policy_loss"]
-            for key in ("kl", "clip_frac", "dual_clip_frac", "ratio_mean"):  # token means
-                if key in stats:
-                    totals[key] += stats[key] * weight
-            totals["ratio_max"] = torch.maximum(totals["ratio_max"], stats["ratio_max"])
-            totals["ratio_min"] = torch.minimum(
-                totals.get("ratio_min", stats["ratio_min"]), stats["ratio_min"]
+            loss, stats = self._micro_step(
+                batch, rollout, advantages, old_logp, ref_logp, micro, normalizer
             )
+            # micro-batch losses and statistics add up to the mini-batch's
+            loss_total = loss if loss_total is None else loss_total + loss
+            merged = stats if merged is None else merged.merge(stats)
         with self.timer.phase("optimizer"):
-            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-            totals["grad_norm"] = (
-                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                if grads
-                else torch.zeros(())
-            )
+            grad_norm = gradient_norm(self.policy.parameters())
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
             )
@@ -382,7 +256,48 @@ class SafeGRPOModule(LightningModule):
             schedule = self.lr_schedulers()
             if schedule is not None:
                 schedule.step()  # manual optimisation: Lightning leaves this to us
-        return dict(totals)
+        return self._step_figures(loss_total, merged, grad_norm)
+
+    def _micro_step(
+        self,
+        batch: PromptBatch,
+        rollout: Rollout,
+        advantages: Tensor,
+        old_logp: Tensor | None,
+        ref_logp: Tensor | None,
+        micro: list[int],
+        normalizer: float,
+    ) -> tuple[Tensor, LossStats]:
+        """Forward and backward of one micro-batch; returns its detached loss and statistics."""
+        rows = completion_rows(micro, rollout.group_size)
+        mask = rollout.completion_mask[rows]
+        width = int(mask.sum(1).max().item()) or 1
+        mask, ids = mask[:, :width], rollout.completion_ids[rows, :width]
+        with self.timer.phase("policy_forward_backward"):
+            logp = self.runner.logprobs(
+                self.policy, batch.select(micro), ids, mask, self.sampling.temperature
+            )
+            old = logp.detach() if old_logp is None else old_logp[rows, :width]
+            ref = None if ref_logp is None else ref_logp[rows, :width]
+            loss, stats = grpo_loss(
+                logp,
+                old,
+                ref,
+                advantages[rows],
+                mask,
+                **self.loss_settings.kwargs(),
+                kl_coef=self.kl_coef,
+                loss_normalizer=normalizer,
+                max_completion_length=self.sampling.max_new_tokens,
+            )
+            self.manual_backward(loss)
+        return loss.detach(), stats
+
+    @staticmethod
+    def _step_figures(loss: Tensor, stats: LossStats, grad_norm: Tensor) -> dict[str, Tensor]:
+        figures = {"loss": loss, **stats.as_dict(), "grad_norm": grad_norm}
+        figures.pop("num_tokens")
+        return figures
 
     # -- Lightning hooks ------------------------------------------------------------------
 
@@ -398,7 +313,7 @@ class SafeGRPOModule(LightningModule):
                 scale=self.loss_settings.advantage_scale,
                 eps=self.loss_settings.advantage_eps,
             )
-        minibatches = self._groups(len(batch), self.mini_batch_size)
+        minibatches = prompt_chunks(len(batch), self.mini_batch_size)
         steps = self.num_iterations * len(minibatches)
         old_logp = ref_logp = None
         if steps > 1:  # later steps see a moved policy: keep the sampling policy's log-probs
@@ -413,33 +328,22 @@ class SafeGRPOModule(LightningModule):
                 step_stats.append(
                     self.optimise(batch, rollout, advantages, old_logp, ref_logp, prompts)
                 )
-        self._log_train(rollout, parts, rewards, advantages, step_stats, len(batch))
+        self._log_train(rollout, parts, rewards, step_stats, len(batch))
 
     def _log_train(
         self,
         rollout: Rollout,
         parts: Sequence[RewardParts],
         rewards: Tensor,
-        advantages: Tensor,
         step_stats: Sequence[dict[str, Tensor]],
         batch_size: int,
     ) -> None:
-        group = rollout.group_size
-        grouped = rewards.view(-1, group)
-        as_float = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
-        logs: dict[str, Any] = {
-            "train/reward": rewards.mean(),
-            "train/reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
-            "train/reward_format": as_float([p.format for p in parts]).mean(),
-            "train/reward_tag": as_float([p.tag for p in parts]).mean(),
-            "train/reward_behavior": as_float([p.behavior for p in parts]).mean(),
-            "train/zero_var_groups": (grouped.std(dim=1) == 0).float().mean(),
-            "train/completion_length": rollout.lengths.float().mean(),
-            "train/truncated": rollout.truncated.float().mean(),
-            "train/lr": self.optimizers().param_groups[0]["lr"],
-        }
-        for key in step_stats[0]:
-            logs[f"train/{key}"] = torch.stack([s[key] for s in step_stats]).mean()
+        figures = rollout_figures(
+            rewards, parts, rollout.lengths, rollout.truncated, rollout.group_size
+        )
+        figures.update(mean_over_steps(step_stats))
+        logs: dict[str, Any] = {f"train/{k}": v for k, v in figures.items()}
+        logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
         seconds = self.timer.pop()
         logs.update({f"time/{k}": v for k, v in seconds.items()})
         logs["time/step_total"] = sum(seconds.values())
@@ -487,27 +391,15 @@ class SafeGRPOModule(LightningModule):
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
         """One decoded, scored response per record, as plain dicts (written by the CLI)."""
         rollout, parts = self.evaluate_batch(batch)
-        return [
-            {
-                "id": r.id,
-                "source": r.source,
-                "prompt": r.prompt,
-                "image_tag": r.image_tag,
-                "text_tag": r.text_tag,
-                "combine_tag": r.combine_tag,
-                "completion": text,
-                **asdict(p),
-            }
-            for r, text, p in zip(batch.records, rollout.texts, parts, strict=True)
-        ]
+        return prediction_rows(batch.records, rollout.texts, parts)
 
     # -- checkpoints ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the random state (so a resumed run samples what an unbroken one would) and,
         with LoRA, only the trainable tensors: the frozen base is re-loaded from its path."""
-        checkpoint["rng_states"] = _collect_rng_states()
-        if self.load_args["lora"] is None:
+        checkpoint["rng_states"] = collect_rng_states()
+        if self.settings.lora is None:
             return
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {
@@ -516,26 +408,4 @@ class SafeGRPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
-            _restore_rng_states(checkpoint["rng_states"])
-
-
-def _collect_rng_states() -> dict[str, Any]:
-    # Only tensors and builtins, so that `torch.load(weights_only=True)` accepts them.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+            restore_rng_states(checkpoint["rng_states"])

@@ -181,51 +181,7 @@ def encode_targets(
     return ids, mask
 
 
-# -- the data it trains on ------------------------------------------------------------------
-
-
-def _train_split(datamodule: Any) -> Sequence[SafetyRecord]:
-    """The datamodule's train records (setting it up if nobody has yet)."""
-    if datamodule is None:
-        raise ValueError(
-            "the format warm-up needs the datamodule's train split, but no datamodule is "
-            "attached: run it through a Trainer with a datamodule, or set model.warmup to null"
-        )
-    datasets = getattr(datamodule, "datasets", None)
-    if not datasets:
-        datamodule.setup("fit")
-        datasets = datamodule.datasets
-    train = datasets.get("train") if isinstance(datasets, dict) else None
-    if train is None or len(train) == 0:
-        raise ValueError("the format warm-up found no train records in the datamodule")
-    return train
-
-
-def _encoder(model_path: str, datamodule: Any) -> PromptEncoder:
-    """The datamodule's prompt encoder, or one built for `model_path` with its guide."""
-    encoder = getattr(datamodule, "encoder", None)
-    if encoder is not None:
-        return encoder
-    guide = getattr(datamodule, "guide", "default")
-    return PromptEncoder.from_pretrained(model_path, guide=guide)
-
-
-def dataset_identity(datamodule: Any, train: Sequence[SafetyRecord]) -> dict[str, Any]:
-    """What identifies the training set for the cache key, without decoding any image.
-
-    The dataset's name, the demo set's config (when it is the demo), the guide, and the number
-    of train records; a different dataset, size, seed or guide trains a different warm-up.
-    """
-    dataset = getattr(datamodule, "dataset", None)
-    demo = getattr(datamodule, "demo", None)
-    return {
-        "dataset": str(dataset),
-        "demo": asdict(demo) if dataset == "demo" and demo is not None else None,
-        "guide": getattr(datamodule, "guide", None),
-        "max_records": getattr(datamodule, "max_records", None),
-        "seed": getattr(datamodule, "seed", None),
-        "num_train": len(train),
-    }
+# -- the cache key ----------------------------------------------------------------------
 
 
 def _model_identity(model_path: str) -> str:
@@ -312,13 +268,23 @@ def train_warmup(
     return losses
 
 
-def warmed_up_path(model_path: str, settings: WarmupSettings, *, datamodule: Any) -> str:
+def warmed_up_path(
+    model_path: str,
+    settings: WarmupSettings,
+    *,
+    records: Sequence[SafetyRecord],
+    encoder: PromptEncoder,
+    dataset_key: dict[str, Any],
+) -> str:
     """The folder of `model_path` after the format warm-up, training it on first use.
 
     Args:
         model_path: a local model folder (a resolved `tiny:` path, or a downloaded checkpoint).
         settings: the warm-up settings.
-        datamodule: supplies the train records and the prompt encoder (`SafeTagDataModule`).
+        records: the train records it learns from (indexable; images decoded on access).
+        encoder: builds the prompts (the datamodule's, so the guide and template match).
+        dataset_key: what identifies the training set in the cache key
+            (`SafeTagDataModule.warmup_key()`): another data set trains another warm-up.
 
     Returns:
         A folder with the warmed-up model, its tokenizer and image processor, loadable by
@@ -326,13 +292,14 @@ def warmed_up_path(model_path: str, settings: WarmupSettings, *, datamodule: Any
     """
     from safegrpo_pl.model import default_cache_dir, load_policy
 
-    train = _train_split(datamodule)
-    key = warmup_cache_key(model_path, settings, dataset_identity(datamodule, train))
+    if len(records) == 0:
+        raise ValueError("the format warm-up got no train records")
+    train = records
+    key = warmup_cache_key(model_path, settings, dataset_key)
     target = default_cache_dir() / "warmup" / f"{Path(model_path).name}-{key}"
     if (target / DONE_FILE).exists():
         log.info("format warm-up: reusing %s", target)
         return str(target)
-    encoder = _encoder(model_path, datamodule)
     model = load_policy(model_path)  # full weights, float32, train mode
     log.info(
         "format warm-up: %d steps of %d records on %s",
