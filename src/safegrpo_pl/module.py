@@ -36,10 +36,11 @@ from torch import Tensor
 
 from safegrpo_pl.grpo import LossSettings, aggregation_normalizer, group_advantages, grpo_loss
 from safegrpo_pl.inputs import PromptBatch
+from safegrpo_pl.logprobs import completion_logprobs
 from safegrpo_pl.metrics import build_safety_metrics, loggable_values, metric_inputs
 from safegrpo_pl.model import LoraSettings, eos_token_ids, load_policy, vision_token_ids
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
-from safegrpo_pl.rollout import Rollout, SamplingSettings, completion_logprobs, sample_groups
+from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
 from safegrpo_pl.warmup import WarmupSettings, warmed_up_path
 
 log = logging.getLogger(__name__)
