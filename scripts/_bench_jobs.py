@@ -249,7 +249,7 @@ def _our_module(model_path: str, settings: stats.BenchSettings, **overrides: Any
     """A configured `SafeGRPOModule` whose sampling never emits EOS (full-length completions)."""
     from safegrpo_pl.model import LoraSettings
     from safegrpo_pl.module import SafeGRPOModule
-    from safegrpo_pl.rollout import SamplingSettings
+    from safegrpo_pl.sampling import SamplingSettings
 
     kwargs: dict[str, Any] = dict(
         model_name_or_path=model_path,
@@ -395,7 +395,7 @@ def run_rollout(job: dict[str, Any]) -> dict[str, Any]:
     )
     batch = encoder.encode(records)
     module = _our_module(path, settings, kl_coef=0.0)
-    from safegrpo_pl.rollout import SamplingSettings
+    from safegrpo_pl.sampling import SamplingSettings
 
     sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, temperature=1.0, top_p=1.0)
     timings: dict[str, list[float]] = {

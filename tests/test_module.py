@@ -16,7 +16,7 @@ from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.demo_data import DemoConfig
 from safegrpo_pl.model import LoraSettings, PolicySettings
 from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.rollout import SamplingSettings
+from safegrpo_pl.sampling import SamplingSettings
 
 TINY_DEMO = DemoConfig(num_train=4, num_val=2, num_test=2)
 

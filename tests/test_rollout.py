@@ -11,18 +11,17 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import DynamicCache
 
-from safegrpo_pl import rollout
+from safegrpo_pl import logprobs, sampling
 from safegrpo_pl.inputs import PromptBatch, PromptEncoder
+from safegrpo_pl.logprobs import completion_logprobs, per_token_logprobs
 from safegrpo_pl.model import LoraSettings, apply_lora, eos_token_ids, load_policy, vision_token_ids
 from safegrpo_pl.prefix_attention import GroupDecodeCache, shared_prefix_attention
 from safegrpo_pl.records import SafetyRecord
-from safegrpo_pl.rollout import (
+from safegrpo_pl.sampling import (
     SamplingSettings,
     choose_next_tokens,
-    completion_logprobs,
     exponential_draws,
     filter_logits,
-    per_token_logprobs,
     rollout_from_ids,
     sample_groups,
 )
@@ -52,7 +51,7 @@ class Setup:
     pad: int
     suppress: list[int]
 
-    def sample(self, settings: SamplingSettings, **kwargs: Any) -> rollout.Rollout:
+    def sample(self, settings: SamplingSettings, **kwargs: Any) -> sampling.Rollout:
         options: dict[str, Any] = dict(
             group_size=GROUP,
             settings=settings,
@@ -222,7 +221,7 @@ def test_gradient_checkpointing_falls_back_to_a_full_forward_that_matches(
     def no_cache(*args: Any) -> None:
         raise AssertionError("HF drops the KV cache under gradient checkpointing in train mode")
 
-    monkeypatch.setattr(rollout, "_shared_prefix_hidden", no_cache)
+    monkeypatch.setattr(logprobs, "_shared_prefix_hidden", no_cache)
     ids, mask = _completions(setup)
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
     patches_seen: list[int] = []
@@ -277,7 +276,7 @@ def test_chunked_recomputed_lm_head_gives_the_same_logprobs_and_gradients(
 
     whole, whole_grads = run().detach(), _loss_grads(qwen25.model, run, weights)
     vocab = qwen25.model.get_output_embeddings().weight.shape[0]
-    monkeypatch.setattr(rollout, "HEAD_CHUNK_ELEMENTS", 3 * vocab)  # 3 tokens per chunk
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 3 * vocab)  # 3 tokens per chunk
     chunked = run(recompute_head=True).detach()
     assert torch.allclose(whole, chunked, atol=1e-6, rtol=0), "chunking changed the log-probs"
     grads = _loss_grads(qwen25.model, lambda: run(recompute_head=True), weights)
@@ -337,7 +336,7 @@ def test_decoding_with_a_repeated_prompt_cache_gives_the_same_greedy_tokens(
 ) -> None:
     # the path for models with sliding-window layers: plain attention over a G-times cache
     shared = qwen25.sample(SamplingSettings(do_sample=False, max_new_tokens=8))
-    monkeypatch.setattr(rollout, "_only_full_attention", lambda base: False)
+    monkeypatch.setattr(sampling, "_only_full_attention", lambda base: False)
     repeated = qwen25.sample(SamplingSettings(do_sample=False, max_new_tokens=8))
     assert torch.equal(shared.completion_ids, repeated.completion_ids)
 

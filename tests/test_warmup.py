@@ -14,7 +14,7 @@ from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.demo_data import DemoConfig
 from safegrpo_pl.model import eos_token_ids, load_policy, vision_token_ids
 from safegrpo_pl.rewards import reward_parts, score_completions
-from safegrpo_pl.rollout import SamplingSettings, sample_groups
+from safegrpo_pl.sampling import SamplingSettings, sample_groups
 from safegrpo_pl.warmup import (
     DONE_FILE,
     EOS_TOKEN,

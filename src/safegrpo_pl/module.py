@@ -47,7 +47,7 @@ from safegrpo_pl.policy_runner import PolicyRunner
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
 from safegrpo_pl.rng import collect_rng_states, restore_rng_states
-from safegrpo_pl.rollout import Rollout, SamplingSettings
+from safegrpo_pl.sampling import Rollout, SamplingSettings
 from safegrpo_pl.timing import StepTimer
 from safegrpo_pl.warmup import WarmupSettings, warmed_up_path
 

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from safegrpo_pl.inputs import PromptBatch
+from safegrpo_pl.logprobs import completion_logprobs
 from safegrpo_pl.model import PolicySettings, eos_token_ids, vision_token_ids
-from safegrpo_pl.rollout import Rollout, SamplingSettings, completion_logprobs, sample_groups
+from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
 
 
 @contextlib.contextmanager

@@ -15,11 +15,11 @@ The pieces:
   their own generated keys], registered with transformers' attention table under
   `SHARED_PREFIX_ATTENTION` when this module is imported.
 - `attention_implementation`: routes the language model's attention layers to it for the
-  duration of a block (the decode loop in `safegrpo_pl.rollout`), and back afterwards.
+  duration of a block (the decode loop in `safegrpo_pl.sampling`), and back afterwards.
 
 Deliberate departures and caveats:
 - Only for decoding in eval mode (dropout 0) and for models whose decoder layers all attend to
-  the whole context; `safegrpo_pl.rollout` falls back to a repeated prompt cache otherwise.
+  the whole context; `safegrpo_pl.sampling` falls back to a repeated prompt cache otherwise.
 - In half precision the attention scores are rounded to the model dtype before a float32
   softmax (as HF's eager attention does), where SDPA kernels keep them in float32: sampling and
   scoring may differ in the last bits, far less than vLLM vs HF do.

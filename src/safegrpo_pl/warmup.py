@@ -27,7 +27,7 @@ that already follows the format from the prompt):
   (the record's `caption`, then the request repeated): content, never a safety judgement. Off
   by default: on the tiny demo model it made the warm-up harder (copying is slow to learn) and
   the GRPO runs no better.
-- The log-probs come from `rollout.completion_logprobs`, the same code path GRPO trains through,
+- The log-probs come from `logprobs.completion_logprobs`, the same code path GRPO trains through,
   so the warm-up and GRPO see exactly the same positions and image features.
 - Under DDP every process runs the same deterministic warm-up; the first to finish publishes
   the folder (atomic rename) and the others' identical results are discarded.
@@ -218,7 +218,7 @@ def warmup_loss(model: Any, batch: PromptBatch, target_ids: Tensor, target_mask:
     Returns:
         A 0-dim loss: token-mean of -log p over the mask.
     """
-    from safegrpo_pl.rollout import completion_logprobs
+    from safegrpo_pl.logprobs import completion_logprobs
 
     logp = completion_logprobs(model, batch, target_ids, target_mask, group_size=1)  # (B, T)
     return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1.0)
