@@ -5,7 +5,7 @@ fresh process per job makes the peak resident memory (`ru_maxrss`) belong to tha
 
 Jobs:
 - `ours`: our `SafeGRPOModule` through a Lightning `Trainer.fit`, timed per step (wall clock
-  and process CPU time), with the module's own phase timings (`StepTimer`).
+  and process CPU time), with the phase timings the module logs (`scripts/_bench_ours.py`).
 - `trl`: TRL's `GRPOTrainer` on the same model, prompts and settings.
 - `scaling`: ours at several group sizes and completion lengths, one process.
 - `rollout`: shared-prefix sampling (and log-probs) against the naive per-completion path on a
@@ -24,12 +24,11 @@ special tokens are suppressed while sampling in both, so every completion has ex
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
-import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,20 +36,6 @@ from typing import Any
 import _bench_stats as stats
 
 log = logging.getLogger("bench")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def rss_mb() -> float:
-    """Resident memory of this process now, in MiB (Linux `/proc`; NaN elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _setup_torch(threads: int, seed: int) -> None:
@@ -62,12 +47,12 @@ def _setup_torch(threads: int, seed: int) -> None:
 
 def _start_job(job: dict[str, Any]) -> tuple[stats.BenchSettings, str, Any]:
     """What every job does first: its settings, torch threads and seed, its model's encoder."""
-    from safegrpo_pl.inputs import PromptEncoder
+    import _bench_api as api
 
     settings = stats.BenchSettings(**job["settings"])
     _setup_torch(settings.threads, settings.seed)
     path = job["model_path"]
-    return settings, path, PromptEncoder.from_pretrained(path)
+    return settings, path, api.PromptEncoder.from_pretrained(path)
 
 
 def _training_prompts(settings: stats.BenchSettings) -> list[Any]:
@@ -77,9 +62,9 @@ def _training_prompts(settings: stats.BenchSettings) -> list[Any]:
 
 def demo_prompts(count: int, *, image_size: int = 64, seed: int = 0) -> list[Any]:
     """The first `count` records of the demo set's train split (deterministic)."""
-    from safegrpo_pl.demo_data import DemoConfig, make_demo_split
+    import _bench_api as api
 
-    return make_demo_split("train", count, DemoConfig(image_size=image_size, seed=seed))
+    return api.make_demo_split("train", count, api.DemoConfig(image_size=image_size, seed=seed))
 
 
 def trl_safety_reward(
@@ -94,46 +79,40 @@ def trl_safety_reward(
     TRL passes the decoded completions and every extra dataset column as lists, one entry
     per completion; conversational completions arrive as message lists.
     """
-    from safegrpo_pl.rewards import safety_reward
+    import _bench_api as api
 
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [
-        safety_reward(text, image_tag=i, text_tag=t, combine_tag=c)
+        api.safety_reward(text, image_tag=i, text_tag=t, combine_tag=c)
         for text, i, t, c in zip(texts, image_tag, text_tag, combine_tag, strict=True)
     ]
 
 
 def suppressed_ids(model_path: str) -> tuple[list[int], list[int]]:
     """(vision special-token ids, EOS ids) of the model at `model_path`: both are suppressed."""
+    import _bench_api as api
     from transformers import AutoTokenizer, GenerationConfig
-
-    from safegrpo_pl.model import eos_token_ids, vision_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     generation_config = GenerationConfig.from_pretrained(model_path)
-    return vision_token_ids(tokenizer), eos_token_ids(tokenizer, generation_config)
+    return api.vision_token_ids(tokenizer), api.eos_token_ids(tokenizer, generation_config)
 
 
 # -- TRL ------------------------------------------------------------------------------------
 
 
-def run_trl(job: dict[str, Any]) -> dict[str, Any]:
-    """Train with TRL's GRPOTrainer; per-step end times, generate times and token counts."""
-    import tempfile
-
+def _trl_dataset(path: str, encoder: Any, records: list[Any]) -> Any:
+    """The prompts as TRL reads them: the chat-templated string plus the tags of the reward."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoTokenizer
 
-    settings, path, encoder = _start_job(job)
-    records = _training_prompts(settings)
     texts = [encoder.prompt_text(r) for r in records]
     tokenizer = AutoTokenizer.from_pretrained(path)
     # TRL tokenises a plain-string prompt with special tokens on: check that adds nothing.
     ours_ids = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
     if tokenizer(texts[0])["input_ids"] != ours_ids:
         raise RuntimeError("TRL would tokenise the prompt differently (special tokens added)")
-    dataset = Dataset.from_list(
+    return Dataset.from_list(
         [
             {
                 "prompt": text,
@@ -144,8 +123,14 @@ def run_trl(job: dict[str, Any]) -> dict[str, Any]:
             for text, r in zip(texts, records, strict=True)
         ]
     )
+
+
+def _trl_config(settings: stats.BenchSettings, path: str) -> Any:
+    """TRL's settings for the same work as ours (see the fairness notes at the top)."""
+    from trl import GRPOConfig
+
     vision_ids, eos_ids = suppressed_ids(path)
-    config = GRPOConfig(
+    return GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
         use_cpu=True,
         bf16=False,
@@ -180,21 +165,51 @@ def run_trl(job: dict[str, Any]) -> dict[str, Any]:
         seed=settings.seed,
         disable_tqdm=True,
     )
-    peft_config = None
-    if settings.lora:
-        from peft import LoraConfig
 
-        from safegrpo_pl.model import LoraSettings
 
-        lora = LoraSettings()
-        peft_config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+def _trl_peft(settings: stats.BenchSettings) -> Any:
+    """TRL's LoRA settings, equal to ours (`LoraSettings` defaults); None without --lora."""
+    if not settings.lora:
+        return None
+    import _bench_api as api
+    from peft import LoraConfig
+
+    lora = api.LoraSettings()
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+class GenerateClock:
+    """Wraps a model's `generate` (TRL samples its rollouts through it): wall and CPU seconds
+    and completion tokens of every call."""
+
+    def __init__(self, generate: Any) -> None:
+        self.generate = generate
+        self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
+        self.tokens: list[int] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = self.generate(*args, **kwargs)
+        self.seconds.append(time.perf_counter() - start)
+        self.cpu_seconds.append(time.process_time() - cpu_start)
+        self.tokens.append(int(out.shape[0] * (out.shape[1] - kwargs["input_ids"].shape[1])))
+        return out
+
+
+def run_trl(job: dict[str, Any]) -> dict[str, Any]:
+    """Train with TRL's GRPOTrainer; per-step end times, generate times and token counts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOTrainer
+
+    settings, path, encoder = _start_job(job)
+    dataset = _trl_dataset(path, encoder, _training_prompts(settings))
     ends: list[float] = []
     cpu_ends: list[float] = []
 
@@ -204,169 +219,57 @@ def run_trl(job: dict[str, Any]) -> dict[str, Any]:
             cpu_ends.append(time.process_time())
 
     trainer = GRPOTrainer(
-        model=model,
+        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
         reward_funcs=[trl_safety_reward],
-        args=config,
+        args=_trl_config(settings, path),
         train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
+        processing_class=AutoTokenizer.from_pretrained(path),
+        peft_config=_trl_peft(settings),
         callbacks=[StepEnds()],
     )
-    generate_seconds: list[float] = []
-    generate_cpu_seconds: list[float] = []
-    generated_tokens: list[int] = []
     sampler = trainer.model  # unwrapped on one CPU process; its `generate` samples rollouts
-    original_generate = sampler.generate
-
-    def counting_generate(*args: Any, **kwargs: Any) -> Any:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = original_generate(*args, **kwargs)
-        generate_seconds.append(time.perf_counter() - start)
-        generate_cpu_seconds.append(time.process_time() - cpu_start)
-        generated_tokens.append(int(out.shape[0] * (out.shape[1] - kwargs["input_ids"].shape[1])))
-        return out
-
-    sampler.generate = counting_generate
-    rss_before = rss_mb()
+    clock = sampler.generate = GenerateClock(sampler.generate)
+    rss_before = stats.rss_mb()
     trainer.train()
     warm = settings.warmup_steps
     return {
         "kind": "trl",
         "step_seconds": stats.step_intervals(ends, warm),
         "step_cpu_seconds": stats.step_intervals(cpu_ends, warm),
-        "generation_seconds": generate_seconds[warm:],
-        "generation_cpu_seconds": generate_cpu_seconds[warm:],
-        "completion_tokens": generated_tokens[warm:],
+        "generation_seconds": clock.seconds[warm:],
+        "generation_cpu_seconds": clock.cpu_seconds[warm:],
+        "completion_tokens": clock.tokens[warm:],
         "rss_before_train_mb": rss_before,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": stats.peak_rss_mb(),
     }
 
 
 # -- ours -----------------------------------------------------------------------------------
-
-
-def _our_module(model_path: str, settings: stats.BenchSettings, **overrides: Any) -> Any:
-    """A configured `SafeGRPOModule` whose sampling never emits EOS (full-length completions)."""
-    from safegrpo_pl.model import LoraSettings
-    from safegrpo_pl.module import SafeGRPOModule
-    from safegrpo_pl.sampling import SamplingSettings
-
-    kwargs: dict[str, Any] = dict(
-        model_name_or_path=model_path,
-        group_size=settings.group_size,
-        kl_coef=settings.kl_coef,
-        lr=settings.lr,
-        lora=LoraSettings() if settings.lora else None,
-        sampling=SamplingSettings(
-            max_new_tokens=settings.max_new_tokens, temperature=1.0, top_p=1.0
-        ),
-    )
-    kwargs.update(overrides)
-    module = SafeGRPOModule(**kwargs)
-    module.configure_model()
-    module.suppress_ids = sorted(set(module.suppress_ids) | set(module.eos_ids))
-    return module
-
-
-def _fit_ours(
-    module: Any, records: list[Any], encoder: Any, settings: stats.BenchSettings
-) -> dict[str, Any]:
-    """`Trainer.fit` for `settings.total_steps` steps; per-step end times and phase timings."""
-    from lightning import Callback, Trainer
-    from torch.utils.data import DataLoader
-
-    ends: list[float] = []
-    cpu_ends: list[float] = []
-    sample_cpu: list[float] = []
-    phases: list[dict[str, float]] = []
-    old_passes: list[int] = []
-    original_pop = module.timer.pop
-    original_frozen = module.frozen_logprobs
-    original_sample = module.sample
-
-    def timed_sample(*args: Any, **kwargs: Any) -> Any:
-        start = time.process_time()
-        try:
-            return original_sample(*args, **kwargs)
-        finally:
-            sample_cpu.append(time.process_time() - start)
-
-    def recording_pop() -> dict[str, float]:
-        seconds = original_pop()
-        phases.append(dict(seconds))
-        return seconds
-
-    def counting_frozen(*args: Any, reference: bool, **kwargs: Any) -> Any:
-        if not reference:
-            old_passes[-1] += 1
-        return original_frozen(*args, reference=reference, **kwargs)
-
-    class StepEnds(Callback):
-        def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
-            old_passes.append(0)
-
-        def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-            ends.append(time.perf_counter())
-            cpu_ends.append(time.process_time())
-
-    module.timer.pop = recording_pop
-    module.frozen_logprobs = counting_frozen
-    module.sample = timed_sample
-    rss_before = rss_mb()
-    loader = DataLoader(
-        records,
-        batch_size=settings.prompts_per_step,
-        shuffle=False,
-        collate_fn=encoder,
-        drop_last=True,
-    )
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=settings.total_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[StepEnds()],
-    )
-    trainer.fit(module, train_dataloaders=loader)
-    warm = settings.warmup_steps
-    tokens = settings.completions_per_step * settings.max_new_tokens
-    step_seconds = stats.step_intervals(ends, warm)
-    timed_phases = phases[warm : len(ends)]
-    return {
-        "step_seconds": step_seconds,
-        "step_cpu_seconds": stats.step_intervals(cpu_ends, warm),
-        "phase_seconds": timed_phases,
-        "generation_seconds": [p.get("generation", float("nan")) for p in timed_phases],
-        "generation_cpu_seconds": sample_cpu[warm : len(ends)],
-        "completion_tokens": [tokens] * len(step_seconds),
-        "old_logprob_passes": old_passes[warm:],
-        "rss_before_train_mb": rss_before,
-    }
+# `_bench_ours` imports Lightning and the library: only the jobs that train ours load it.
 
 
 def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     """Train with our SafeGRPOModule through `Trainer.fit`."""
+    import _bench_ours as ours
+
     settings, path, encoder = _start_job(job)
     records = _training_prompts(settings)
-    module = _our_module(path, settings, **job.get("module_overrides", {}))
-    result = _fit_ours(module, records, encoder, settings)
-    return {"kind": "ours", **result, "peak_rss_mb": peak_rss_mb()}
+    module = ours.our_module(path, settings, **job.get("module_overrides", {}))
+    result = ours.fit_ours(module, records, encoder, settings)
+    return {"kind": "ours", **result, "peak_rss_mb": stats.peak_rss_mb()}
 
 
 def run_scaling(job: dict[str, Any]) -> dict[str, Any]:
     """Ours at each (group_size, max_new_tokens) of `job["grid"]`, in this one process."""
+    import _bench_ours as ours
+
     base, path, encoder = _start_job(job)
     rows = []
     for group_size, max_new_tokens in job["grid"]:
         settings = base.with_(group_size=group_size, max_new_tokens=max_new_tokens)
         records = _training_prompts(settings)
-        module = _our_module(path, settings)
-        result = _fit_ours(module, records, encoder, settings)
+        module = ours.our_module(path, settings)
+        result = ours.fit_ours(module, records, encoder, settings)
         rows.append(
             {
                 "group_size": group_size,
@@ -382,46 +285,19 @@ def run_scaling(job: dict[str, Any]) -> dict[str, Any]:
                 ),
             }
         )
-    return {"kind": "scaling", "rows": rows, "peak_rss_mb": peak_rss_mb()}
+    return {"kind": "scaling", "rows": rows, "peak_rss_mb": stats.peak_rss_mb()}
 
 
 def run_rollout(job: dict[str, Any]) -> dict[str, Any]:
     """Shared-prefix vs naive sampling and log-probs on a tiny Qwen2.5-VL, alternated."""
-    import torch
+    import _bench_ours as ours
 
     settings, path, encoder = _start_job(job)  # the full step-guided prompt (default guide)
     records = demo_prompts(
         settings.prompts_per_step, image_size=job["image_size"], seed=settings.seed
     )
     batch = encoder.encode(records)
-    module = _our_module(path, settings, kl_coef=0.0)
-    from safegrpo_pl.sampling import SamplingSettings
-
-    sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, temperature=1.0, top_p=1.0)
-    timings: dict[str, list[float]] = {
-        f"{what}_{path}{clock}": []
-        for what in ("sample", "logprobs")
-        for path in ("shared", "naive")
-        for clock in ("", "_cpu")
-    }
-    rollout = None
-    for repeat in range(job["repeats"] + 1):  # the first round warms up, untimed
-        for shared in (True, False):
-            name = "shared" if shared else "naive"
-            module.shared_prefix = shared
-            torch.manual_seed(settings.seed + repeat)
-            clocks = [(time.perf_counter(), time.process_time())]
-            rollout = module.sample(batch, settings.group_size, sampling)
-            clocks.append((time.perf_counter(), time.process_time()))
-            module.frozen_logprobs(batch, rollout, reference=False)
-            clocks.append((time.perf_counter(), time.process_time()))
-            if not repeat:
-                continue
-            pairs = itertools.pairwise(clocks)
-            for what, (before, after) in zip(("sample", "logprobs"), pairs, strict=True):
-                timings[f"{what}_{name}"].append(after[0] - before[0])
-                timings[f"{what}_{name}_cpu"].append(after[1] - before[1])
-    assert rollout is not None
+    timings, rollout = ours.rollout_timings(path, batch, settings, job["repeats"])
     return {
         "kind": "rollout",
         "timings": timings,
@@ -430,21 +306,23 @@ def run_rollout(job: dict[str, Any]) -> dict[str, Any]:
         if "mm_token_type_ids" in batch.model_kwargs
         else 0,
         "completion_tokens": int(rollout.completion_mask.sum()),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": stats.peak_rss_mb(),
     }
 
 
 def run_refmem(job: dict[str, Any]) -> dict[str, Any]:
     """A short fit of ours on a tiny Qwen2.5-VL (LoRA or not); the peak RSS is the result."""
+    import _bench_ours as ours
+
     settings, path, encoder = _start_job(job)
     records = _training_prompts(settings)
-    module = _our_module(path, settings)
-    result = _fit_ours(module, records, encoder, settings)
+    module = ours.our_module(path, settings)
+    result = ours.fit_ours(module, records, encoder, settings)
     return {
         "kind": "refmem",
         "step_seconds": result["step_seconds"],
         "rss_before_train_mb": result["rss_before_train_mb"],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": stats.peak_rss_mb(),
     }
 
 

@@ -1,5 +1,6 @@
 """Pure helpers of the benchmark (`scripts/bench.py`): settings, medians, ratios, the step
-breakdown and markdown tables. No torch, no subprocesses: unit-tested in `tests/test_bench.py`.
+breakdown, the logged phase timings and markdown tables, plus two readers of this process's
+memory. No torch, no subprocesses: unit-tested in `tests/test_bench.py`.
 
 Definitions used in the report (stated once, here):
 - **step time**: wall-clock seconds from the end of one optimiser step to the end of the next,
@@ -10,9 +11,11 @@ Definitions used in the report (stated once, here):
   it is what the step cost, without the time spent waiting for a core that other jobs held
   (measured here: the same run's wall-clock level moved 2x between processes as other jobs came
   and went). The headline ratios ours/TRL use CPU time; wall-clock ratios are reported beside.
-- **rollout tokens/s**: completion tokens sampled in a step divided by the seconds spent in
-  the sampling call (ours: `SafeGRPOModule.sample`, the `generation` phase; TRL: its
-  `model.generate` call); CPU seconds for the headline, wall seconds beside it.
+- **rollout tokens/s**: completion tokens sampled in a step divided by the seconds spent
+  sampling (ours: the `time/generation` seconds the module logs; TRL: its `model.generate`
+  call); CPU seconds for the headline, wall seconds beside it. TRL's generate CPU seconds are
+  measured around the call; ours are the logged wall seconds scaled by the step's CPU/wall
+  ratio (`cpu_seconds_estimate`), since the module logs wall time only.
 - **overhead**: everything outside generation and the forward/backward passes (the old and
   reference log-prob passes and the policy's forward+backward): reward scoring, the optimiser
   step and everything else, as a share of the step time.
@@ -20,12 +23,15 @@ Definitions used in the report (stated once, here):
 
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
-# Phases timed by `SafeGRPOModule.timer` (see module.py), in the order of a step.
+# Phases whose seconds `SafeGRPOModule` logs as `time/<phase>` every step, in step order.
 PHASES: tuple[str, ...] = (
     "generation",
     "reward",
@@ -34,6 +40,9 @@ PHASES: tuple[str, ...] = (
     "policy_forward_backward",
     "optimizer",
 )
+# The logged metric of a phase is TIME_PREFIX + phase; TIME_TOTAL is their sum (not a phase).
+TIME_PREFIX = "time/"
+TIME_TOTAL = "time/step_total"
 # Phases that are model compute (sampling and the forward/backward passes), not overhead.
 COMPUTE_PHASES: frozenset[str] = frozenset(
     {"generation", "old_logprobs", "ref_logprobs", "policy_forward_backward"}
@@ -95,6 +104,32 @@ class BenchSettings:
 
 QUICK = BenchSettings(steps=3, repeats=2)
 """`--quick`: fewer timed steps and repeats (the whole run stays under 5 minutes on 2 cores)."""
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MiB (Linux `/proc`; NaN elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def logged_phases(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """`{phase: seconds}` from one step's logged metrics (`time/<phase>`; the total left out).
+
+    Values may be tensors (Lightning stores logged numbers as 0-d tensors): `float` reads both.
+    """
+    return {
+        key.removeprefix(TIME_PREFIX): float(value)
+        for key, value in metrics.items()
+        if key.startswith(TIME_PREFIX) and key != TIME_TOTAL
+    }
 
 
 def median(values: Iterable[float]) -> float:
@@ -173,6 +208,27 @@ def overhead_fraction(
         for step, p in zip(step_seconds, phase_seconds, strict=True)
     ]
     return median(shares)
+
+
+def cpu_seconds_estimate(
+    wall_seconds: Sequence[float],
+    step_seconds: Sequence[float],
+    step_cpu_seconds: Sequence[float],
+) -> list[float]:
+    """CPU seconds of a part of each step, from its wall seconds and the step's CPU/wall ratio.
+
+    For a phase logged in wall time only: with one torch thread, the share of wall time the
+    process spent on a core is taken to be the same in the phase as in its whole step.
+    """
+    if not len(wall_seconds) == len(step_seconds) == len(step_cpu_seconds):
+        raise ValueError(
+            f"{len(wall_seconds)} phase times, {len(step_seconds)} step times and "
+            f"{len(step_cpu_seconds)} step CPU times: they must describe the same steps"
+        )
+    return [
+        part * ratio(cpu, wall)
+        for part, wall, cpu in zip(wall_seconds, step_seconds, step_cpu_seconds, strict=True)
+    ]
 
 
 def pooled(runs: Sequence[Mapping[str, Any]], key: str) -> list[Any]:

@@ -270,3 +270,69 @@ def test_widths_auto_is_128_in_a_full_run_and_none_in_quick() -> None:
     assert bench.parse_widths("128,256,512", quick=False, headline=256) == (128, 512), (
         "the headline width is measured by the comparison itself, not again"
     )
+
+
+# -- reading what the module logs -------------------------------------------------------------
+
+
+def test_logged_phases_strip_the_prefix_and_leave_out_the_total() -> None:
+    import torch
+
+    metrics = {
+        "time/generation": torch.tensor(0.5),
+        "time/ref_logprobs": 0.25,
+        "time/step_total": torch.tensor(0.75),
+        "train/reward": torch.tensor(1.0),
+    }
+    assert stats.logged_phases(metrics) == {"generation": 0.5, "ref_logprobs": 0.25}, (
+        "phases are the time/* metrics minus time/step_total (a sum, not a phase), as floats"
+    )
+
+
+def test_cpu_seconds_estimate_scales_by_the_steps_cpu_share() -> None:
+    # step 1: 2 s wall, 1 s CPU -> a 0.5 s phase cost 0.25 CPU s; step 2: all on a core
+    assert stats.cpu_seconds_estimate([0.5, 0.4], [2.0, 1.0], [1.0, 1.0]) == [0.25, 0.4]
+    with pytest.raises(ValueError, match="same steps"):
+        stats.cpu_seconds_estimate([0.5], [2.0, 1.0], [1.0, 1.0])
+
+
+def test_step_recorder_reads_the_phases_each_step_logged() -> None:
+    """Through a real `Trainer.fit`: the callback sees each step's own logged seconds."""
+    import _bench_ours as ours
+    import torch
+    from lightning import LightningModule, Trainer
+
+    class Logs(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            seconds = {"time/generation": float(batch_idx + 1), "time/step_total": 9.0}
+            self.log_dict(seconds, on_step=True, on_epoch=False, batch_size=1)
+            return (self.weight - 1.0) ** 2
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    recorder = ours.StepRecorder()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(Logs(), train_dataloaders=torch.utils.data.DataLoader(range(3), batch_size=1))
+    assert recorder.phases == [{"generation": 1.0}, {"generation": 2.0}, {"generation": 3.0}]
+    assert len(recorder.ends) == len(recorder.cpu_ends) == 3
+    assert recorder.ends == sorted(recorder.ends), "end times must follow the steps"
+
+
+def test_bench_api_has_every_name_the_scripts_take_from_the_library() -> None:
+    import _bench_api as api
+
+    missing = [name for name in api.__all__ if not hasattr(api, name)]
+    assert not missing, f"scripts/_bench_api.py lost {missing}: fix its imports"
