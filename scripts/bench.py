@@ -81,7 +81,7 @@ def build_models(
     "vl_wide" (reference memory).
     """
     from safegrpo_pl.demo_data import demo_corpus
-    from safegrpo_pl.model import TinyModelSpec, build_tiny_model
+    from safegrpo_pl.tiny_models import TinyModelSpec, build_tiny_model
 
     specs = {
         "text": TinyModelSpec(
@@ -604,7 +604,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_workdir() -> Path:
-    from safegrpo_pl.model import default_cache_dir
+    from safegrpo_pl.files import default_cache_dir
 
     return default_cache_dir() / "bench"
 

@@ -192,7 +192,7 @@ class SafeGRPOModule(LightningModule):
             return
         from transformers import AutoTokenizer
 
-        from safegrpo_pl.model import resolve_model_path
+        from safegrpo_pl.tiny_models import resolve_model_path
 
         path = resolve_model_path(self.model_name_or_path)
         if self.warmup is not None:
