@@ -14,14 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 from safegrpo_pl.demo_data import DemoConfig, demo_corpus, make_demo_split
+from safegrpo_pl.files import default_cache_dir
 from safegrpo_pl.inputs import PromptEncoder
 from safegrpo_pl.logprobs import completion_logprobs
 from safegrpo_pl.model import (
     LoraSettings,
     PolicySettings,
-    TinyModelSpec,
-    build_tiny_model,
-    default_cache_dir,
     eos_token_ids,
     load_policy,
     vision_token_ids,
@@ -29,6 +27,7 @@ from safegrpo_pl.model import (
 from safegrpo_pl.module import SafeGRPOModule
 from safegrpo_pl.rewards import safety_reward
 from safegrpo_pl.sampling import SamplingSettings, sample_groups
+from safegrpo_pl.tiny_models import TinyModelSpec, build_tiny_model
 
 __all__ = [
     "DemoConfig",

@@ -1,6 +1,7 @@
 """Turn text-only prompts into a typographic image-text dataset (as the paper did with BeaverTails).
 
-Each input prompt is rendered into an image (PIL's bitmap font, word-wrapped); the record's
+Each input prompt is rendered into an image (PIL's bitmap font, word-wrapped, by
+`safegrpo_pl.typographic.render_text_image`); the record's
 prompt becomes a neutral instruction to follow the text in the image. Tags follow the demo's
 rule (`safegrpo_pl.demo_data`): `image_tag` = the input's tag (the rendered instruction's
 safety), `text_tag` = safe (the neutral prompt), `combine_tag` = `image_tag`.
@@ -23,7 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safegrpo_pl.demo_data import TYPOGRAPHIC_PROMPTS, render_text_image
+from safegrpo_pl.demo_data import TYPOGRAPHIC_PROMPTS
+from safegrpo_pl.records import TAG_VALUES
+from safegrpo_pl.typographic import render_text_image
 
 log = logging.getLogger("make_typographic")
 
@@ -46,7 +49,7 @@ def read_prompts(path: Path) -> list[dict[str, str]]:
             raise ValueError(f"{where}: prompt is {prompt!r}; expected a non-empty instruction")
         raw_tag = row.get("text_tag", row.get("tag"))
         tag = raw_tag.strip().lower() if isinstance(raw_tag, str) else raw_tag
-        if tag not in ("safe", "unsafe"):
+        if tag not in TAG_VALUES:
             raise ValueError(
                 f"{where}: text_tag (or tag) is {raw_tag!r}; expected 'safe' or 'unsafe'"
             )

@@ -13,7 +13,8 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from safegrpo_pl.callbacks import AdapterCheckpoint, PredictionWriter, SafetyReport
+from safegrpo_pl.callbacks import SafetyReport
+from safegrpo_pl.exports import AdapterCheckpoint, PredictionWriter
 from safegrpo_pl.model import load_policy
 from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
 from safegrpo_pl.records import SafetyRecord

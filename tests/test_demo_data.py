@@ -22,9 +22,9 @@ from safegrpo_pl.demo_data import (
     draw_object,
     draw_typographic,
     make_demo_splits,
-    render_text_image,
 )
 from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.typographic import render_text_image
 
 SMALL = DemoConfig(num_train=64, num_val=16, num_test=16, seed=3)
 

@@ -9,15 +9,17 @@ import torch
 from transformers import AutoTokenizer
 
 from safegrpo_pl.model import (
-    FORMAT_TOKENS,
     LoraSettings,
-    TinyModelSpec,
-    build_tiny_model,
     eos_token_ids,
     load_policy,
     model_family,
-    resolve_model_path,
     vision_token_ids,
+)
+from safegrpo_pl.tiny_models import (
+    FORMAT_TOKENS,
+    TinyModelSpec,
+    build_tiny_model,
+    resolve_model_path,
 )
 
 

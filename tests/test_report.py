@@ -6,13 +6,12 @@ import json
 
 import pytest
 
+from safegrpo_pl.curves import TrainingHistory, moving_average
 from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.report import (
     SUMMARY_KEYS,
     EvalSummary,
-    TrainingHistory,
-    moving_average,
     parse_target,
     summarize_by_source,
     summarize_evaluation,

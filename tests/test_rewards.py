@@ -1,4 +1,5 @@
-"""Tests for the rule reward (SPEC section 3): every rule, every total, a reference, the speed."""
+"""Tests for the rule reward (docs/method.md section 3): every rule, every total, a reference,
+the speed."""
 
 from __future__ import annotations
 
@@ -9,15 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safegrpo_pl.completion_parser import ParsedCompletion, parse_completion
 from safegrpo_pl.rewards import (
     REFUSAL_KEYWORDS,
-    ParsedCompletion,
     RewardConfig,
     RewardParts,
     behavior_reward,
     format_reward,
     is_refusal,
-    parse_completion,
     reward_parts,
     safety_reward,
     score_completions,
@@ -73,7 +73,7 @@ def test_text_after_final_answer_fails_format_gate() -> None:
 
 
 def test_truncated_completion_without_closing_answer_fails_format_gate() -> None:
-    # A completion cut by the length limit has no closing </answer> (SPEC section 4).
+    # A completion cut by the length limit has no closing </answer> (docs/method.md section 4).
     assert format_reward(completion()[: -len("</answer>")]) == 0.0, "unclosed answer accepted"
 
 
@@ -354,8 +354,8 @@ def test_non_string_completion_is_a_type_error() -> None:
 
 # --- a plain reference, and properties on generated text -------------------------------------
 
-# SPEC section 3 restated as regexes. Nested lazy quantifiers backtrack badly on long text, so
-# this is only ever run on the short strings hypothesis generates.
+# docs/method.md section 3 restated as regexes. Nested lazy quantifiers backtrack badly on long
+# text, so this is only ever run on the short strings hypothesis generates.
 _REF_TAG = r"<{0}_safe>(?:safe|unsafe)</{0}_safe>"
 _REF_FORMAT = re.compile(
     ".*?" + _REF_TAG.format("visual") + ".*?" + _REF_TAG.format("text") + ".*?"

@@ -1,38 +1,29 @@
-"""Lightning callbacks: the fit report, the LoRA adapter beside checkpoints, predictions as JSONL.
+"""The fit report's Lightning callback: held-out figures before and after fit, curves, files.
 
-- `SafetyReport` evaluates the held-out split when fit starts ("before") and when training
-  ends ("after"), collects the curves over steps, and writes `curves.png`, `summary.md` and
-  `summary.json` (see `safegrpo_pl.report`), then says where they are.
-- `AdapterCheckpoint` saves the LoRA adapter in peft's own format (`save_pretrained`, loadable
-  with `PeftModel.from_pretrained(base, path)`) next to the Lightning checkpoints whenever one
-  is saved, so a trained adapter can be used without Lightning.
-- `PredictionWriter` writes what `predict_step` returns (a list of dicts per batch) as JSONL.
+`SafetyReport` evaluates the held-out split when fit starts ("before") and when training ends
+("after"), collects the curves over steps, and writes `curves.png`, `summary.md` and
+`summary.json` (see `safegrpo_pl.report`), then says where they are. The callbacks that export
+the trained policy and the predictions are in `safegrpo_pl.exports`.
 
-They talk to the user (where the files are), which is what callbacks are for; they do it
-through Lightning's rank-zero logging so that only one process speaks.
+It talks to the user (where the files are), which is what callbacks are for; it does so through
+Lightning's rank-zero logging so that only one process speaks.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
+from safegrpo_pl.curves import TrainingHistory
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.report import (
     EvalSummary,
-    TrainingHistory,
     summarize_by_source,
     summarize_evaluation,
     write_report,
@@ -267,160 +258,3 @@ class SafetyReport(Callback):
             source: EvalSummary(**summary)
             for source, summary in (state_dict.get("before_by_source") or {}).items()
         }
-
-
-class AdapterCheckpoint(Callback):
-    """Save the trained policy in a loadable format next to the Lightning checkpoints.
-
-    A Lightning checkpoint resumes training; this is what a user deploys. Every time a
-    checkpoint is saved, the policy goes to `<checkpoint dir>/<dirname>` (overwritten, written
-    to a temporary folder first so a crash never leaves half of one), with the tokenizer
-    beside it:
-    - with LoRA, the adapter in peft's format, to `dirname`. Load it with
-      `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), path)`,
-      where `base` is the adapter config's `base_model_name_or_path` (the warmed-up model for
-      the demo);
-    - without LoRA (all weights trained), there is no adapter: the whole model in
-      transformers' format goes to `full_model_dirname`, loadable with `from_pretrained`; with
-      `full_model_dirname=None` the callback warns once and saves nothing.
-
-    Args:
-        dirpath: folder of the export's parent; None: the `ModelCheckpoint`'s folder, else
-            `<default_root_dir>/checkpoints`.
-        dirname: the adapter folder's name.
-        full_model_dirname: the folder's name for a policy without LoRA, or None to skip it.
-    """
-
-    def __init__(
-        self,
-        dirpath: str | None = None,
-        dirname: str = "adapter",
-        full_model_dirname: str | None = "model",
-    ) -> None:
-        super().__init__()
-        self.dirpath = dirpath
-        self.dirname = dirname
-        self.full_model_dirname = full_model_dirname
-        self.last_saved: Path | None = None
-        self._warned = False
-
-    def _target(self, trainer: Trainer, name: str) -> Path:
-        if self.dirpath:
-            return Path(self.dirpath) / name
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-                return Path(callback.dirpath) / name
-        return Path(trainer.default_root_dir) / "checkpoints" / name
-
-    def on_save_checkpoint(
-        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        policy = getattr(pl_module, "policy", None)
-        has_adapter = hasattr(policy, "peft_config")
-        exportable = hasattr(policy, "save_pretrained") and self.full_model_dirname is not None
-        if not has_adapter and not exportable:
-            if not self._warned:
-                rank_zero_warn(
-                    "AdapterCheckpoint: the policy has no LoRA adapter (model.policy.lora "
-                    "is null) and full_model_dirname is None; only the Lightning checkpoint "
-                    "is saved"
-                )
-                self._warned = True
-            return
-        if not trainer.is_global_zero:
-            return
-        name = self.dirname if has_adapter else self.full_model_dirname
-        target = self._target(trainer, name)
-        encoder = getattr(trainer.datamodule, "encoder", None)  # image processor's home
-        save_adapter(
-            policy,
-            target,
-            tokenizer=getattr(pl_module, "tokenizer", None),
-            image_processor=getattr(encoder, "image_processor", None),
-        )
-        self.last_saved = target
-
-
-def save_adapter(
-    policy: Any,
-    target: str | os.PathLike[str],
-    *,
-    tokenizer: Any = None,
-    image_processor: Any = None,
-) -> Path:
-    """`policy.save_pretrained` (a peft adapter, or a whole transformers model) to `target`
-    atomically, with the tokenizer and image processor, so the folder loads on its own."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
-    try:
-        policy.save_pretrained(tmp)
-        for companion in (tokenizer, image_processor):
-            if companion is not None:
-                companion.save_pretrained(tmp)
-        old = target.with_name(f".{target.name}-old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-class PredictionWriter(BasePredictionWriter):
-    """Write each predict batch's list of dicts (`predict_step`'s output) as JSON lines.
-
-    Args:
-        output_path: the JSONL file; None: `<default_root_dir>/predictions.jsonl`. Under
-            several processes each writes its own file, suffixed `.rank<N>`.
-    """
-
-    def __init__(self, output_path: str | None = None) -> None:
-        super().__init__(write_interval="batch")
-        self.output_path = output_path
-        self.path: Path | None = None
-        self._file: IO[str] | None = None
-        self.rows_written = 0
-
-    def _path(self, trainer: Trainer) -> Path:
-        path = Path(self.output_path or Path(trainer.default_root_dir) / "predictions.jsonl")
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        return path
-
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.path = self._path(trainer)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w", encoding="utf-8")
-        self.rows_written = 0
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        if self._file is None:
-            raise RuntimeError("PredictionWriter: no open file; on_predict_start did not run")
-        rows = prediction if isinstance(prediction, list) else [prediction]
-        for row in rows:
-            if not isinstance(row, Mapping):
-                raise TypeError(
-                    f"PredictionWriter expects dicts from predict_step, got {type(row).__name__}"
-                )
-            self._file.write(json.dumps(dict(row), ensure_ascii=False, default=str) + "\n")
-            self.rows_written += 1
-        self._file.flush()
-
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        rank_zero_info(f"PredictionWriter: wrote {self.rows_written} predictions to {self.path}")

@@ -44,13 +44,17 @@ from __future__ import annotations
 
 import hashlib
 import random
-import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from safegrpo_pl.demo_drawings import (
+    OBJECT_DRAWINGS,
+    UnitCanvas,
+    add_noise,
+    jitter_colour,
+    plain_background,
+)
 from safegrpo_pl.prompts import (
     DEFAULT_SAFETY_GUIDE,
     HELPFUL_ANSWERS,
@@ -58,7 +62,8 @@ from safegrpo_pl.prompts import (
     build_user_text,
     format_response,
 )
-from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.records import TAG_VALUES, SafetyRecord
+from safegrpo_pl.typographic import LINE_HEIGHT, bitmap_font
 
 SOURCE_PICTURE = "demo-picture"
 SOURCE_TYPOGRAPHIC = "demo-typographic"
@@ -177,130 +182,6 @@ def combine_tag(image_tag: str, text_tag: str, *, hazard: bool, dual_use: bool) 
 # -- drawing ----------------------------------------------------------------------------------
 
 
-def _jitter(colour: tuple[int, int, int], rng: random.Random, amount: int = 20) -> tuple:
-    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in colour)
-
-
-class _Canvas:
-    """Maps unit coordinates ([-1, 1] around the object's centre) to pixels."""
-
-    def __init__(self, draw: ImageDraw.ImageDraw, cx: float, cy: float, scale: float) -> None:
-        self.draw, self.cx, self.cy, self.scale = draw, cx, cy, scale
-
-    def xy(self, *points: float) -> list[tuple[float, float]]:
-        pairs = zip(points[0::2], points[1::2], strict=True)
-        return [(self.cx + x * self.scale, self.cy + y * self.scale) for x, y in pairs]
-
-    def rect(self, x0: float, y0: float, x1: float, y1: float, fill: tuple) -> None:
-        self.draw.rectangle(self.xy(x0, y0, x1, y1), fill=fill)
-
-    def ellipse(self, x0: float, y0: float, x1: float, y1: float, fill: tuple) -> None:
-        self.draw.ellipse(self.xy(x0, y0, x1, y1), fill=fill)
-
-    def polygon(self, *points: float, fill: tuple) -> None:
-        self.draw.polygon(self.xy(*points), fill=fill)
-
-    def line(self, *points: float, fill: tuple, width: float) -> None:
-        self.draw.line(self.xy(*points), fill=fill, width=max(1, round(width * self.scale)))
-
-
-def _knife(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.polygon(-0.35, -0.55, 0.55, -0.55, 0.98, 0.05, 0.55, 0.4, -0.35, 0.4, fill=p)
-    c.rect(-0.98, -0.28, -0.35, 0.22, fill=s)
-    c.rect(-0.45, -0.6, -0.33, 0.5, fill=a)
-
-
-def _gun(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.rect(-0.9, -0.6, 0.9, -0.05, fill=p)
-    c.polygon(-0.75, -0.05, -0.2, -0.05, 0.0, 0.85, -0.55, 0.85, fill=s)
-    c.line(-0.1, 0.05, 0.2, 0.35, -0.15, 0.45, fill=a, width=0.1)
-
-
-def _bomb(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.ellipse(-0.7, -0.45, 0.7, 0.95, fill=p)
-    c.rect(-0.15, -0.65, 0.15, -0.4, fill=s)
-    c.line(0.0, -0.65, 0.35, -0.85, fill=s, width=0.07)
-    c.ellipse(0.3, -0.98, 0.55, -0.73, fill=a)
-
-
-def _chemical_bottle(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.rect(-0.45, -0.3, 0.45, 0.9, fill=p)
-    c.rect(-0.15, -0.65, 0.15, -0.3, fill=p)
-    c.rect(-0.2, -0.85, 0.2, -0.65, fill=s)
-    c.polygon(0.0, 0.0, 0.3, 0.55, -0.3, 0.55, fill=s)
-    c.ellipse(-0.06, 0.25, 0.06, 0.37, fill=a)
-
-
-def _pill_bottle(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.rect(-0.5, -0.25, 0.3, 0.75, fill=p)
-    c.rect(-0.6, -0.55, 0.4, -0.25, fill=s)
-    c.rect(-0.4, 0.1, 0.2, 0.45, fill=a)
-    for x, y in ((0.55, 0.6), (0.75, 0.4), (0.6, 0.85)):
-        c.ellipse(x - 0.12, y - 0.07, x + 0.12, y + 0.07, fill=s)
-
-
-def _lighter(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.rect(-0.42, -0.15, 0.42, 0.9, fill=p)
-    c.rect(-0.42, -0.4, 0.42, -0.15, fill=a)
-    c.polygon(0.0, -0.98, 0.25, -0.6, 0.0, -0.42, -0.25, -0.6, fill=s)
-
-
-def _cake(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.rect(-0.75, 0.1, 0.75, 0.8, fill=s)
-    c.rect(-0.55, -0.3, 0.55, 0.1, fill=p)
-    c.rect(-0.75, 0.35, 0.75, 0.45, fill=a)
-    for x in (-0.3, 0.0, 0.3):
-        c.rect(x - 0.04, -0.6, x + 0.04, -0.3, fill=a)
-
-
-def _tree(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.rect(-0.12, 0.2, 0.12, 0.92, fill=s)
-    c.ellipse(-0.7, -0.9, 0.7, 0.4, fill=p)
-    c.ellipse(-0.35, -0.6, 0.05, -0.2, fill=a)
-
-
-def _house(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.rect(-0.6, -0.1, 0.6, 0.85, fill=s)
-    c.polygon(-0.8, -0.1, 0.0, -0.85, 0.8, -0.1, fill=p)
-    c.rect(-0.15, 0.35, 0.15, 0.85, fill=a)
-    c.rect(0.25, 0.1, 0.45, 0.3, fill=a)
-
-
-def _flower(c: _Canvas, p: tuple, s: tuple, a: tuple) -> None:
-    c.line(0.0, -0.1, 0.0, 0.95, fill=p, width=0.09)
-    c.ellipse(0.0, 0.4, 0.45, 0.6, fill=p)
-    for x, y in ((0.0, -0.65), (0.35, -0.3), (0.0, 0.05), (-0.35, -0.3)):
-        c.ellipse(x - 0.25, y - 0.25, x + 0.25, y + 0.25, fill=s)
-    c.ellipse(-0.15, -0.45, 0.15, -0.15, fill=a)
-
-
-_DRAWERS: dict[str, Callable[[_Canvas, tuple, tuple, tuple], None]] = {
-    "knife": _knife,
-    "gun": _gun,
-    "bomb": _bomb,
-    "chemical bottle": _chemical_bottle,
-    "pill bottle": _pill_bottle,
-    "lighter": _lighter,
-    "cake": _cake,
-    "tree": _tree,
-    "house": _house,
-    "flower": _flower,
-}
-
-
-def _add_noise(image: Image.Image, rng: random.Random, sigma: float = 6.0) -> Image.Image:
-    """Gaussian pixel noise from a seeded numpy generator (PIL's own noise is not seedable)."""
-    noise_rng = np.random.default_rng(rng.getrandbits(64))
-    pixels = np.asarray(image, dtype=np.float32)  # (H, W, 3)
-    pixels = pixels + noise_rng.normal(0.0, sigma, size=pixels.shape)
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
-
-
-def _background(size: int, rng: random.Random) -> Image.Image:
-    base = rng.randint(210, 232)
-    return Image.new("RGB", (size, size), _jitter((base, base, base), rng, 5))
-
-
 def draw_object(name: str, size: int, rng: random.Random) -> Image.Image:
     """Draw object `name` (a key of `OBJECTS`' values) in its category's palette, jittered.
 
@@ -310,24 +191,14 @@ def draw_object(name: str, size: int, rng: random.Random) -> Image.Image:
         rng: the source of jitter (position, size, shades, noise); same state, same bytes.
     """
     category = next(cat for cat, names in OBJECTS.items() if name in names)
-    image = _background(size, rng)
+    image = plain_background(size, rng)
     draw = ImageDraw.Draw(image)
     scale = size * rng.uniform(0.36, 0.44)
-    cx = size / 2 + rng.uniform(-0.08, 0.08) * size
-    cy = size / 2 + rng.uniform(-0.08, 0.08) * size
-    primary, secondary, accent = (_jitter(c, rng) for c in _PALETTES[category])
-    _DRAWERS[name](_Canvas(draw, cx, cy, scale), primary, secondary, accent)
-    return _add_noise(image, rng)
-
-
-def _bitmap_font() -> ImageFont.ImageFont:
-    """PIL's built-in 6x11 px bitmap font (no font file, same glyphs everywhere).
-
-    Pillow >= 10.1 returns a FreeType font from `load_default()` when FreeType is present, so
-    ask for the bitmap one by name where it exists.
-    """
-    loader = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)
-    return loader()
+    centre_x = size / 2 + rng.uniform(-0.08, 0.08) * size
+    centre_y = size / 2 + rng.uniform(-0.08, 0.08) * size
+    primary, secondary, accent = (jitter_colour(c, rng) for c in _PALETTES[category])
+    OBJECT_DRAWINGS[name](UnitCanvas(draw, centre_x, centre_y, scale), primary, secondary, accent)
+    return add_noise(image, rng)
 
 
 def draw_typographic(lines: tuple[str, ...], size: int, rng: random.Random) -> Image.Image:
@@ -338,76 +209,18 @@ def draw_typographic(lines: tuple[str, ...], size: int, rng: random.Random) -> I
     The text is drawn on a canvas of at least 64 px (the bitmap font is 6x11 px per character)
     and resized to `size`.
     """
-    font = _bitmap_font()
+    font = bitmap_font()
     canvas = max(size, 64)
-    image = _background(canvas, rng)
+    image = plain_background(canvas, rng)
     draw = ImageDraw.Draw(image)
-    ink = _jitter((30, 30, 30), rng, 25)
-    line_height = 13
-    top = (canvas - line_height * len(lines)) / 2 + rng.randint(-4, 4)
+    ink = jitter_colour((30, 30, 30), rng, 25)
+    top = (canvas - LINE_HEIGHT * len(lines)) / 2 + rng.randint(-4, 4)
     left = 4 + rng.randint(0, 4)
     for i, line in enumerate(lines):
-        draw.text((left, top + i * line_height), line, fill=ink, font=font)
+        draw.text((left, top + i * LINE_HEIGHT), line, fill=ink, font=font)
     if canvas != size:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return _add_noise(image, rng, sigma=4.0)
-
-
-# Typographic stand-ins the Latin-1 bitmap font can draw; anything else left becomes "?".
-_PLAIN_PUNCTUATION = str.maketrans(
-    {
-        "\u2018": "'",
-        "\u2019": "'",
-        "\u201c": '"',
-        "\u201d": '"',
-        "\u2013": "-",
-        "\u2014": "-",
-        "\u2026": "...",
-    }
-)
-
-
-def bitmap_safe_text(text: str) -> str:
-    """`text` with whitespace normalised and only characters PIL's bitmap font can draw.
-
-    The font covers Latin-1: curly quotes and dashes become their plain forms, any other
-    character outside Latin-1 becomes "?" (instead of a UnicodeEncodeError mid-render).
-    """
-    plain = " ".join(text.split()).translate(_PLAIN_PUNCTUATION)
-    return plain.encode("latin-1", errors="replace").decode("latin-1")
-
-
-def render_text_image(text: str, *, width: int = 448, scale: int = 2) -> Image.Image:
-    """Render `text` black on white, word-wrapped, with PIL's bitmap font (typographic image).
-
-    Used by `scripts/make_typographic.py` to turn text-only prompts into images. The bitmap
-    font is 6x11 px per character, so the text is laid out on a canvas of `width / scale` px
-    and enlarged `scale` times (nearest neighbour: crisp glyphs for a real vision encoder).
-    The image is `width` px wide (rounded down to a multiple of `scale`) and at least as tall,
-    taller when the text needs it.
-
-    Args:
-        text: the instruction to render; whitespace is normalised, characters outside Latin-1
-            are replaced (see `bitmap_safe_text`).
-        width: width of the output image in pixels.
-        scale: enlargement of the bitmap font (1 = 11 px tall letters).
-    """
-    if scale < 1 or width < 16 * scale:
-        raise ValueError(
-            f"render_text_image: width={width}, scale={scale}; need scale >= 1 "
-            f"and width >= 16 * scale"
-        )
-    font = _bitmap_font()
-    canvas_width = width // scale
-    lines = textwrap.wrap(bitmap_safe_text(text), width=max(1, (canvas_width - 8) // 6)) or [""]
-    line_height = 13
-    canvas_height = max(canvas_width, line_height * len(lines) + 8)
-    image = Image.new("RGB", (canvas_width, canvas_height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    top = (canvas_height - line_height * len(lines)) // 2
-    for i, line in enumerate(lines):
-        draw.text((4, top + i * line_height), line, fill=(0, 0, 0), font=font)
-    return image.resize((canvas_width * scale, canvas_height * scale), Image.Resampling.NEAREST)
+    return add_noise(image, rng, sigma=4.0)
 
 
 # -- records ----------------------------------------------------------------------------------
@@ -504,18 +317,7 @@ def make_demo_split(
         else:  # pragma: no cover - would need ~100 identical noisy draws in a row
             raise RuntimeError(f"demo split {split}: could not draw a new record {index}")
         seen.add(key)
-        records.append(
-            SafetyRecord(
-                image=record.image,
-                prompt=record.prompt,
-                image_tag=record.image_tag,
-                text_tag=record.text_tag,
-                combine_tag=record.combine_tag,
-                id=f"demo-{split}-{index:05d}",
-                source=record.source,
-                caption=record.caption,
-            )
-        )
+        records.append(replace(record, id=f"demo-{split}-{index:05d}"))
     return records
 
 
@@ -544,9 +346,9 @@ def demo_corpus() -> list[str]:
     ]
     texts += [DEFAULT_SAFETY_GUIDE, *REFUSAL_ANSWERS, *HELPFUL_ANSWERS]
     texts += [build_user_text(text) for text in TEXTS["benign"][:1]]
-    for visual in ("safe", "unsafe"):
-        for text in ("safe", "unsafe"):
-            for combined in ("safe", "unsafe"):
+    for visual in TAG_VALUES:
+        for text in TAG_VALUES:
+            for combined in TAG_VALUES:
                 answer = REFUSAL_ANSWERS[0] if combined == "unsafe" else HELPFUL_ANSWERS[0]
                 texts.append(
                     format_response(visual=visual, text=text, combined=combined, answer=answer)

@@ -142,7 +142,8 @@ class PromptEncoder:
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-        from safegrpo_pl.model import model_family, resolve_model_path
+        from safegrpo_pl.model import model_family
+        from safegrpo_pl.tiny_models import resolve_model_path
 
         if guide == "default":
             from safegrpo_pl.prompts import DEFAULT_SAFETY_GUIDE

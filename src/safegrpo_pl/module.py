@@ -152,7 +152,7 @@ class SafeGRPOModule(LightningModule):
         """
         if self.warmup is None:
             raise ValueError("warm_start needs model.warmup settings; it is null")
-        from safegrpo_pl.model import resolve_model_path
+        from safegrpo_pl.tiny_models import resolve_model_path
 
         base = resolve_model_path(self.settings.name_or_path)
         self.policy_path = warmed_up_path(
@@ -164,7 +164,7 @@ class SafeGRPOModule(LightningModule):
         """Load the policy (and, without LoRA, its frozen reference) once, on any stage."""
         if self.policy is not None:
             return
-        from safegrpo_pl.model import resolve_model_path
+        from safegrpo_pl.tiny_models import resolve_model_path
 
         if self.warmup is not None and self.policy_path is None:
             raise ValueError(

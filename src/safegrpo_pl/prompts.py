@@ -1,8 +1,9 @@
-"""The step-guided safety prompt and the SafeGRPO response format (SPEC section 2).
+"""The step-guided safety prompt and the SafeGRPO response format (docs/method.md section 2).
 
-Pure strings, stdlib only: the guide appended to every instruction, the function that joins
-them, a builder for completions in the format the rule reward parses, and a few canned answers
-(refusing / helpful) used by the demo set, the format warm-up and the tests.
+Pure strings (the tag values come from `records`): the guide appended to every instruction,
+the function that joins them, a builder for completions in the format the rule reward parses,
+and a few canned answers (refusing / helpful) used by the demo set, the format warm-up and the
+tests.
 
 Departures from the paper:
 - The guide is our own, deliberately compact wording of the paper's five steps (caption, visual
@@ -14,7 +15,7 @@ Departures from the paper:
 
 from __future__ import annotations
 
-_TAG_VALUES: tuple[str, ...] = ("safe", "unsafe")
+from safegrpo_pl.records import TAG_VALUES
 
 DEFAULT_SAFETY_GUIDE: str = (
     "Before replying, reason step by step inside <think> </think>: "
@@ -37,7 +38,7 @@ REFUSAL_ANSWERS: tuple[str, ...] = (
     "I must refuse: following this instruction could cause real harm.",
     "Sorry, that is not appropriate for me to help with, since it risks harm.",
 )
-"""Polite refusals; each contains at least one refusal keyword of SPEC section 3."""
+"""Polite refusals; each contains at least one refusal keyword of docs/method.md section 3."""
 
 HELPFUL_ANSWERS: tuple[str, ...] = (
     "Sure, here is a short description of what the picture shows.",
@@ -68,7 +69,7 @@ def build_user_text(prompt: str, guide: str | None = DEFAULT_SAFETY_GUIDE) -> st
 
 def _check_tag(name: str, value: str) -> str:
     normalised = value.strip().lower()
-    if normalised not in _TAG_VALUES:
+    if normalised not in TAG_VALUES:
         raise ValueError(f"format_response: {name} is {value!r}; expected 'safe' or 'unsafe'")
     return normalised
 

@@ -1,4 +1,4 @@
-"""The unit of data: one tagged image-text pair (SafeTag-VL-3K schema, SPEC section 1).
+"""The unit of data: one tagged image-text pair (SafeTag-VL-3K schema, docs/method.md section 1).
 
 Kept in its own leaf module so that both the model side (`inputs.py`) and the data side
 (`data.py`) can import it without importing each other. The checks of a record's own fields
@@ -18,6 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 Tag = Literal["safe", "unsafe"]
 TAG_VALUES: tuple[str, ...] = ("safe", "unsafe")
+"""The only values a safety tag may carry: in a record's labels, in the prompt's format, in a
+completion (where a tag with any other value is skipped as invalid)."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ and its answers do not even follow its own combined tag: everything GRPO then ga
 the image and the text, refusing exactly when the pair is unsafe) comes from the rule reward.
 
 `warmed_up_path` runs the stage once and caches the result under
-`safegrpo_pl.model.default_cache_dir() / "warmup"`, keyed by the model, the settings and the
+`safegrpo_pl.files.default_cache_dir() / "warmup"`, keyed by the model, the settings and the
 training set, so `fit`, `validate`, `test` and `predict` on the same config all load the same
 warmed-up model (the "initial policy" and GRPO's reference).
 
@@ -38,10 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +48,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safegrpo_pl.files import atomic_folder, default_cache_dir
 from safegrpo_pl.inputs import PromptBatch, PromptEncoder
 from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
 from safegrpo_pl.records import SafetyRecord
@@ -290,7 +288,7 @@ def warmed_up_path(
         A folder with the warmed-up model, its tokenizer and image processor, loadable by
         `load_policy` / `PromptEncoder.from_pretrained` like any checkpoint.
     """
-    from safegrpo_pl.model import default_cache_dir, load_policy
+    from safegrpo_pl.model import load_policy
 
     if len(records) == 0:
         raise ValueError("the format warm-up got no train records")
@@ -308,10 +306,8 @@ def warmed_up_path(
         model_path,
     )
     losses = train_warmup(model, encoder, train, settings)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
-    try:
+    # Another process may publish the same warm-up first; then ours is dropped.
+    with atomic_folder(target, replace=False, complete_marker=DONE_FILE) as tmp:
         model.save_pretrained(tmp)
         encoder.tokenizer.save_pretrained(tmp)
         if encoder.image_processor is not None:
@@ -323,12 +319,5 @@ def warmed_up_path(
             "final_loss": losses[-1],
         }
         (tmp / DONE_FILE).write_text(json.dumps(record, indent=2))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process published the same warm-up first
-            if not (target / DONE_FILE).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("format warm-up: loss %.3f -> %.3f, saved to %s", losses[0], losses[-1], target)
     return str(target)

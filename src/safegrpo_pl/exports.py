@@ -1,0 +1,171 @@
+"""Lightning callbacks that export what a run produced, for use without Lightning.
+
+- `AdapterCheckpoint` saves the trained policy next to the Lightning checkpoints whenever one is
+  saved: the LoRA adapter in peft's own format (`save_pretrained`, loadable with
+  `PeftModel.from_pretrained(base, path)`), or, without LoRA, the whole model in transformers'
+  format; `save_adapter` is the export itself.
+- `PredictionWriter` writes what `predict_step` returns (a list of dicts per batch) as JSONL.
+
+They say where the files are through Lightning's rank-zero logging, so only one process speaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from safegrpo_pl.files import atomic_folder
+
+
+class AdapterCheckpoint(Callback):
+    """Save the trained policy in a loadable format next to the Lightning checkpoints.
+
+    A Lightning checkpoint resumes training; this is what a user deploys. Every time a
+    checkpoint is saved, the policy goes to `<checkpoint dir>/<dirname>` (overwritten, written
+    to a temporary folder first so a crash never leaves half of one), with the tokenizer
+    beside it:
+    - with LoRA, the adapter in peft's format, to `dirname`. Load it with
+      `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), path)`,
+      where `base` is the adapter config's `base_model_name_or_path` (the warmed-up model for
+      the demo);
+    - without LoRA (all weights trained), there is no adapter: the whole model in
+      transformers' format goes to `full_model_dirname`, loadable with `from_pretrained`; with
+      `full_model_dirname=None` the callback warns once and saves nothing.
+
+    Args:
+        dirpath: folder of the export's parent; None: the `ModelCheckpoint`'s folder, else
+            `<default_root_dir>/checkpoints`.
+        dirname: the adapter folder's name.
+        full_model_dirname: the folder's name for a policy without LoRA, or None to skip it.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        dirname: str = "adapter",
+        full_model_dirname: str | None = "model",
+    ) -> None:
+        super().__init__()
+        self.dirpath = dirpath
+        self.dirname = dirname
+        self.full_model_dirname = full_model_dirname
+        self.last_saved: Path | None = None
+        self._warned = False
+
+    def _target(self, trainer: Trainer, name: str) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath) / name
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                return Path(callback.dirpath) / name
+        return Path(trainer.default_root_dir) / "checkpoints" / name
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        policy = getattr(pl_module, "policy", None)
+        has_adapter = hasattr(policy, "peft_config")
+        exportable = hasattr(policy, "save_pretrained") and self.full_model_dirname is not None
+        if not has_adapter and not exportable:
+            if not self._warned:
+                rank_zero_warn(
+                    "AdapterCheckpoint: the policy has no LoRA adapter (model.policy.lora "
+                    "is null) and full_model_dirname is None; only the Lightning checkpoint "
+                    "is saved"
+                )
+                self._warned = True
+            return
+        if not trainer.is_global_zero:
+            return
+        name = self.dirname if has_adapter else self.full_model_dirname
+        target = self._target(trainer, name)
+        encoder = getattr(trainer.datamodule, "encoder", None)  # image processor's home
+        save_adapter(
+            policy,
+            target,
+            tokenizer=getattr(pl_module, "tokenizer", None),
+            image_processor=getattr(encoder, "image_processor", None),
+        )
+        self.last_saved = target
+
+
+def save_adapter(
+    policy: Any,
+    target: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    image_processor: Any = None,
+) -> Path:
+    """`policy.save_pretrained` (a peft adapter, or a whole transformers model) to `target`
+    atomically, replacing the previous export, with the tokenizer and image processor, so the
+    folder loads on its own."""
+    target = Path(target)
+    with atomic_folder(target, replace=True) as tmp:
+        policy.save_pretrained(tmp)
+        for companion in (tokenizer, image_processor):
+            if companion is not None:
+                companion.save_pretrained(tmp)
+    return target
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write each predict batch's list of dicts (`predict_step`'s output) as JSON lines.
+
+    Args:
+        output_path: the JSONL file; None: `<default_root_dir>/predictions.jsonl`. Under
+            several processes each writes its own file, suffixed `.rank<N>`.
+    """
+
+    def __init__(self, output_path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = output_path
+        self.path: Path | None = None
+        self._file: IO[str] | None = None
+        self.rows_written = 0
+
+    def _path(self, trainer: Trainer) -> Path:
+        path = Path(self.output_path or Path(trainer.default_root_dir) / "predictions.jsonl")
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.path = self._path(trainer)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", encoding="utf-8")
+        self.rows_written = 0
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if self._file is None:
+            raise RuntimeError("PredictionWriter: no open file; on_predict_start did not run")
+        rows = prediction if isinstance(prediction, list) else [prediction]
+        for row in rows:
+            if not isinstance(row, Mapping):
+                raise TypeError(
+                    f"PredictionWriter expects dicts from predict_step, got {type(row).__name__}"
+                )
+            self._file.write(json.dumps(dict(row), ensure_ascii=False, default=str) + "\n")
+            self.rows_written += 1
+        self._file.flush()
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        rank_zero_info(f"PredictionWriter: wrote {self.rows_written} predictions to {self.path}")

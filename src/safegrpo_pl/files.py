@@ -1,0 +1,83 @@
+"""Folders the project writes for later runs: where the cache lives, and writing a folder whole.
+
+Three places publish a folder that another process (or a later run) loads with
+`from_pretrained`: the tiny-model cache, the format warm-up cache and the exported policy. A
+reader must never see half of one, so each is written into a temporary folder beside its
+target and renamed into place (a rename within one file system is atomic). `atomic_folder`
+is that one pattern, with the two ways of meeting an existing target:
+
+- a cache entry is published once: processes that build the same entry at the same time (DDP
+  ranks, test workers) all build it, the first rename wins, the others' copies are dropped;
+- an export is replaced every time: the previous folder is moved aside, the new one renamed in,
+  the old one removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where built folders are cached (tiny models, warm-ups, benchmark runs).
+
+    `$SAFEGRPO_CACHE`, or `~/.cache/safegrpo_pl` when it is not set.
+    """
+    return Path(os.environ.get("SAFEGRPO_CACHE", Path.home() / ".cache" / "safegrpo_pl"))
+
+
+@contextmanager
+def atomic_folder(
+    target: str | os.PathLike[str],
+    *,
+    replace: bool,
+    complete_marker: str | None = None,
+) -> Iterator[Path]:
+    """Yield an empty folder to fill; when the block ends without error it becomes `target`.
+
+    The folder is created beside `target` (its parent is created if needed) with the usual
+    permissions of a folder (mkdtemp's are private). If the block raises, the folder is removed
+    and `target` is left as it was.
+
+    Args:
+        target: the folder to publish.
+        replace: True to replace an existing `target` (an export rewritten at each checkpoint).
+            False to publish once (a cache entry): if another process has published `target`
+            meanwhile, ours is dropped and theirs kept, as it holds the same content.
+        complete_marker: with `replace=False`, a file whose presence in `target` shows that the
+            other process's folder is complete; without it, any existing `target` counts.
+
+    Raises:
+        OSError: the rename failed and `target` is not a complete folder.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
+    try:
+        yield tmp
+        if replace:
+            _swap_in(tmp, target)
+        else:
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process published it first; theirs is as good as ours
+                published = target / complete_marker if complete_marker else target
+                if not published.exists():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename `new` to `target`, moving an existing `target` aside first and then removing it."""
+    old = target.with_name(f".{target.name}-old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
