@@ -20,7 +20,7 @@ import _bench_stats as stats
 
 REPO = Path(__file__).resolve().parents[1]
 
-TARGETS = {  # name: (comparison, bound), from issue 6
+TARGETS = {  # name: (comparison, bound); listed in docs/method.md appendix B
     "step_time_ratio_vs_trl": ("<=", 0.5),
     "peak_rss_ratio_vs_trl": ("<=", 1.0),
     "overhead_fraction": ("<=", 0.10),

@@ -1,4 +1,4 @@
-"""Benchmark: our GRPO step against TRL's `GRPOTrainer` on the same work (issue 6).
+"""Benchmark: our GRPO step against TRL's `GRPOTrainer` on the same work (targets: docs/method.md appendix B).
 
     python scripts/bench.py --quick            # < 5 minutes on 2 cores; writes bench.json
     python scripts/bench.py                    # the full run (more steps, repeats, a 3x3 grid)

@@ -1,4 +1,4 @@
-"""Loading, validation and loaders of `SafeTagDataModule` (SPEC sections 1 and 4)."""
+"""Loading, validation and loaders of `SafeTagDataModule` (docs/method.md sections 1 and 4)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def test_hub_without_validation_split_validates_on_test(tmp_path: Path) -> None:
     dm = _module(write_hub_layout(tmp_path / "repo"), tmp_path)
     val = [r.prompt for r in dm.datasets["validation"]]
     test = [r.prompt for r in dm.datasets["test"]]
-    assert val == test, "without a validation split, SPEC validates on the test split"
+    assert val == test, (
+        "without a validation split, validation uses the test split (docs/method.md section 4.12)"
+    )
 
 
 def test_hub_id_is_passed_to_load_dataset(tmp_path: Path, monkeypatch) -> None:

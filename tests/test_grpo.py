@@ -1,4 +1,4 @@
-"""GRPO math (SPEC section 4): advantages, KL estimators, clipped surrogate, aggregation, loss.
+"""GRPO math (docs/method.md section 4): advantages, KL estimators, clipped surrogate, aggregation, loss.
 
 All hand examples run in float64 so that `atol=1e-6, rtol=0` is a real check, not a loose one.
 """
@@ -51,7 +51,9 @@ def test_hand_example_two_groups_advantages():
     expected = t([0.5 / 0.500001, -0.5 / 0.500001, 0.0, -0.25 / s1, -0.25 / s1, 0.5 / s1])
     # numerically: [0.999998, -0.999998, 0, -0.5773490, -0.5773490, 1.1546980]
     got = group_advantages(rewards, group_size=3)
-    torch.testing.assert_close(got, expected, **EXACT, msg="advantages off the SPEC formula")
+    torch.testing.assert_close(
+        got, expected, **EXACT, msg="advantages off the formula of docs/method.md section 4.2"
+    )
 
 
 def test_vectorised_advantages_match_a_python_loop():
@@ -430,7 +432,7 @@ def test_loss_settings_defaults_reproduce_the_spec():
         "dual_clip": 3.0,
         "kl_estimator": "k3",
         "aggregation": "token-mean",
-    }, "LossSettings defaults drifted from SPEC section 4"
+    }, "LossSettings defaults drifted from docs/method.md section 4"
 
 
 def test_old_logp_carries_no_gradient_even_if_not_detached():

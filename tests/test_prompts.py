@@ -1,4 +1,4 @@
-"""The safety guide, the user text and the response format (SPEC section 2)."""
+"""The safety guide, the user text and the response format (docs/method.md section 2)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from safegrpo_pl.prompts import (
     format_response,
 )
 
-# The nine refusal keywords of SPEC section 3, copied here on purpose: the test must fail if the
-# canned answers drift from the SPEC, whatever rewards.py's configuration says.
-SPEC_REFUSAL_KEYWORDS = (
+# The nine refusal keywords of docs/method.md section 3, copied here on purpose: the test must fail if the
+# canned answers drift from the method, whatever rewards.py's configuration says.
+PAPER_REFUSAL_KEYWORDS = (
     "sorry",
     "cannot",
     "not appropriate",
@@ -28,7 +28,7 @@ SPEC_REFUSAL_KEYWORDS = (
     "restricted",
 )
 
-# A plain (small-input only) restatement of SPEC section 3's format gate, independent of rewards.py.
+# A plain (small-input only) restatement of the format gate of docs/method.md section 3.1, independent of rewards.py.
 _FORMAT_GATE = re.compile(
     r".*<visual_safe>(safe|unsafe)</visual_safe>.*<text_safe>(safe|unsafe)</text_safe>"
     r".*<combined_safe>(safe|unsafe)</combined_safe>.*</think>\s*<answer>.*</answer>",
@@ -83,7 +83,9 @@ def test_format_response_passes_the_format_gate() -> None:
         caption="A bottle.",
         summary="Risky pair.",
     )
-    assert _FORMAT_GATE.fullmatch(text.strip()), f"format_response fails SPEC's gate: {text!r}"
+    assert _FORMAT_GATE.fullmatch(text.strip()), (
+        f"format_response fails the format gate (docs/method.md section 3.1): {text!r}"
+    )
 
 
 def test_format_response_is_accepted_by_the_reward() -> None:
@@ -116,7 +118,7 @@ def test_format_response_rejects_bad_tag_value() -> None:
 @pytest.mark.parametrize("answer", REFUSAL_ANSWERS)
 def test_refusal_answers_contain_a_keyword(answer: str) -> None:
     lowered = answer.lower()
-    assert any(k in lowered for k in SPEC_REFUSAL_KEYWORDS), (
+    assert any(k in lowered for k in PAPER_REFUSAL_KEYWORDS), (
         f"{answer!r} would not count as refusal"
     )
 
@@ -124,5 +126,5 @@ def test_refusal_answers_contain_a_keyword(answer: str) -> None:
 @pytest.mark.parametrize("answer", HELPFUL_ANSWERS)
 def test_helpful_answers_contain_no_keyword(answer: str) -> None:
     lowered = answer.lower()
-    hits = [k for k in SPEC_REFUSAL_KEYWORDS if k in lowered]
+    hits = [k for k in PAPER_REFUSAL_KEYWORDS if k in lowered]
     assert not hits, f"{answer!r} would be scored as a refusal (contains {hits})"

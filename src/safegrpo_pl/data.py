@@ -5,7 +5,7 @@ columns, the error messages); this module decides the splits, keeps the records 
 validation, and builds the loaders. Images are decoded again when a record is served rather than
 kept decoded, so a real dataset costs its Arrow file (memory-mapped), not gigabytes of pixels.
 
-Splits: train, validation, test. SPEC validates on the test split, so without a validation
+Splits: train, validation, test. The paper validates on the test split (docs/method.md section 4.12), so without a validation
 split the test split serves as both; a dataset with a single split is split with a seed.
 Under DDP each process loads the data and Lightning shards the (plain, map-style) loaders by
 injecting a `DistributedSampler` (`Trainer(use_distributed_sampler=True)`, its default).
@@ -87,14 +87,14 @@ class SafeTagDataModule(LightningDataModule):
         eval_batch_size: prompts per validation/test/predict batch; None: batch_size.
         num_workers: DataLoader worker processes (images are decoded in them).
         max_records: keep a seeded random subset of at most this many records per split.
-        max_prompt_length: longest prompt in tokens, image tokens included (SPEC: 2048).
+        max_prompt_length: longest prompt in tokens, image tokens included (the paper: 2048; docs/method.md section 4.11).
         on_bad_record: "raise" on the first malformed record, or "skip" it (counted, logged).
-        on_long_prompt: "skip" (SPEC: dropped at setup and counted) or "raise".
+        on_long_prompt: "skip" (the paper: dropped at setup and counted) or "raise".
         seed: seed of the split of a single-split dataset and of `max_records` sampling.
         test_fraction: share held out for test when the dataset has a single split.
         train_split: name of the training split.
         val_split: name of the validation split; None: "validation" if present, else the test
-            split (SPEC validates on the test split).
+            split (the paper validates on the test split).
         test_split: name of the test split (also served by the predict loader).
         demo: size and seed of the built-in demo set (used when dataset="demo").
         cache_dir: where `datasets` caches downloads and converted files; None: its default.
@@ -248,7 +248,7 @@ class SafeTagDataModule(LightningDataModule):
         if stage in (None, "fit") and len(built["train"]) < self.batch_size:
             raise ValueError(
                 f"the train split has {len(built['train'])} valid records, fewer than "
-                f"batch_size={self.batch_size}: with drop_last (SPEC) there would be no batch. "
+                f"batch_size={self.batch_size}: the training loader drops the last partial batch, so there would be none. "
                 "Lower batch_size or add data."
             )
         self.datasets = built
@@ -306,7 +306,7 @@ class SafeTagDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled; drops the last partial batch (SPEC section 4)."""
+        """Shuffled; drops the last partial batch (docs/method.md section 4)."""
         return self._loader("train", self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -346,7 +346,7 @@ def grpo_loss(
 
 @dataclass(frozen=True)
 class LossSettings:
-    """How the GRPO loss and advantages are computed (defaults reproduce SPEC section 4).
+    """How the GRPO loss and advantages are computed (defaults reproduce docs/method.md section 4).
 
     Attributes:
         clip_eps_low: lower clip range: ratios below 1 - clip_eps_low are clipped when A < 0.

@@ -1,9 +1,9 @@
-"""Training-time safety metrics as torchmetrics objects (SPEC section 5, first tier).
+"""Training-time safety metrics as torchmetrics objects (docs/method.md section 5.1).
 
 Every metric here is a share (or a mean) over the samples it is eligible for: a running sum of
 per-sample values and a running count of eligible samples, both summed across batches and
 across processes (`dist_reduce_fx="sum"`), so the value is exact however the data is sharded.
-They are rule-based: "refused" is the keyword rule of SPEC section 3, never a judge, and these
+They are rule-based: "refused" is the keyword rule of docs/method.md section 3.3, never a judge, and these
 figures are not comparable with the paper's judge-based numbers.
 
 One set of update keywords serves every metric, so a `MetricCollection` updates them all in

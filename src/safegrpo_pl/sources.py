@@ -16,7 +16,7 @@ what was expected, never mid-epoch. `RowConverter` turns one raw row into a `Saf
 same converter decodes a record again when it is served (`safegrpo_pl.data`).
 
 Departures from the authors' pipeline:
-- Too-long prompts are dropped and counted (SPEC), but malformed records raise by default
+- Too-long prompts are dropped and counted (docs/method.md section 4.11), but malformed records raise by default
   (`on_bad_record="raise"`); `"skip"` drops them, counted per kind and id (`BadRecordReport`).
 """
 
