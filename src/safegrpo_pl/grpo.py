@@ -251,6 +251,26 @@ def _check_advantages(advantages: Tensor, rows: int) -> None:
         )
 
 
+def _loss_stats(
+    terms: _Surrogate, kl: Tensor | None, weights: Tensor, policy_loss: Tensor
+) -> LossStats:
+    """Detached sums over the unmasked tokens (`weights` 1), for logging and merging."""
+    with torch.no_grad():
+        keep = weights.bool()
+        ratio = terms.ratio.detach()  # (N, T)
+        inf = torch.tensor(float("inf"), dtype=ratio.dtype, device=ratio.device)
+        return LossStats(
+            policy_loss=policy_loss,
+            kl_sum=None if kl is None else (kl.detach() * weights).sum(),
+            clipped=(terms.clipped & keep).to(weights.dtype).sum(),
+            dual_clipped=(terms.dual_clipped & keep).to(weights.dtype).sum(),
+            ratio_sum=torch.where(keep, ratio, torch.zeros_like(ratio)).sum(),
+            ratio_min=torch.where(keep, ratio, inf).min(),
+            ratio_max=torch.where(keep, ratio, -inf).max(),
+            num_tokens=weights.sum(),
+        )
+
+
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -325,19 +345,7 @@ def grpo_loss(
     options = {"normalizer": loss_normalizer, "max_completion_length": max_completion_length}
     loss = aggregate(per_token, weights, **options)
 
-    with torch.no_grad():
-        ratio = terms.ratio.detach()  # (N, T)
-        inf = torch.tensor(float("inf"), dtype=ratio.dtype, device=ratio.device)
-        stats = LossStats(
-            policy_loss=aggregate(terms.loss.detach(), weights, **options),
-            kl_sum=None if kl is None else (kl.detach() * weights).sum(),
-            clipped=(terms.clipped & keep).to(dtype).sum(),
-            dual_clipped=(terms.dual_clipped & keep).to(dtype).sum(),
-            ratio_sum=torch.where(keep, ratio, torch.zeros_like(ratio)).sum(),
-            ratio_min=torch.where(keep, ratio, inf).min(),
-            ratio_max=torch.where(keep, ratio, -inf).max(),
-            num_tokens=weights.sum(),
-        )
+    stats = _loss_stats(terms, kl, weights, aggregate(terms.loss.detach(), weights, **options))
     return loss, stats
 
 
