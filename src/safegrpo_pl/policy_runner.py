@@ -7,9 +7,7 @@ mode they found; the training pass runs in whatever mode the caller left (train)
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,17 +16,8 @@ from torch import Tensor
 from safegrpo_pl.inputs import PromptBatch
 from safegrpo_pl.logprobs import completion_logprobs
 from safegrpo_pl.model import PolicySettings, eos_token_ids, vision_token_ids
+from safegrpo_pl.prefill import eval_mode
 from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class PolicyRunner:
@@ -72,7 +61,7 @@ class PolicyRunner:
 
     def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings) -> Rollout:
         """`group_size` completions per prompt from the current policy, in eval mode."""
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return sample_groups(
                 self.model,
                 batch,
@@ -106,7 +95,7 @@ class PolicyRunner:
     ) -> Tensor:
         """(N, T) log-probs under the current policy (old) or the reference, in eval mode."""
         ids, mask = rollout.completion_ids, rollout.completion_mask
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             if not reference:
                 return self.logprobs(self.model, batch, ids, mask, temperature)
             if self.reference is not None:
