@@ -80,7 +80,7 @@ class PeakProbe(Callback):
     def __init__(self) -> None:
         self.result: dict[str, Any] = {}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.result:
             return
         # A suppressed token can never be sampled: no completion ends before max_new_tokens.
@@ -110,7 +110,7 @@ class PeakProbe(Callback):
 
         return timed
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if "peak" in self.result:
             return
         self.profiler.__exit__(None, None, None)
