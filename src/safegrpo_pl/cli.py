@@ -1,4 +1,4 @@
-"""`python -m safegrpo_pl fit|validate|test|predict --config FILE`: LightningCLI wiring.
+"""`python -m safegrpo_pl fit|validate|test|predict|plan --config FILE`: LightningCLI wiring.
 
 YAML configs go through OmegaConf, so `${model.group_size}`-style interpolation works; any key
 can be overridden on the command line (`--model.group_size 4 --trainer.max_steps 10`).
@@ -6,6 +6,7 @@ can be overridden on the command line (`--model.group_size 4 --trainer.max_steps
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -56,6 +57,11 @@ def silence_known_notes() -> None:
 
 def main(args: Sequence[str] | None = None) -> SafeGRPOCLI:
     """Run the command line (`args` defaults to sys.argv)."""
+    argv = list(args) if args is not None else sys.argv[1:]
+    if argv[:1] == ["plan"]:  # a memory estimate from the same config; not a Trainer command
+        from safegrpo_pl.plan_cli import main as plan_main
+
+        return plan_main(argv[1:])
     silence_known_notes()
     return SafeGRPOCLI(
         SafeGRPOModule,

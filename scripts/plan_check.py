@@ -1,0 +1,249 @@
+"""`plan`'s estimate beside the measured peak of a real `fit` step on CPU, for small configs.
+
+    PYTHONPATH=src python scripts/plan_check.py           # the table, ~30 s on 2 cores
+    PYTHONPATH=src python scripts/plan_check.py --json out.json
+
+What is measured: one training step of `Trainer.fit` (one rollout batch: sampling, reference
+and old log-probs, two optimiser steps over two mini-batches, so that AdamW's state exists
+during the second training pass, as in every later step). The peak is
+
+    bytes held at the step's start (parameters and buffers of the policy and its reference)
+    + the highest count of bytes allocated during the step and not yet freed,
+
+the second term read from torch's own CPU allocator: under `torch.profiler.profile(
+profile_memory=True)` every allocation and free through c10's CPU allocator is recorded with
+its size and the allocator's running total (`total_allocated` of the profiler's allocation
+events). This counts tensors exactly, unlike RSS deltas, which also move with glibc's caching,
+Python objects and the profiler's own buffers.
+
+To compare like with like, every completion runs to max_new_tokens (the end-of-sequence token is
+made unreachable: the plan assumes that worst case), and the plan is given the prompt length and
+image tokens of the batch actually drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from lightning import Callback, Trainer, seed_everything
+from torch._C._profiler import _EventType
+
+from safegrpo_pl.data import SafeTagDataModule
+from safegrpo_pl.model import LoraSettings
+from safegrpo_pl.module import SafeGRPOModule
+from safegrpo_pl.plan import RunShape, estimate, model_dims
+from safegrpo_pl.rollout import SamplingSettings
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Case:
+    """One small configuration to measure."""
+
+    name: str
+    model: str = "tiny:qwen2_5_vl?hidden_size=128&num_layers=4"
+    lora: bool = False
+    gradient_checkpointing: bool = False
+    batch_size: int = 4
+    group_size: int = 4
+    mini_batch_size: int = 2
+    micro_batch_size: int = 1
+    max_new_tokens: int = 32
+    rollout_micro_batch_size: int | None = None
+
+
+CASES = (
+    Case("full", lora=False, gradient_checkpointing=False),
+    Case("full+ckpt", lora=False, gradient_checkpointing=True),
+    Case("lora", lora=True, gradient_checkpointing=False),
+    Case("lora+ckpt", lora=True, gradient_checkpointing=True),
+)
+
+
+def _walk(nodes: Any) -> Any:
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
+
+
+class PeakProbe(Callback):
+    """Profiles the first training step's CPU allocations; keeps what the plan needs to know."""
+
+    def __init__(self) -> None:
+        self.result: dict[str, Any] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.result:
+            return
+        # A suppressed token can never be sampled: no completion ends before max_new_tokens.
+        pl_module.eos_ids = [pl_module.suppress_ids[0]]
+        grid = batch.model_kwargs.get("image_grid_thw")
+        self.result["prompt_length"] = int(batch.input_ids.shape[1])
+        self.result["image_tokens"] = int(grid.prod(-1).max()) // 4 if grid is not None else 0
+        models = [pl_module.policy, *pl_module._reference]
+        tensors = {id(t): t for m in models for t in [*m.parameters(), *m.buffers()]}
+        self.result["held_at_start"] = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.windows: list[tuple[str, int, int]] = []
+        phases = {"sample": "sampling", "frozen_logprobs": "log-probs", "optimise": "training"}
+        for method, phase in phases.items():
+            setattr(pl_module, method, self._timed(getattr(pl_module, method), phase))
+        self.profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        )
+        self.profiler.__enter__()
+
+    def _timed(self, method: Any, phase: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.time_ns()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.windows.append((phase, start, time.time_ns()))
+
+        return timed
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if "peak" in self.result:
+            return
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.profiler.kineto_results.experimental_event_tree()
+        nodes = [n for n in _walk(events) if n.tag == _EventType.Allocation]
+        nodes = sorted(
+            (n for n in nodes if str(n.extra_fields.device) == "cpu"), key=lambda n: n.start_time_ns
+        )
+        # The allocator's running total counts blocks from earlier profiled windows still alive:
+        # the window's own start is the first event's total minus its own size.
+        first = nodes[0].extra_fields
+        offset = self.result["held_at_start"] - (first.total_allocated - first.alloc_size)
+        self.result["peak"] = offset + max(n.extra_fields.total_allocated for n in nodes)
+        phases: dict[str, int] = {}
+        for phase, begin, end in self.windows:
+            inside = [
+                n.extra_fields.total_allocated for n in nodes if begin <= n.start_time_ns <= end
+            ]
+            if inside:
+                phases[phase] = max(phases.get(phase, 0), offset + max(inside))
+        self.result["phases"] = phases
+        self.result["dims"] = model_dims(pl_module.policy, pl_module.policy.config)
+
+
+def measure(case: Case, seed: int = 0) -> dict[str, Any]:
+    """Run one `fit` step of `case` on CPU; returns the measured peak and what the plan needs."""
+    seed_everything(seed, verbose=False)
+    extra = {}
+    if case.rollout_micro_batch_size is not None:
+        extra["rollout_micro_batch_size"] = case.rollout_micro_batch_size
+    module = SafeGRPOModule(
+        model_name_or_path=case.model,
+        lora=LoraSettings(r=8, alpha=16) if case.lora else None,
+        gradient_checkpointing=case.gradient_checkpointing,
+        group_size=case.group_size,
+        mini_batch_size=case.mini_batch_size,
+        micro_batch_size=case.micro_batch_size,
+        kl_coef=0.1,
+        sampling=SamplingSettings(max_new_tokens=case.max_new_tokens),
+        **extra,
+    )
+    data = SafeTagDataModule(
+        dataset="demo", processor=case.model, guide=None, batch_size=case.batch_size
+    )
+    probe = PeakProbe()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,  # the two optimiser steps of the one rollout batch
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[probe],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, data)
+    return probe.result
+
+
+def plan_for(case: Case, measured: dict[str, Any]) -> RunShape:
+    """The run shape of `case` as the plan sees it, with the lengths of the measured batch."""
+    return RunShape(
+        group_size=case.group_size,
+        rollout_batch=case.batch_size,
+        mini_batch=case.mini_batch_size,
+        micro_batch=case.micro_batch_size,
+        rollout_chunk=case.rollout_micro_batch_size,
+        prompt_length=measured["prompt_length"],
+        completion_length=case.max_new_tokens,
+        image_tokens=measured["image_tokens"],
+        lora=case.lora,
+        gradient_checkpointing=case.gradient_checkpointing,
+        kl_coef_positive=True,
+        old_logprobs=case.batch_size // case.mini_batch_size > 1,
+        precision="uniform",
+        dtype_bytes=4,
+        cpu_sampler=True,
+    )
+
+
+def check(case: Case) -> dict[str, Any]:
+    """Measure `case` and estimate it; returns a row of the table."""
+    start = time.perf_counter()
+    measured = measure(case)
+    run = plan_for(case, measured)
+    plan = estimate(measured["dims"], run)
+    return {
+        "case": case.name,
+        "estimate_mib": plan.peak / MIB,
+        "measured_mib": measured["peak"] / MIB,
+        "ratio": plan.peak / measured["peak"],
+        "peak_phase": plan.peak_phase,
+        # The first step samples and scores before AdamW's state exists: compare those phases
+        # without it.
+        "phases_mib": {
+            name: [
+                (plan.phase_total(name) - (name != "training") * plan.resident["optimizer state"])
+                / MIB,
+                measured["phases"].get(name, 0) / MIB,
+            ]
+            for name in plan.phases
+        },
+        "prompt_length": run.prompt_length,
+        "seconds": time.perf_counter() - start,
+        "settings": asdict(case),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--chunk", type=int, help="model.rollout_micro_batch_size, if it exists")
+    args = parser.parse_args()
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    cases = CASES
+    if args.chunk:
+        cases = tuple(replace(c, rollout_micro_batch_size=args.chunk) for c in CASES)
+    rows = [check(case) for case in cases]
+    print(f"{'case':<12} {'estimate MiB':>13} {'measured MiB':>13} {'ratio':>6}  peak phase")
+    for row in rows:
+        print(
+            f"{row['case']:<12} {row['estimate_mib']:>13.2f} {row['measured_mib']:>13.2f} "
+            f"{row['ratio']:>6.2f}  {row['peak_phase']}"
+        )
+        for name, (est, got) in row["phases_mib"].items():
+            print(f"  {name:<10} {est:>13.2f} {got:>13.2f} {est / got if got else 0:>6.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

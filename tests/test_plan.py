@@ -1,0 +1,188 @@
+"""`plan`: the memory estimate, its check against measured peaks, and the paper's configs."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from safegrpo_pl.module import SafeGRPOModule
+from safegrpo_pl.plan import GIB, RunShape, estimate, kv_bytes_per_token
+from safegrpo_pl.plan_cli import config_dims, parse_memory, read_config, run_shape, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import plan_check  # noqa: E402
+
+HAS_CHUNKING = "rollout_micro_batch_size" in inspect.signature(SafeGRPOModule).parameters
+PAPER = {
+    "qwen.yaml": ASSETS / "qwen3-vl-8b-config.json",
+    "qwen3-vl-4b.yaml": ASSETS / "qwen3-vl-4b-config.json",
+}
+
+
+def _paper(name: str, *extra: str):
+    config = read_config(["--config", str(ROOT / "configs" / name), *extra])
+    return config, config_dims(config, str(PAPER[name]))
+
+
+# -- the estimate against a measured fit step ------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["whole-rollout", "chunk-2"])
+@pytest.mark.parametrize("case", plan_check.CASES, ids=[c.name for c in plan_check.CASES])
+def test_estimate_is_within_25_percent_of_the_measured_peak_of_a_fit_step(case, chunk):
+    if chunk is not None and not HAS_CHUNKING:
+        pytest.skip("model.rollout_micro_batch_size does not exist yet: one chunk size only")
+    row = plan_check.check(replace(case, rollout_micro_batch_size=chunk))
+    assert 0.75 <= row["ratio"] <= 1.25, (
+        f"{case.name}: estimate {row['estimate_mib']:.2f} MiB vs measured "
+        f"{row['measured_mib']:.2f} MiB (phases estimate/measured: {row['phases_mib']})"
+    )
+
+
+# -- arithmetic by hand ----------------------------------------------------------------------
+
+
+def test_kv_cache_per_token_and_the_whole_rollout_cache_of_the_paper_config():
+    config, dims = _paper("qwen.yaml")
+    # 2 (K, V) x 36 layers x 8 KV heads x 128 x 2 bytes = 147,456 bytes = 144 KiB
+    assert kv_bytes_per_token(dims, 2) == 144 * 1024
+    plan = estimate(dims, run_shape(config))
+    generated = plan.phases["sampling"]["generated KV cache (B*G rows)"]
+    # 64 prompts x G 8 x 4,096 new tokens x 144 KiB = 288 GiB, reserved up front
+    assert generated == 64 * 8 * 4096 * 144 * 1024 == 288 * GIB
+
+
+def test_sampling_and_logprob_memory_follow_the_chunk_not_the_rollout_batch():
+    config, dims = _paper("qwen.yaml")
+    small = estimate(dims, run_shape(config, rollout_chunk=4))
+    doubled = estimate(dims, run_shape(config, rollout_chunk=4, rollout_batch=128))
+    for phase in ("sampling", "log-probs"):
+        assert small.phases[phase] == doubled.phases[phase], f"{phase} grew with the batch"
+    bigger = estimate(dims, run_shape(config, rollout_chunk=8))
+    assert bigger.phase_total("sampling") > small.phase_total("sampling")
+
+
+def test_lora_adapters_of_the_paper_config_are_the_trainable_parameters():
+    _, dims = _paper("qwen.yaml")
+    # per layer, r 64 x (in + out): q 4096+4096, k and v 4096+1024, o 4096+4096,
+    # gate and up 4096+12288, down 12288+4096 = 75,776 x 64; 36 layers
+    assert dims.trainable_params == 36 * 64 * 75_776
+    assert 8.5e9 < dims.total_params < 9.2e9
+
+
+def test_the_4b_config_asset_is_qwen3_vl_4b():
+    _, dims = _paper("qwen3-vl-4b.yaml")
+    assert (dims.hidden_size, dims.num_layers, dims.num_kv_heads) == (2560, 36, 8)
+    # 4.44 B parameters (tied embeddings counted once) plus the LoRA adapters
+    assert 4.40e9 < dims.total_params - dims.trainable_params < 4.47e9
+
+
+def test_full_fine_tuning_keeps_a_reference_copy_unless_offloaded():
+    config, dims = _paper("qwen.yaml", "--model.lora", "null")
+    run = run_shape(config, rollout_chunk=4)
+    assert estimate(dims, run).resident["reference copy"] == dims.total_params * 2
+    assert "reference copy" not in estimate(dims, replace(run, reference_offload=True)).resident
+
+
+def test_fsdp_shards_weights_gradients_and_optimiser_state():
+    config, dims = _paper("qwen.yaml", "--model.lora", "null")
+    run = run_shape(config, rollout_chunk=4)
+    sharded = estimate(dims, replace(run, shards=True)).resident
+    whole = estimate(dims, run).resident
+    assert sharded["optimizer state"] == pytest.approx(whole["optimizer state"] / 4)
+    assert "sharded-layer gather" in sharded
+
+
+def test_mixed_precision_keeps_trainables_and_adam_in_float32():
+    config, dims = _paper("qwen.yaml")
+    run = run_shape(config, rollout_chunk=4)
+    uniform = estimate(dims, run).resident["optimizer state"]
+    mixed = estimate(dims, replace(run, precision="mixed")).resident["optimizer state"]
+    assert mixed == 2 * uniform == dims.trainable_params * 8
+
+
+# -- the paper's configs on 4 x 80 GB --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_fit_four_80gb_gpus_with_margin_when_the_rollout_is_chunked(name):
+    config, dims = _paper(name)
+    run = run_shape(config, rollout_chunk=4)
+    assert run.world_size == 4 and run.gradient_checkpointing and run.dtype_bytes == 2
+    for precision in ("uniform", "mixed"):
+        result = verdict(dims, replace(run, precision=precision), parse_memory("80GB"), 0.1)
+        plan = estimate(dims, replace(run, precision=precision))
+        assert result.fits, f"{name} ({precision}): peak {plan.peak / GIB:.1f} GiB"
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_without_chunking_plan_says_no_and_names_the_chunk_setting(name):
+    config, dims = _paper(name)
+    result = verdict(dims, run_shape(config), parse_memory("80GB"))
+    assert not result.fits
+    assert set(result.changes) == {"model.rollout_micro_batch_size"}
+    assert result.fixed_peak <= 0.9 * 80 * GIB
+
+
+@pytest.mark.skipif(not HAS_CHUNKING, reason="model.rollout_micro_batch_size does not exist yet")
+def test_the_chunk_setting_is_read_from_the_config():
+    config, _ = _paper("qwen.yaml", "--model.rollout_micro_batch_size", "4")
+    assert run_shape(config).rollout_chunk == 4
+
+
+def test_a_training_pass_over_budget_asks_for_a_smaller_micro_batch():
+    config, dims = _paper("qwen.yaml", "--model.micro_batch_size", "4")
+    result = verdict(dims, run_shape(config, rollout_chunk=4), parse_memory("80GB"))
+    assert result.changes.get("model.micro_batch_size") in (1, 2)
+
+
+def test_parse_memory_reads_gpu_sizes():
+    assert parse_memory("80GB") == parse_memory("80 GiB") == 80 * GIB
+    assert parse_memory("512MB") == 512 * 2**20
+    with pytest.raises(ValueError, match="--gpu_memory"):
+        parse_memory("eighty")
+
+
+def test_run_shape_rejects_a_chunk_larger_than_the_rollout_batch():
+    with pytest.raises(ValueError, match="rollout_chunk is 9"):
+        RunShape(
+            group_size=2,
+            rollout_batch=8,
+            mini_batch=None,
+            micro_batch=None,
+            rollout_chunk=9,
+            prompt_length=4,
+            completion_length=4,
+        )
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_plan_subcommand_runs_on_the_tiny_config_and_writes_json(tmp_path, capsys):
+    from safegrpo_pl.cli import main
+
+    out = tmp_path / "plan.json"
+    payload = main(["plan", "--config", str(ROOT / "configs" / "tiny.yaml"), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "total (peak)" in printed and "fits 80 GiB" in printed
+    written = json.loads(out.read_text())
+    assert written["fits"] and written["peak_bytes"] == payload["peak_bytes"] > 0
+    assert written["run"]["lora"] is False and written["run"]["world_size"] == 1
+
+
+def test_plan_subcommand_on_the_paper_config_names_the_fix(capsys):
+    from safegrpo_pl.cli import main
+
+    args = ["plan", "--config", str(ROOT / "configs" / "qwen.yaml")]
+    main([*args, "--model_config", str(PAPER["qwen.yaml"]), "--gpu_memory", "80GB"])
+    printed = capsys.readouterr().out
+    assert "does NOT fit 80 GiB" in printed and "--model.rollout_micro_batch_size" in printed
