@@ -36,10 +36,10 @@ from lightning import Callback, Trainer, seed_everything
 from torch._C._profiler import _EventType
 
 from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.model import LoraSettings
+from safegrpo_pl.model import LoraSettings, PolicySettings
 from safegrpo_pl.module import SafeGRPOModule
 from safegrpo_pl.plan import RunShape, estimate, model_dims
-from safegrpo_pl.rollout import SamplingSettings
+from safegrpo_pl.sampling import SamplingSettings
 
 MIB = 2**20
 
@@ -84,7 +84,7 @@ class PeakProbe(Callback):
         if self.result:
             return
         # A suppressed token can never be sampled: no completion ends before max_new_tokens.
-        pl_module.eos_ids = [pl_module.suppress_ids[0]]
+        pl_module.runner.eos_ids = [pl_module.runner.suppress_ids[0]]
         grid = batch.model_kwargs.get("image_grid_thw")
         self.result["prompt_length"] = int(batch.input_ids.shape[1])
         self.result["image_tokens"] = int(grid.prod(-1).max()) // 4 if grid is not None else 0
@@ -142,9 +142,11 @@ def measure(case: Case, seed: int = 0) -> dict[str, Any]:
     if case.rollout_micro_batch_size is not None:
         extra["rollout_micro_batch_size"] = case.rollout_micro_batch_size
     module = SafeGRPOModule(
-        model_name_or_path=case.model,
-        lora=LoraSettings(r=8, alpha=16) if case.lora else None,
-        gradient_checkpointing=case.gradient_checkpointing,
+        policy=PolicySettings(
+            name_or_path=case.model,
+            lora=LoraSettings(r=8, alpha=16) if case.lora else None,
+            gradient_checkpointing=case.gradient_checkpointing,
+        ),
         group_size=case.group_size,
         mini_batch_size=case.mini_batch_size,
         micro_batch_size=case.micro_batch_size,

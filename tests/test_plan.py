@@ -86,14 +86,14 @@ def test_the_4b_config_asset_is_qwen3_vl_4b():
 
 
 def test_full_fine_tuning_keeps_a_reference_copy_unless_offloaded():
-    config, dims = _paper("qwen.yaml", "--model.lora", "null")
+    config, dims = _paper("qwen.yaml", "--model.policy.lora", "null")
     run = run_shape(config, rollout_chunk=4)
     assert estimate(dims, run).resident["reference copy"] == dims.total_params * 2
     assert "reference copy" not in estimate(dims, replace(run, reference_offload=True)).resident
 
 
 def test_fsdp_shards_weights_gradients_and_optimiser_state():
-    config, dims = _paper("qwen.yaml", "--model.lora", "null")
+    config, dims = _paper("qwen.yaml", "--model.policy.lora", "null")
     run = run_shape(config, rollout_chunk=4)
     sharded = estimate(dims, replace(run, shards=True)).resident
     whole = estimate(dims, run).resident

@@ -21,7 +21,7 @@ How a step uses memory (the order of `SafeGRPOModule.training_step`):
   3. the training micro-batch (with grad): saved activations (all of them, or one input per
      layer plus one recomputed layer with gradient checkpointing), the float32 logits kept for
      the log-softmax's backward on every scored token (the LM head runs on masked tokens only,
-     `safegrpo_pl.rollout._masked_head_logprobs`), and the gradients.
+     `safegrpo_pl.logprobs._masked_head_logprobs`), and the gradients.
 
 Assumptions, all on the side of caution:
 - every prompt has `prompt_length` tokens (images included) and every completion runs to
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GIB = 2**30
-# The LM head's chunk (elements of logits), as in `safegrpo_pl.rollout.HEAD_CHUNK_ELEMENTS`.
+# The LM head's chunk (elements of logits), as in `safegrpo_pl.logprobs.HEAD_CHUNK_ELEMENTS`.
 HEAD_CHUNK_ELEMENTS = 2**26
 # NF4 with double quantisation: 4 bits per weight plus ~0.127 bits of block scales.
 NF4_BYTES = 4.127 / 8
@@ -269,7 +269,7 @@ def _worst(*moments: dict[str, float]) -> dict[str, float]:
 
 
 def _head_chunk(dims: ModelDims, tokens: int) -> int:
-    """Tokens per LM-head chunk (`safegrpo_pl.rollout._masked_head_logprobs`)."""
+    """Tokens per LM-head chunk (`safegrpo_pl.logprobs._masked_head_logprobs`)."""
     return max(1, min(HEAD_CHUNK_ELEMENTS // dims.vocab_size, tokens))
 
 
@@ -280,7 +280,7 @@ def _head_transient(dims: ModelDims, b: int, tokens: int) -> float:
 
 
 def sampling_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
-    """One rollout chunk's sampling: the shared-prefix decode (`safegrpo_pl.rollout`).
+    """One rollout chunk's sampling: the shared-prefix decode (`safegrpo_pl.sampling`).
 
     Two moments: the prefill (prompt cache growing, one layer's activations), then the decode
     (the generated tokens' cache, allocated once for max_new_tokens, and the sampler's buffers).

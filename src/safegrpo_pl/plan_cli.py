@@ -132,7 +132,7 @@ def _shards(config: Any) -> bool:
 def _precision(config: Any) -> tuple[str, int]:
     """("uniform" | "mixed", bytes of the frozen weights and activations)."""
     trainer = str(_get(config, "trainer.precision", None) or "32-true")
-    dtype = str(_get(config, "model.dtype", "float32"))
+    dtype = str(_get(config, "model.policy.dtype", "float32"))
     half = 2 if dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
     master = next(
         (_get(config, f"model.{k}") for k in MASTER_WEIGHT_KEYS if _get(config, f"model.{k}")),
@@ -162,9 +162,9 @@ def run_shape(config: Any, *, image_tokens: int = 1024, **overrides: Any) -> Run
         prompt_length=length,
         completion_length=int(_get(config, "model.sampling.max_new_tokens")),
         image_tokens=min(image_tokens, length),
-        lora=_get(config, "model.lora") is not None,
-        load_in_4bit=bool(_get(config, "model.load_in_4bit", False)),
-        gradient_checkpointing=bool(_get(config, "model.gradient_checkpointing", False)),
+        lora=_get(config, "model.policy.lora") is not None,
+        load_in_4bit=bool(_get(config, "model.policy.load_in_4bit", False)),
+        gradient_checkpointing=bool(_get(config, "model.policy.gradient_checkpointing", False)),
         kl_coef_positive=float(_get(config, "model.kl_coef", 0.0)) > 0,
         old_logprobs=steps > 1,
         precision=precision,
@@ -183,17 +183,18 @@ def config_dims(config: Any, model_config: str | None = None) -> ModelDims:
 
     Args:
         config: the parsed `fit` config.
-        model_config: a folder or `config.json` to read instead of `model.model_name_or_path`
+        model_config: a folder or `config.json` to read instead of `model.policy.name_or_path`
             (for a hub id when the hub is out of reach).
     """
     from transformers import AutoConfig
 
-    from safegrpo_pl.model import LoraSettings, build_on_meta, resolve_model_path
+    from safegrpo_pl.model import LoraSettings, build_on_meta
+    from safegrpo_pl.tiny_models import resolve_model_path
 
-    source = model_config or resolve_model_path(str(_get(config, "model.model_name_or_path")))
-    trust = bool(_get(config, "model.trust_remote_code", False))
+    source = model_config or resolve_model_path(str(_get(config, "model.policy.name_or_path")))
+    trust = bool(_get(config, "model.policy.trust_remote_code", False))
     hf_config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
-    lora = _get(config, "model.lora")
+    lora = _get(config, "model.policy.lora")
     settings = None
     if lora is not None:
         settings = LoraSettings(**(lora.as_dict() if hasattr(lora, "as_dict") else dict(lora)))
@@ -246,7 +247,7 @@ def _knobs(run: RunShape) -> list[tuple[str, str, list[Any], tuple[str, ...]]]:
         ),
         (
             "gradient_checkpointing",
-            "model.gradient_checkpointing",
+            "model.policy.gradient_checkpointing",
             [] if run.gradient_checkpointing else [True],
             ("training",),
         ),
