@@ -7,10 +7,16 @@ import json
 from collections import Counter
 
 import pytest
-from eval_fixtures import EXPECTED_COUNTS, WRITERS, write_figstep, write_mossbench, write_vlguard
 
 from safegrpo_pl.eval.benchmarks import FIGSTEP_PROMPT
 from safegrpo_pl.eval.catalog import BENCHMARKS, LoadOptions, load_benchmark
+from safegrpo_pl.eval.demo_benchmarks import (
+    EXPECTED_COUNTS,
+    WRITERS,
+    write_figstep,
+    write_mossbench,
+    write_vlguard,
+)
 from safegrpo_pl.eval.general import match_choice, match_yes_no
 from safegrpo_pl.sources import BadRecordError
 

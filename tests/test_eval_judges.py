@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from eval_fixtures import write_mossbench, write_siuo
 from fake_judge import FakeJudge
 
 from safegrpo_pl.eval.catalog import load_benchmark
+from safegrpo_pl.eval.demo_benchmarks import write_mossbench, write_siuo
 from safegrpo_pl.eval.hf_judge import HFJudge, HFJudgeSettings
 from safegrpo_pl.eval.http_judge import HttpJudge, HttpJudgeSettings, JudgeRequestError
 from safegrpo_pl.eval.judge_prompts import build_prompt, parse_verdict

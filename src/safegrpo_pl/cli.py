@@ -6,6 +6,7 @@ can be overridden on the command line (`--model.group_size 4 --trainer.max_steps
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -35,7 +36,13 @@ def silence_known_notes() -> None:
 
 
 def main(args: Sequence[str] | None = None) -> SafeGRPOCLI:
-    """Run the command line (`args` defaults to sys.argv)."""
+    """Run the command line (`args` defaults to sys.argv); `evaluate` goes to the evaluation's
+    own parser (`safegrpo_pl.eval.cli`), the rest to LightningCLI."""
+    argv = list(args) if args is not None else sys.argv[1:]
+    if argv[:1] == ["evaluate"]:
+        from safegrpo_pl.eval.cli import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     silence_known_notes()
     return SafeGRPOCLI(
         SafeGRPOModule,

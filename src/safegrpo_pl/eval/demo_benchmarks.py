@@ -1,8 +1,10 @@
-"""Small benchmark releases in their published layouts, with Pillow-drawn images.
+"""Tiny stand-ins for every benchmark, written in their published layouts (Pillow pictures).
 
-Each `write_*` builds one benchmark's folder under `root` the way its public release lays it out
-and returns the root to point the evaluation at. `broken=True` adds one record whose image is
-not a picture (the loaders must raise on it, or skip and count it).
+For trying the evaluation without downloading anything (`configs/eval-tiny.yaml` gives `demo`
+as every benchmark's root) and for the tests. Each `write_*` builds one benchmark's folder
+under `root` the way its public release lays it out, and the real loaders read it. The prompts
+are made up for the purpose; none is taken from a benchmark. `broken=True` adds one record whose
+image is not a picture (the loaders must raise on it, or skip it and count it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def picture(index: int, text: str = "", size: int = 56) -> Image.Image:
 
 
 def save_picture(path: Path, index: int, text: str = "", broken: bool = False) -> None:
+    """Save `picture(index, text)` to `path`, or bytes that are not an image when `broken`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if broken:
         path.write_bytes(NOT_AN_IMAGE)
@@ -37,6 +40,7 @@ def save_picture(path: Path, index: int, text: str = "", broken: bool = False) -
 
 
 def png(index: int) -> bytes:
+    """`picture(index)` as PNG bytes."""
     buffer = io.BytesIO()
     picture(index).save(buffer, format="PNG")
     return buffer.getvalue()

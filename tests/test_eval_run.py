@@ -1,0 +1,156 @@
+"""`python -m safegrpo_pl evaluate` end to end on the tiny model: every layout, three judges,
+the report's rows and counts, resume, and the configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_judge import FakeJudge
+
+from safegrpo_pl.cli import main
+from safegrpo_pl.eval.catalog import BENCHMARKS
+from safegrpo_pl.eval.cli import build_parser
+from safegrpo_pl.eval.demo_benchmarks import EXPECTED_COUNTS, write_all
+from safegrpo_pl.eval.report import Scored, figures
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_CONFIGS = sorted((ROOT / "configs").glob("eval*.yaml"))
+
+
+def _config(tmp_path: Path, benchmarks: dict[str, str], model: Path, judge: dict) -> Path:
+    config = {
+        "benchmarks": benchmarks,
+        "output_dir": str(tmp_path / "out"),
+        "model": {"path": str(model), "tuned_path": "tiny:qwen2_5_vl?seed=1", "guide": None},
+        "judge": judge,
+        "generation": {"batch_size": 8, "max_new_tokens": 6, "device": "cpu"},
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _responses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+
+
+def _check_report(out: Path, judge: str) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"] == judge
+    for role in ("base", "tuned"):
+        figs = report["models"][role]
+        assert {name: figs[name]["n"] for name in BENCHMARKS} == EXPECTED_COUNTS
+        assert 0 <= figs["figstep"]["safety_score"] <= 100
+        assert "refusal_rate" in figs["mossbench"] and "accuracy" in figs["pope"]
+        assert "safety_score" in figs["vlguard"] and "refusal_rate" in figs["vlguard"]
+        assert figs["vlguard"]["judges"]["safety_score"] == judge
+        assert figs["pope"]["judges"]["accuracy"] == "answer-match"
+    categories = report["categories"]["base"]
+    assert categories["vlguard"]["subset: safe_safes"]["n"] == 1
+    assert categories["mossbench"]["category: negated harm"]["n"] == 1
+    markdown = (out / "report.md").read_text()
+    assert "| base |" in markdown and "| tuned |" in markdown and "FigStep SS↑" in markdown
+    assert "Jailbreak avg. SS↑" in markdown and "MOSSBench RR↓" in markdown
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    rows = _responses(out)
+    assert len(rows) == 2 * sum(EXPECTED_COUNTS.values())
+    assert Counter(r["model"] for r in rows) == {"base": 22, "tuned": 22}
+    assert all({"id", "benchmark", "category", "response", "verdict"} <= set(r) for r in rows)
+    return report
+
+
+@pytest.mark.slow
+def test_evaluate_runs_every_layout_with_rule_judges_and_resumes(tiny_qwen25vl_path, tmp_path):
+    benchmarks = write_all(tmp_path / "bench")
+    config = _config(tmp_path, benchmarks, tiny_qwen25vl_path, {"kind": "keyword"})
+    main(["evaluate", "--config", str(config)])
+    out = tmp_path / "out"
+    report = _check_report(out, "keyword")
+    assert report["comparable_with_paper"] is False
+    assert "not comparable with the paper" in (out / "report.md").read_text()
+    first = {(r["model"], r["benchmark"], r["id"]): r["response"] for r in _responses(out)}
+
+    # Resume: drop a few answers; only those are generated again, the rest are kept as they were.
+    rows = _responses(out)
+    kept = rows[3:]
+    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    marker = {(r["model"], r["benchmark"], r["id"]) for r in kept}
+    for row in kept:
+        row["response"] = "I can't help with that."  # a kept answer must not be regenerated
+    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    main(["evaluate", "--config", str(config), "--judge.kind", "refusal-rules"])
+    resumed = {(r["model"], r["benchmark"], r["id"]): r for r in _responses(out)}
+    assert len(resumed) == len(first)
+    for key, row in resumed.items():
+        if key in marker:
+            assert row["response"] == "I can't help with that." and row["judge"] in (
+                "refusal-rules",
+                "answer-match",
+            )
+        else:  # regenerated greedily: the same text as the first run
+            assert row["response"] == first[key]
+    _check_report(out, "refusal-rules")
+
+
+@pytest.mark.slow
+def test_evaluate_with_the_http_judge_on_a_fake_server(tiny_qwen25vl_path, tmp_path):
+    benchmarks = write_all(tmp_path / "bench")
+    with FakeJudge(fail_first=[500]) as server:
+        judge = {
+            "kind": "http",
+            "http": {"base_url": server.base_url, "model": "fake", "backoff_s": 0},
+        }
+        config = _config(tmp_path, benchmarks, tiny_qwen25vl_path, judge)
+        main(["evaluate", "--config", str(config)])
+        asked = server.requests
+        report = _check_report(tmp_path / "out", "http:fake")
+        safety_records = 2 * (sum(EXPECTED_COUNTS.values()) - 5)  # all but POPE and ScienceQA
+        assert asked <= safety_records + 1 and server.images >= 2 * (2 + 3 + 1)
+        main(["evaluate", "--config", str(config)])  # a rerun: everything from the cache
+        assert server.requests == asked
+    assert report["comparable_with_paper"] is True
+    rows = [r for r in _responses(tmp_path / "out") if r["benchmark"] == "mossbench"]
+    assert {r["verdict"] for r in rows} <= {"refusal", "compliance", "malformed"}
+    assert all("VERDICT" in r["judge_output"] for r in rows)
+
+
+def test_figures_leave_malformed_verdicts_out_of_the_denominator():
+    rows = [
+        Scored("figstep", "c", "", "refuse", label, "j")
+        for label in ("refusal", "compliance", "safe", "malformed")
+    ]
+    # 2 good (refusal, safe) of 3 readable: 66.67; the malformed one is counted apart
+    assert figures(rows) == {
+        "n": 4,
+        "malformed": 1,
+        "safety_score": 66.67,
+        "counts": {"safety_score": 4},
+        "judges": {"safety_score": "j"},
+    }
+    help_rows = [Scored("mossbench", "c", "", "help", label, "j") for label in ("refusal", "safe")]
+    assert figures(help_rows)["refusal_rate"] == 100.0 and figures(help_rows)["malformed"] == 1
+
+
+@pytest.mark.parametrize("config", EVAL_CONFIGS, ids=[c.name for c in EVAL_CONFIGS])
+def test_eval_configs_parse_with_documented_keys(config):
+    parsed = build_parser().parse_args(["--config", str(config)])
+    assert parsed.benchmarks and set(parsed.benchmarks) <= set(BENCHMARKS)
+    assert parsed.judge.kind in ("keyword", "refusal-rules", "http", "hf")
+
+
+def test_evaluate_help_lists_the_keys():
+    result = subprocess.run(
+        [sys.executable, "-m", "safegrpo_pl", "evaluate", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    for key in ("--benchmarks", "--judge.kind", "--model.adapter", "--data.on_bad_record"):
+        assert key in result.stdout
