@@ -57,6 +57,9 @@ def _check_report(out: Path, judge: str) -> dict:
     markdown = (out / "report.md").read_text()
     assert "| base |" in markdown and "| tuned |" in markdown and "FigStep SS↑" in markdown
     assert "Jailbreak avg. SS↑" in markdown and "MOSSBench RR↓" in markdown
+    # VLGuard's row per metric counts the records that metric covers: 2 to refuse, 1 to help
+    assert "| VLGuard | all | Safety Score ↑ (" + judge + ") | 2 |" in markdown
+    assert "| VLGuard | all | Refusal Rate ↓ (" + judge + ") | 1 |" in markdown
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     rows = _responses(out)
     assert len(rows) == 2 * sum(EXPECTED_COUNTS.values())
@@ -154,3 +157,42 @@ def test_evaluate_help_lists_the_keys():
     )
     for key in ("--benchmarks", "--judge.kind", "--model.adapter", "--data.on_bad_record"):
         assert key in result.stdout
+
+
+@pytest.mark.slow
+def test_adapter_off_answers_as_the_base_model_and_on_as_the_tuned_one(
+    tiny_qwen25vl_path, tmp_path
+):
+    import torch
+
+    from safegrpo_pl.eval.demo_benchmarks import write_figstep
+    from safegrpo_pl.eval.generate import GenerationSettings, ModelSettings
+    from safegrpo_pl.eval.judge_factory import JudgeSettings
+    from safegrpo_pl.eval.run import evaluate
+    from safegrpo_pl.model import LoraSettings, load_policy
+
+    policy = load_policy(str(tiny_qwen25vl_path), lora=LoraSettings(r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: LoRA's B starts at zero, which changes nothing
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)
+    policy.save_pretrained(tmp_path / "adapter")
+    benchmarks = {"figstep": str(write_figstep(tmp_path / "figstep"))}
+    generation = GenerationSettings(max_new_tokens=8, device="cpu")
+    judge = JudgeSettings(kind="keyword")
+
+    def answers(out: str, **model) -> dict:
+        settings = ModelSettings(path=str(tiny_qwen25vl_path), guide=None, **model)
+        evaluate(benchmarks, out, settings, judge, generation)
+        return {(r["model"], r["id"]): r["response"] for r in _responses(Path(out))}
+
+    plain = answers(str(tmp_path / "plain"))
+    with_adapter = answers(str(tmp_path / "lora"), adapter=str(tmp_path / "adapter"))
+    ids = [key[1] for key in plain]
+    assert all(with_adapter[("base", i)] == plain[("base", i)] for i in ids), (
+        "with the adapter disabled the base answers must be the base model's"
+    )
+    assert any(with_adapter[("tuned", i)] != plain[("base", i)] for i in ids), (
+        "adapter had no effect"
+    )

@@ -193,7 +193,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     DISPLAY_NAMES.get(name, name),
                     group,
                     label,
-                    str(figs["n"]),
+                    str(figs["counts"][metric]),
                     *values,
                     malformed,
                 ]
