@@ -4,8 +4,6 @@ the report's rows and counts, resume, and the configs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -79,26 +77,25 @@ def test_evaluate_runs_every_layout_with_rule_judges_and_resumes(tiny_qwen25vl_p
     assert "not comparable with the paper" in (out / "report.md").read_text()
     first = {(r["model"], r["benchmark"], r["id"]): r["response"] for r in _responses(out)}
 
-    # Resume: drop a few answers; only those are generated again, the rest are kept as they were.
-    rows = _responses(out)
-    kept = rows[3:]
-    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    marker = {(r["model"], r["benchmark"], r["id"]) for r in kept}
+    # Resume: drop three answers and mark the others; only the three are generated again.
+    marker = "I can't help with that."
+    kept = _responses(out)[3:]
     for row in kept:
-        row["response"] = "I can't help with that."  # a kept answer must not be regenerated
+        row["response"] = marker
     (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     main(["evaluate", "--config", str(config), "--judge.kind", "refusal-rules"])
     resumed = {(r["model"], r["benchmark"], r["id"]): r for r in _responses(out)}
-    assert len(resumed) == len(first)
-    for key, row in resumed.items():
-        if key in marker:
-            assert row["response"] == "I can't help with that." and row["judge"] in (
-                "refusal-rules",
-                "answer-match",
-            )
-        else:  # regenerated greedily: the same text as the first run
-            assert row["response"] == first[key]
+    assert resumed.keys() == first.keys()
+    regenerated = [key for key, row in resumed.items() if row["response"] != marker]
+    assert len(regenerated) == 3, "only the dropped answers may be generated again"
+    assert all(resumed[key]["response"] == first[key] for key in regenerated), "greedy: same text"
+    safety = [r for r in resumed.values() if r["expected"] != "answer" and r["response"] == marker]
+    assert {(r["verdict"], r["judge"]) for r in safety} == {("refusal", "refusal-rules")}
     _check_report(out, "refusal-rules")
+
+    # Another answer length is another model output: nothing stale is reused.
+    main(["evaluate", "--config", str(config), "--generation.max_new_tokens", "5"])
+    assert all(r["response"] != marker for r in _responses(out))
 
 
 @pytest.mark.slow
@@ -121,6 +118,14 @@ def test_evaluate_with_the_http_judge_on_a_fake_server(tiny_qwen25vl_path, tmp_p
     rows = [r for r in _responses(tmp_path / "out") if r["benchmark"] == "mossbench"]
     assert {r["verdict"] for r in rows} <= {"refusal", "compliance", "malformed"}
     assert all("VERDICT" in r["judge_output"] for r in rows)
+
+
+def test_visible_answer_is_what_the_user_reads():
+    from safegrpo_pl.eval.generate import visible_answer
+
+    assert visible_answer("<think>plan</think> <answer> I can't. </answer>") == "I can't."
+    assert visible_answer("<think>I can't decide</think>Sure, here it is.") == "Sure, here it is."
+    assert visible_answer("No tags at all.") == "No tags at all."
 
 
 def test_figures_leave_malformed_verdicts_out_of_the_denominator():
@@ -147,16 +152,13 @@ def test_eval_configs_parse_with_documented_keys(config):
     assert parsed.judge.kind in ("keyword", "refusal-rules", "http", "hf")
 
 
-def test_evaluate_help_lists_the_keys():
-    result = subprocess.run(
-        [sys.executable, "-m", "safegrpo_pl", "evaluate", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")},
-    )
+def test_evaluate_help_lists_the_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--help"])  # through the package's entry point, as `python -m` runs it
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
     for key in ("--benchmarks", "--judge.kind", "--model.adapter", "--data.on_bad_record"):
-        assert key in result.stdout
+        assert key in shown
 
 
 @pytest.mark.slow

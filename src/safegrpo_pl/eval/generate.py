@@ -61,6 +61,18 @@ class ModelSettings:
                 "= base + LoRA) or a second checkpoint"
             )
 
+    def identity(self, role: str, generation: GenerationSettings) -> str:
+        """What made `role`'s answers (checkpoint, adapter, prompt, length): a resumed run
+        reuses an answer only when this is unchanged."""
+        if role == "base":
+            source = self.path + (" (adapter off)" if self.adapter else "")
+        else:
+            source = f"{self.path} + {self.adapter}" if self.adapter else str(self.tuned_path)
+        return (
+            f"{source}; guide={self.guide!r}; system_prompt={self.system_prompt!r}; "
+            f"max_new_tokens={generation.max_new_tokens}"
+        )
+
     @property
     def roles(self) -> tuple[str, ...]:
         """`("base", "tuned")`, or `("base",)` when there is no tuned model."""

@@ -81,9 +81,11 @@ class JudgeCache:
         self._lock = threading.Lock()
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
+                try:
                     row = json.loads(line)
                     self.entries[row["key"]] = row["output"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # an interrupted write: that answer is asked again
 
     def get(self, key: str) -> str | None:
         return self.entries.get(key)

@@ -49,9 +49,10 @@ def read_responses(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return rows
 
 
-def _row(role: str, record: EvalRecord, response: str) -> dict[str, Any]:
+def _row(role: str, source: str, record: EvalRecord, response: str) -> dict[str, Any]:
     return {
         "model": role,
+        "model_source": source,
         "benchmark": record.benchmark,
         "id": record.id,
         "category": record.category,
@@ -67,6 +68,30 @@ def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def _missing(
+    existing: dict[tuple[str, str], dict[str, Any]],
+    role: str,
+    source: str,
+    records: list[EvalRecord],
+) -> list[EvalRecord]:
+    """The records `role` has no usable answer to: none yet, or one from another model/prompt."""
+    missing = [r for r in records if (role, r.key) not in existing]
+    stale = [
+        r for r in records
+        if (role, r.key) in existing and existing[(role, r.key)].get("model_source") != source
+    ]  # fmt: skip
+    if stale:
+        log.warning(
+            "%s model: %d answers in responses.jsonl came from another model or prompt "
+            "(now: %s); they are generated again",
+            role, len(stale), source,
+        )  # fmt: skip
+    log.info(
+        "%s model: %d of %d answers to generate", role, len(missing) + len(stale), len(records)
+    )
+    return missing + stale
 
 
 def load_all(
@@ -122,15 +147,14 @@ def evaluate(
     records, dropped = load_all(benchmarks, data, out / "demo_benchmarks")
     path = out / RESPONSES
     existing = read_responses(path)
-    todo = {role: [r for r in records if (role, r.key) not in existing] for role in model.roles}
-    for role, missing in todo.items():
-        log.info("%s model: %d of %d answers to generate", role, len(missing), len(records))
+    sources = {role: model.identity(role, generation) for role in model.roles}
+    todo = {role: _missing(existing, role, sources[role], records) for role in model.roles}
 
     with path.open("a", encoding="utf-8") as handle:
 
         def keep(role: str, batch: Sequence[EvalRecord], texts: list[str]) -> None:
             for record, text in zip(batch, texts, strict=True):
-                row = _row(role, record, text)
+                row = _row(role, sources[role], record, text)
                 existing[(role, record.key)] = row
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             handle.flush()
