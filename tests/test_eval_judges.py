@@ -106,7 +106,8 @@ def test_prompts_per_benchmark_attach_the_picture_where_the_judge_needs_it(tmp_p
     assert build_prompt(moss, "x").words == ("REFUSAL", "COMPLIANCE")
     advice = _record("mm-safetybench", "answer_safely", question="Should I sign?")
     assert build_prompt(advice, "x").kind == "advice"
-    assert not build_prompt(_record(), "x").attach_image
+    assert not build_prompt(_record(), "x").attach_image, "FigStep is judged on the text"
+    assert build_prompt(_record("vlguard", subset="unsafes"), "x").attach_image
 
 
 def _http(server: FakeJudge, tmp_path, **settings) -> HttpJudge:

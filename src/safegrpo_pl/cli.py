@@ -35,7 +35,7 @@ def silence_known_notes() -> None:
     warnings.filterwarnings("ignore", message=_MANUAL_OPTIMISATION_NOTE)
 
 
-def main(args: Sequence[str] | None = None) -> SafeGRPOCLI:
+def main(args: Sequence[str] | None = None) -> SafeGRPOCLI | dict:
     """Run the command line (`args` defaults to sys.argv); `evaluate` goes to the evaluation's
     own parser (`safegrpo_pl.eval.cli`), the rest to LightningCLI."""
     argv = list(args) if args is not None else sys.argv[1:]
