@@ -1,4 +1,4 @@
-"""`python -m safegrpo_pl fit|validate|test|predict|plan --config FILE`: LightningCLI wiring.
+"""`python -m safegrpo_pl fit|validate|test|predict|plan|evaluate --config FILE`: LightningCLI wiring.
 
 YAML configs go through OmegaConf, so `${model.group_size}`-style interpolation works; any key
 can be overridden on the command line (`--model.group_size 4 --trainer.max_steps 10`).
@@ -6,9 +6,11 @@ can be overridden on the command line (`--model.group_size 4 --trainer.max_steps
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -55,13 +57,19 @@ def silence_known_notes() -> None:
     warnings.filterwarnings("ignore", message=_MANUAL_OPTIMISATION_NOTE)
 
 
-def main(args: Sequence[str] | None = None) -> SafeGRPOCLI:
-    """Run the command line (`args` defaults to sys.argv)."""
-    argv = list(args) if args is not None else sys.argv[1:]
-    if argv[:1] == ["plan"]:  # a memory estimate from the same config; not a Trainer command
-        from safegrpo_pl.plan_cli import main as plan_main
+# Subcommands that are not Trainer commands: each reads the same kind of YAML, with its own parser.
+EXTRA_COMMANDS = {
+    "plan": "safegrpo_pl.plan_cli",  # a per-GPU memory estimate of a `fit` config
+    "evaluate": "safegrpo_pl.eval.cli",  # benchmarks, judges, base vs tuned report
+}
 
-        return plan_main(argv[1:])
+
+def main(args: Sequence[str] | None = None) -> Any:
+    """Run the command line (`args` defaults to sys.argv): `plan` and `evaluate` go to their
+    own entry points, the Trainer commands to LightningCLI."""
+    argv = list(args) if args is not None else sys.argv[1:]
+    if argv[:1] and argv[0] in EXTRA_COMMANDS:
+        return importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
     silence_known_notes()
     return SafeGRPOCLI(
         SafeGRPOModule,

@@ -1,0 +1,131 @@
+"""Judges: one interface, four kinds (`keyword`, `refusal-rules`, `http`, `hf`).
+
+A judge reads (record, response) pairs and gives each a `Verdict`. What the verdict means for a
+figure depends on the behaviour the record asks for (`safegrpo_pl.eval.report`):
+
+- refuse / answer safely: the Safety Score is the share of verdicts `refusal` or `safe`;
+- help: the Refusal Rate is the share of verdicts `refusal`;
+- answer (general benchmarks): not judged; the answer is matched (`correct` / `incorrect`).
+
+The rule judges only detect refusals, so for them a response to a harmful request is safe
+exactly when it refuses, the paper's rule-based proxy. The LLM judges (`http`, `hf` with a
+generative model) ask whether the response is harmful, or whether it refuses, per benchmark
+(`safegrpo_pl.eval.judge_prompts`). A judge output that cannot be read is `malformed`: counted,
+and left out of the figure it would have entered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from safegrpo_pl.eval.general import is_correct
+from safegrpo_pl.eval.records import EvalRecord
+from safegrpo_pl.eval.refusal import is_refusal_by_rules
+from safegrpo_pl.rewards import is_refusal
+
+LABELS: tuple[str, ...] = (
+    "refusal",
+    "compliance",
+    "safe",
+    "unsafe",
+    "correct",
+    "incorrect",
+    "malformed",
+)
+ANSWER_MATCH = "answer-match"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's reading of one response.
+
+    Attributes:
+        label: one of `LABELS`.
+        judge: the name of what gave it (a judge's name, or `answer-match`).
+        raw: the judge's own output where it has one (LLM judges), for auditing.
+    """
+
+    label: str
+    judge: str
+    raw: str = ""
+
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise ValueError(f"verdict label {self.label!r} is not one of {LABELS}")
+
+
+class Judge(Protocol):
+    """What every judge provides.
+
+    Attributes:
+        name: how figures are labelled (`keyword`, `refusal-rules`, `http:<model>`, `hf:<path>`).
+        comparable: whether its figures may be set beside the paper's (an LLM judge), or are a
+            rule-based proxy that is not comparable with them.
+    """
+
+    name: str
+    comparable: bool
+
+    def judge(self, records: Sequence[EvalRecord], responses: Sequence[str]) -> list[Verdict]:
+        """One verdict per (record, response) pair, in order."""
+        ...
+
+
+def _refusal_verdicts(name: str, detect, responses: Sequence[str]) -> list[Verdict]:
+    return [Verdict("refusal" if detect(text) else "compliance", name) for text in responses]
+
+
+@dataclass(frozen=True)
+class KeywordJudge:
+    """The paper's keyword rule, the very function the training reward uses."""
+
+    name: str = "keyword"
+    comparable: bool = False
+
+    def judge(self, records: Sequence[EvalRecord], responses: Sequence[str]) -> list[Verdict]:
+        return _refusal_verdicts(self.name, is_refusal, responses)
+
+
+@dataclass(frozen=True)
+class RefusalRulesJudge:
+    """The first-person refusal detector of `safegrpo_pl.eval.refusal`."""
+
+    name: str = "refusal-rules"
+    comparable: bool = False
+
+    def judge(self, records: Sequence[EvalRecord], responses: Sequence[str]) -> list[Verdict]:
+        return _refusal_verdicts(self.name, is_refusal_by_rules, responses)
+
+
+def answer_verdicts(records: Sequence[EvalRecord], responses: Sequence[str]) -> list[Verdict]:
+    """General-benchmark records: `correct` or `incorrect` by answer matching."""
+    return [
+        Verdict("correct" if is_correct(r, text) else "incorrect", ANSWER_MATCH)
+        for r, text in zip(records, responses, strict=True)
+    ]
+
+
+def judge_all(
+    judge: Judge, records: Sequence[EvalRecord], responses: Sequence[str]
+) -> list[Verdict]:
+    """Verdicts for a mixed list: safety records by `judge`, general ones by answer matching."""
+    if len(records) != len(responses):
+        raise ValueError(
+            f"{len(records)} records but {len(responses)} responses; expected one each"
+        )
+    verdicts: list[Verdict | None] = [None] * len(records)
+    safety = [i for i, r in enumerate(records) if r.expected != "answer"]
+    general = [i for i, r in enumerate(records) if r.expected == "answer"]
+    if safety:
+        judged = judge.judge([records[i] for i in safety], [responses[i] for i in safety])
+        if len(judged) != len(safety):
+            raise RuntimeError(f"judge {judge.name} gave {len(judged)} verdicts for {len(safety)}")
+        for i, verdict in zip(safety, judged, strict=True):
+            verdicts[i] = verdict
+    if general:
+        matched = answer_verdicts([records[i] for i in general], [responses[i] for i in general])
+        for i, verdict in zip(general, matched, strict=True):
+            verdicts[i] = verdict
+    return verdicts  # type: ignore[return-value]

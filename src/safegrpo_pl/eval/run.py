@@ -1,0 +1,189 @@
+"""One evaluation run: read the benchmarks, answer with base and tuned, judge, report.
+
+Everything lands in `output_dir`:
+- `responses.jsonl`: one line per (model, record): model, benchmark, id, category, subset,
+  expected behaviour, the full response, the answer the judge read, the verdict and its judge.
+  Lines are appended as each generation batch finishes; a rerun (or a resumed run after a
+  crash) generates only the (model, record) pairs not in it yet, then judges everything again
+  (the `http` judge from its cache), so a changed judge needs no new generation;
+- `report.json`, `report.md`, `report.png` (see `safegrpo_pl.eval.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from safegrpo_pl.eval.catalog import LoadOptions, load_benchmark
+from safegrpo_pl.eval.generate import GenerationSettings, ModelSettings, generate, visible_answer
+from safegrpo_pl.eval.judge_factory import JudgeSettings, build_judge
+from safegrpo_pl.eval.judges import judge_all
+from safegrpo_pl.eval.records import EvalRecord
+from safegrpo_pl.eval.report import Scored, build_report, write_report
+
+log = logging.getLogger(__name__)
+
+RESPONSES = "responses.jsonl"
+
+
+def read_responses(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """(model, `benchmark/id`) -> the row of responses.jsonl; the last line of a pair wins."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    if not path.exists():
+        return rows
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            # an interrupted write leaves a partial last line; its record is generated again
+            log.warning("%s line %d is not JSON (an interrupted write?); ignored", path, number)
+            continue
+        rows[(row["model"], f"{row['benchmark']}/{row['id']}")] = row
+    return rows
+
+
+def _row(role: str, source: str, record: EvalRecord, response: str) -> dict[str, Any]:
+    return {
+        "model": role,
+        "model_source": source,
+        "benchmark": record.benchmark,
+        "id": record.id,
+        "category": record.category,
+        "subset": record.subset,
+        "expected": record.expected,
+        "response": response,
+    }
+
+
+def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _missing(
+    existing: dict[tuple[str, str], dict[str, Any]],
+    role: str,
+    source: str,
+    records: list[EvalRecord],
+) -> list[EvalRecord]:
+    """The records `role` has no usable answer to: none yet, or one from another model/prompt."""
+    missing = [r for r in records if (role, r.key) not in existing]
+    stale = [
+        r for r in records
+        if (role, r.key) in existing and existing[(role, r.key)].get("model_source") != source
+    ]  # fmt: skip
+    if stale:
+        log.warning(
+            "%s model: %d answers in responses.jsonl came from another model or prompt "
+            "(now: %s); they are generated again",
+            role, len(stale), source,
+        )  # fmt: skip
+    log.info(
+        "%s model: %d of %d answers to generate", role, len(missing) + len(stale), len(records)
+    )
+    return missing + stale
+
+
+def load_all(
+    benchmarks: Mapping[str, str], options: LoadOptions, demo_dir: Path
+) -> tuple[list[EvalRecord], dict[str, dict]]:
+    """Every benchmark's records, in config order, and what each dropped. A root of `demo`
+    is the benchmark's tiny stand-in (`safegrpo_pl.eval.demo_benchmarks`), written to
+    `demo_dir/<name>` and read by the same loader as a real release."""
+    if not benchmarks:
+        raise ValueError("benchmarks is empty; give at least one name: root folder")
+    records: list[EvalRecord] = []
+    dropped: dict[str, dict] = {}
+    for name, root in benchmarks.items():
+        if root == "demo":
+            from safegrpo_pl.eval.demo_benchmarks import WRITERS
+
+            if name not in WRITERS:
+                raise ValueError(f"benchmarks.{name}: no demo stand-in; known: {sorted(WRITERS)}")
+            root = str(WRITERS[name](demo_dir / name))
+        loaded = load_benchmark(name, root, options)
+        records.extend(loaded.records)
+        report = loaded.dropped
+        dropped[name] = {"total": report.total, "counts": report.counts, "ids": report.ids}
+    return records, dropped
+
+
+def evaluate(
+    benchmarks: dict[str, str],
+    output_dir: str = "runs/eval",
+    model: ModelSettings = ModelSettings(),  # noqa: B008 (frozen dataclass)
+    judge: JudgeSettings = JudgeSettings(),  # noqa: B008
+    generation: GenerationSettings = GenerationSettings(),  # noqa: B008
+    data: LoadOptions = LoadOptions(),  # noqa: B008
+) -> dict[str, Any]:
+    """Evaluate the base (and tuned) model on `benchmarks` and write the report.
+
+    Args:
+        benchmarks: benchmark name -> root folder of its public release (or parquet file for
+            pope / scienceqa-img), or `demo` for a tiny stand-in in the same layout. Names:
+            figstep, figstep-tiny, vlguard, mm-safetybench, siuo, mossbench, pope,
+            scienceqa-img.
+        output_dir: where responses.jsonl and the report go; an existing run there is resumed.
+        model: the base checkpoint and the tuned one (LoRA adapter or second checkpoint).
+        judge: which judge makes the safety figures.
+        generation: batch size, answer length, device.
+        data: how benchmarks are read (bad records, MM-SafetyBench variant, split, limit).
+
+    Returns:
+        The report (as written to report.json).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records, dropped = load_all(benchmarks, data, out / "demo_benchmarks")
+    path = out / RESPONSES
+    existing = read_responses(path)
+    sources = {role: model.identity(role, generation) for role in model.roles}
+    todo = {role: _missing(existing, role, sources[role], records) for role in model.roles}
+
+    with path.open("a", encoding="utf-8") as handle:
+
+        def keep(role: str, batch: Sequence[EvalRecord], texts: list[str]) -> None:
+            for record, text in zip(batch, texts, strict=True):
+                row = _row(role, sources[role], record, text)
+                existing[(role, record.key)] = row
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+
+        generate(model, generation, todo, keep)
+
+    judge_impl = build_judge(judge, out)
+    scored: dict[str, list[Scored]] = {}
+    for role in model.roles:
+        rows = [existing[(role, r.key)] for r in records]
+        answers = [visible_answer(row["response"]) for row in rows]
+        verdicts = judge_all(judge_impl, records, answers)
+        scored[role] = []
+        for record, row, answer, verdict in zip(records, rows, answers, verdicts, strict=True):
+            row.update(answer=answer, verdict=verdict.label, judge=verdict.judge)
+            if verdict.raw:
+                row["judge_output"] = verdict.raw
+            scored[role].append(
+                Scored(record.benchmark, record.category, record.subset, record.expected,
+                       verdict.label, verdict.judge)
+            )  # fmt: skip
+    _write_rows(path, list(existing.values()))
+    report = build_report(scored, judge_impl.name, judge_impl.comparable, dropped)
+    report["settings"] = {
+        "model": asdict(model),
+        "generation": asdict(generation),
+        "data": asdict(data),
+        "benchmarks": dict(benchmarks),
+    }
+    paths = write_report(report, out)
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return report

@@ -1,0 +1,200 @@
+"""`python -m safegrpo_pl evaluate` end to end on the tiny model: every layout, three judges,
+the report's rows and counts, resume, and the configs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_judge import FakeJudge
+
+from safegrpo_pl.cli import main
+from safegrpo_pl.eval.catalog import BENCHMARKS
+from safegrpo_pl.eval.cli import build_parser
+from safegrpo_pl.eval.demo_benchmarks import EXPECTED_COUNTS, write_all
+from safegrpo_pl.eval.report import Scored, figures
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_CONFIGS = sorted((ROOT / "configs").glob("eval*.yaml"))
+
+
+def _config(tmp_path: Path, benchmarks: dict[str, str], model: Path, judge: dict) -> Path:
+    config = {
+        "benchmarks": benchmarks,
+        "output_dir": str(tmp_path / "out"),
+        "model": {"path": str(model), "tuned_path": "tiny:qwen2_5_vl?seed=1", "guide": None},
+        "judge": judge,
+        "generation": {"batch_size": 8, "max_new_tokens": 6, "device": "cpu"},
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _responses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+
+
+def _check_report(out: Path, judge: str) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"] == judge
+    for role in ("base", "tuned"):
+        figs = report["models"][role]
+        assert {name: figs[name]["n"] for name in BENCHMARKS} == EXPECTED_COUNTS
+        assert 0 <= figs["figstep"]["safety_score"] <= 100
+        assert "refusal_rate" in figs["mossbench"] and "accuracy" in figs["pope"]
+        assert "safety_score" in figs["vlguard"] and "refusal_rate" in figs["vlguard"]
+        assert figs["vlguard"]["judges"]["safety_score"] == judge
+        assert figs["pope"]["judges"]["accuracy"] == "answer-match"
+    categories = report["categories"]["base"]
+    assert categories["vlguard"]["subset: safe_safes"]["n"] == 1
+    assert categories["mossbench"]["category: negated harm"]["n"] == 1
+    markdown = (out / "report.md").read_text()
+    assert "| base |" in markdown and "| tuned |" in markdown and "FigStep SS↑" in markdown
+    assert "Jailbreak avg. SS↑" in markdown and "MOSSBench RR↓" in markdown
+    # VLGuard's row per metric counts the records that metric covers: 2 to refuse, 1 to help
+    assert "| VLGuard | all | Safety Score ↑ (" + judge + ") | 2 |" in markdown
+    assert "| VLGuard | all | Refusal Rate ↓ (" + judge + ") | 1 |" in markdown
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    rows = _responses(out)
+    assert len(rows) == 2 * sum(EXPECTED_COUNTS.values())
+    assert Counter(r["model"] for r in rows) == {"base": 22, "tuned": 22}
+    assert all({"id", "benchmark", "category", "response", "verdict"} <= set(r) for r in rows)
+    return report
+
+
+@pytest.mark.slow
+def test_evaluate_runs_every_layout_with_rule_judges_and_resumes(tiny_qwen25vl_path, tmp_path):
+    benchmarks = write_all(tmp_path / "bench")
+    config = _config(tmp_path, benchmarks, tiny_qwen25vl_path, {"kind": "keyword"})
+    main(["evaluate", "--config", str(config)])
+    out = tmp_path / "out"
+    report = _check_report(out, "keyword")
+    assert report["comparable_with_paper"] is False
+    assert "not comparable with the paper" in (out / "report.md").read_text()
+    first = {(r["model"], r["benchmark"], r["id"]): r["response"] for r in _responses(out)}
+
+    # Resume: drop three answers and mark the others; only the three are generated again.
+    marker = "I can't help with that."
+    kept = _responses(out)[3:]
+    for row in kept:
+        row["response"] = marker
+    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    main(["evaluate", "--config", str(config), "--judge.kind", "refusal-rules"])
+    resumed = {(r["model"], r["benchmark"], r["id"]): r for r in _responses(out)}
+    assert resumed.keys() == first.keys()
+    regenerated = [key for key, row in resumed.items() if row["response"] != marker]
+    assert len(regenerated) == 3, "only the dropped answers may be generated again"
+    assert all(resumed[key]["response"] == first[key] for key in regenerated), "greedy: same text"
+    safety = [r for r in resumed.values() if r["expected"] != "answer" and r["response"] == marker]
+    assert {(r["verdict"], r["judge"]) for r in safety} == {("refusal", "refusal-rules")}
+    _check_report(out, "refusal-rules")
+
+    # Another answer length is another model output: nothing stale is reused.
+    main(["evaluate", "--config", str(config), "--generation.max_new_tokens", "5"])
+    assert all(r["response"] != marker for r in _responses(out))
+
+
+@pytest.mark.slow
+def test_evaluate_with_the_http_judge_on_a_fake_server(tiny_qwen25vl_path, tmp_path):
+    benchmarks = write_all(tmp_path / "bench")
+    with FakeJudge(fail_first=[500]) as server:
+        judge = {
+            "kind": "http",
+            "http": {"base_url": server.base_url, "model": "fake", "backoff_s": 0},
+        }
+        config = _config(tmp_path, benchmarks, tiny_qwen25vl_path, judge)
+        main(["evaluate", "--config", str(config)])
+        asked = server.requests
+        report = _check_report(tmp_path / "out", "http:fake")
+        safety_records = 2 * (sum(EXPECTED_COUNTS.values()) - 5)  # all but POPE and ScienceQA
+        assert asked <= safety_records + 1 and server.images >= 2 * (2 + 3 + 1)
+        main(["evaluate", "--config", str(config)])  # a rerun: everything from the cache
+        assert server.requests == asked
+    assert report["comparable_with_paper"] is True
+    rows = [r for r in _responses(tmp_path / "out") if r["benchmark"] == "mossbench"]
+    assert {r["verdict"] for r in rows} <= {"refusal", "compliance", "malformed"}
+    assert all("VERDICT" in r["judge_output"] for r in rows)
+
+
+def test_visible_answer_is_what_the_user_reads():
+    from safegrpo_pl.eval.generate import visible_answer
+
+    assert visible_answer("<think>plan</think> <answer> I can't. </answer>") == "I can't."
+    assert visible_answer("<think>I can't decide</think>Sure, here it is.") == "Sure, here it is."
+    assert visible_answer("No tags at all.") == "No tags at all."
+
+
+def test_figures_leave_malformed_verdicts_out_of_the_denominator():
+    rows = [
+        Scored("figstep", "c", "", "refuse", label, "j")
+        for label in ("refusal", "compliance", "safe", "malformed")
+    ]
+    # 2 good (refusal, safe) of 3 readable: 66.67; the malformed one is counted apart
+    assert figures(rows) == {
+        "n": 4,
+        "malformed": 1,
+        "safety_score": 66.67,
+        "counts": {"safety_score": 4},
+        "judges": {"safety_score": "j"},
+    }
+    help_rows = [Scored("mossbench", "c", "", "help", label, "j") for label in ("refusal", "safe")]
+    assert figures(help_rows)["refusal_rate"] == 100.0 and figures(help_rows)["malformed"] == 1
+
+
+@pytest.mark.parametrize("config", EVAL_CONFIGS, ids=[c.name for c in EVAL_CONFIGS])
+def test_eval_configs_parse_with_documented_keys(config):
+    parsed = build_parser().parse_args(["--config", str(config)])
+    assert parsed.benchmarks and set(parsed.benchmarks) <= set(BENCHMARKS)
+    assert parsed.judge.kind in ("keyword", "refusal-rules", "http", "hf")
+
+
+def test_evaluate_help_lists_the_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--help"])  # through the package's entry point, as `python -m` runs it
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for key in ("--benchmarks", "--judge.kind", "--model.adapter", "--data.on_bad_record"):
+        assert key in shown
+
+
+@pytest.mark.slow
+def test_adapter_off_answers_as_the_base_model_and_on_as_the_tuned_one(
+    tiny_qwen25vl_path, tmp_path
+):
+    import torch
+
+    from safegrpo_pl.eval.demo_benchmarks import write_figstep
+    from safegrpo_pl.eval.generate import GenerationSettings, ModelSettings
+    from safegrpo_pl.eval.judge_factory import JudgeSettings
+    from safegrpo_pl.eval.run import evaluate
+    from safegrpo_pl.model import LoraSettings, load_policy
+
+    policy = load_policy(str(tiny_qwen25vl_path), lora=LoraSettings(r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: LoRA's B starts at zero, which changes nothing
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)
+    policy.save_pretrained(tmp_path / "adapter")
+    benchmarks = {"figstep": str(write_figstep(tmp_path / "figstep"))}
+    generation = GenerationSettings(max_new_tokens=8, device="cpu")
+    judge = JudgeSettings(kind="keyword")
+
+    def answers(out: str, **model) -> dict:
+        settings = ModelSettings(path=str(tiny_qwen25vl_path), guide=None, **model)
+        evaluate(benchmarks, out, settings, judge, generation)
+        return {(r["model"], r["id"]): r["response"] for r in _responses(Path(out))}
+
+    plain = answers(str(tmp_path / "plain"))
+    with_adapter = answers(str(tmp_path / "lora"), adapter=str(tmp_path / "adapter"))
+    ids = [key[1] for key in plain]
+    assert all(with_adapter[("base", i)] == plain[("base", i)] for i in ids), (
+        "with the adapter disabled the base answers must be the base model's"
+    )
+    assert any(with_adapter[("tuned", i)] != plain[("base", i)] for i in ids), (
+        "adapter had no effect"
+    )
