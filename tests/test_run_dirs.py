@@ -159,7 +159,11 @@ def run_cli(*args: str, cache: Path, check: bool = True) -> subprocess.Completed
 def test_resume_test_predict_and_validate_an_export_from_the_command_line(tmp_path):
     root, cache = tmp_path / "elsewhere", tmp_path / "cache"
     common = (*TINY_RUN, "--trainer.default_root_dir", str(root))
-    run_cli("fit", *common, "--trainer.max_steps", "2", cache=cache)
+    first = run_cli("fit", *common, "--trainer.max_steps", "2", cache=cache)
+    console = first.stdout + first.stderr
+    assert "GRPO steps: 100%" in console and "2/2" in console, "the bar counts optimiser steps"
+    for noise in ("Epoch 0/-2", "v_num", "Total FLOPs", "LeafSpec", "Loading weights", "💡"):
+        assert noise not in console, f"{noise!r} on the console"
     run = root / "logs" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file(), "default_root_dir not followed"
     assert (run / "summary.json").is_file() and (run / "checkpoints" / "model").is_dir()
@@ -186,8 +190,3 @@ def test_resume_test_predict_and_validate_an_export_from_the_command_line(tmp_pa
     validated = run_cli("validate", *common, "--model.policy.name_or_path", exported, cache=cache)
     assert "format warm-up skipped" in validated.stderr
     assert "format warm-up: 2 steps" not in validated.stderr
-
-
-def test_there_is_no_optimizer_option_the_module_would_ignore(tmp_path):
-    result = run_cli("fit", "--help", cache=tmp_path, check=True)
-    assert "--optimizer" not in result.stdout and "--lr_scheduler" not in result.stdout
