@@ -176,6 +176,8 @@ def test_resume_test_predict_and_validate_an_export_from_the_command_line(tmp_pa
     with open(run / "metrics.csv") as f:
         steps = {int(r["step"]) for r in csv.DictReader(f) if r.get("train/reward")}
     assert steps == {1, 2, 3}, f"optimiser steps before and after the resume: {steps}"
+    history = json.loads((run / "summary.json").read_text())["history"]
+    assert [row["step"] for row in history["train"]] == [1, 2, 3], "same numbering as the csv"
 
     tested = run_cli("test", *common, "--ckpt_path", "last", cache=cache)
     assert f"Loaded model weights from the checkpoint at {run}" in tested.stderr + tested.stdout
