@@ -96,8 +96,14 @@ def make_typographic(
     return data
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the description keeps its paragraphs."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]), formatter_class=_HelpFormatter
+    )
     parser.add_argument("input", type=Path, help="jsonl with prompt, text_tag (or tag), id, source")
     parser.add_argument("out_dir", type=Path, help="folder to write images/ and data.jsonl into")
     parser.add_argument(

@@ -130,12 +130,12 @@ def test_cli_fit_runs_two_steps_and_writes_checkpoints_and_logs(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stderr + result.stdout
-    (metrics,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
+    (metrics,) = tmp_path.glob("logs/version_*/metrics.csv")
     with open(metrics) as f:
         rows = list(csv.DictReader(f))
     assert sum(1 for r in rows if r.get("train/reward")) == 2, "two training steps logged"
     assert any(r.get("val/format_rate") for r in rows), "validation metrics missing"
-    assert list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
+    assert list(tmp_path.glob("logs/version_*/checkpoints/*.ckpt"))
 
 
 def test_cli_hides_the_manual_optimisation_note_and_nothing_else():

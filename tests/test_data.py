@@ -185,7 +185,8 @@ def test_max_records_limits_every_split(tmp_path: Path) -> None:
 def test_missing_image_names_record_and_field(tmp_path: Path) -> None:
     data = _jsonl_with(tmp_path, {"image": None})
     with pytest.raises(
-        BadRecordError, match=r"record 2 \(id=row-002, source=local\): image is None"
+        BadRecordError,
+        match=r"record 2 \(id=row-002, source=local; records count from 0\): image is missing",
     ):
         _module(data, tmp_path, batch_size=2)
 

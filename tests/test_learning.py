@@ -160,8 +160,6 @@ def test_reduced_demo_raises_the_held_out_reward(tmp_path):
         "false",
         "--trainer.default_root_dir",
         str(tmp_path),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path),
         "--data.demo.num_train",
         "256",
         "--data.demo.num_val",

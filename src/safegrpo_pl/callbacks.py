@@ -94,6 +94,11 @@ def evaluate_split(
     return parts, records
 
 
+def _dropped_records(trainer: Trainer) -> dict[str, int]:
+    """Records the datamodule left out at setup, by kind ({} when it counts none)."""
+    return dict(getattr(trainer.datamodule, "bad_record_counts", None) or {})
+
+
 class SafetyReport(Callback):
     """Evaluate the held-out split before and after fit; write curves and a summary.
 
@@ -156,6 +161,10 @@ class SafetyReport(Callback):
     # -- hooks ----------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dropped = _dropped_records(trainer)
+        if dropped:  # with on_bad_record / on_long_prompt "skip": into the logs too
+            for logger in trainer.loggers:
+                logger.log_metrics({f"data/dropped/{k}": float(n) for k, n in dropped.items()}, 0)
         if self.before is not None:  # resumed: keep the first run's "before"
             return
         self.before, self.before_by_source = self._evaluate(trainer, pl_module)
@@ -212,6 +221,7 @@ class SafetyReport(Callback):
                 targets=self.targets,
                 smoothing=self.smoothing,
                 by_source=by_source,
+                dropped_records=_dropped_records(trainer),
             )
         rank_zero_info(f"SafetyReport: after training:  {self._oneline(self.after)}")
         if self.files is not None:

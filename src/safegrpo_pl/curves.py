@@ -70,49 +70,53 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(
+# Line style and marker per curve: curves that coincide (e.g. all parts at 1.0) stay visible.
+STYLES: tuple[tuple[str, str], ...] = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
+def build_figure(
     history: TrainingHistory,
-    path: str | os.PathLike[str],
     *,
     smoothing: int = 10,
     title: str = "SafeGRPO: training curves",
-) -> Path:
-    """Draw the curves over optimiser steps into a PNG (matplotlib, Agg backend).
-
-    Panels: train reward and its parts (thin: per step; thick: trailing mean of `smoothing`
-    steps), KL to the reference, and the held-out safety score, refusal rate, compositional
-    safety score and mean reward at each evaluation.
-    """
+) -> Any:
+    """The matplotlib figure of the curves over optimiser steps (see `plot_curves`)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     reward_ax, kl_ax, val_ax = axes
-    for (key, label), colour in zip(TRAIN_REWARD_KEYS, colours, strict=False):
+    train_keys = (*TRAIN_REWARD_KEYS, (KL_KEY, "KL"))
+    for index, (key, label) in enumerate(train_keys):
         steps, values = history.series("train", key)
         if not steps:
             continue
-        reward_ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
-        reward_ax.plot(
-            steps, moving_average(values, smoothing), color=colour, linewidth=2, label=label
+        ax = kl_ax if key == KL_KEY else reward_ax
+        colour = colours[index % len(colours)]
+        line, marker = STYLES[index % len(STYLES)]
+        ax.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
+        ax.plot(
+            steps,
+            moving_average(values, smoothing),
+            color=colour,
+            linestyle=line,
+            marker=marker,
+            markersize=4,
+            markevery=max(1, len(steps) // 12),  # a few markers, however long the run
+            linewidth=2,
+            label=label,
         )
     reward_ax.set(
         title="train reward and its parts (sampled)", xlabel="optimiser step", ylim=(-0.03, 1.03)
     )
-    steps, values = history.series("train", KL_KEY)
-    if steps:
-        kl_ax.plot(steps, values, color=colours[4], alpha=0.3, linewidth=0.8)
-        kl_ax.plot(
-            steps, moving_average(values, smoothing), color=colours[4], linewidth=2, label="KL (k3)"
-        )
     kl_ax.set(title="KL to the reference (initial policy)", xlabel="optimiser step")
-    # Distinct line styles and markers: curves that coincide (e.g. all at 100%) stay visible.
-    styles = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
     for (key, label), colour, (line, marker) in zip(
-        VAL_KEYS, colours[5:] + colours[:5], styles, strict=False
+        VAL_KEYS, colours[5:] + colours[:5], STYLES, strict=False
     ):
         steps, values = history.series("val", key)
         if steps:
@@ -127,11 +131,40 @@ def plot_curves(
                 label=label,
             )
     val_ax.set(title="held-out split (greedy)", xlabel="optimiser step", ylim=(-0.03, 1.03))
+    # What thin and thick mean, as legend entries of their own.
+    key_lines = [
+        Line2D([], [], color="grey", alpha=0.3, linewidth=0.8, label="per step"),
+        Line2D([], [], color="grey", linewidth=2, label=f"mean of {smoothing} steps"),
+    ]
     for ax in axes:
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            extra = key_lines if ax is not val_ax else []
+            ax.legend(handles=handles + extra, loc="best", fontsize=9)
     figure.suptitle(title)
+    return figure
+
+
+def plot_curves(
+    history: TrainingHistory,
+    path: str | os.PathLike[str],
+    *,
+    smoothing: int = 10,
+    title: str = "SafeGRPO: training curves",
+) -> Path:
+    """Draw the curves over optimiser steps into a PNG (matplotlib, Agg backend).
+
+    Panels: train reward and its parts (thin: per step; thick: trailing mean of `smoothing`
+    steps, each with its own line style and markers so coinciding curves stay visible), KL to
+    the reference, and the held-out safety score, refusal rate, compositional safety score and
+    mean reward at each evaluation. Step ticks are integers, the same optimiser-step numbers as
+    `metrics.csv` and `summary.json`.
+    """
+    import matplotlib.pyplot as plt
+
+    figure = build_figure(history, smoothing=smoothing, title=title)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)

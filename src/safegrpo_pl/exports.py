@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -21,7 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from safegrpo_pl.files import atomic_folder
+from safegrpo_pl.files import TRAINED_MARKER, atomic_folder, is_inside_cache
 
 
 class AdapterCheckpoint(Callback):
@@ -33,8 +34,9 @@ class AdapterCheckpoint(Callback):
     beside it:
     - with LoRA, the adapter in peft's format, to `dirname`. Load it with
       `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), path)`,
-      where `base` is the adapter config's `base_model_name_or_path` (the warmed-up model for
-      the demo);
+      where `base` is the adapter config's `base_model_name_or_path`: a hub id or folder of
+      yours as given, or, for a base that lies in the project's cache (the warmed-up demo
+      model), a copy saved beside the adapter as `base/`;
     - without LoRA (all weights trained), there is no adapter: the whole model in
       transformers' format goes to `full_model_dirname`, loadable with `from_pretrained`; with
       `full_model_dirname=None` the callback warns once and saves nothing.
@@ -92,6 +94,7 @@ class AdapterCheckpoint(Callback):
             target,
             tokenizer=getattr(pl_module, "tokenizer", None),
             image_processor=getattr(encoder, "image_processor", None),
+            base_path=getattr(pl_module, "policy_path", None) if has_adapter else None,
         )
         self.last_saved = target
 
@@ -102,24 +105,57 @@ def save_adapter(
     *,
     tokenizer: Any = None,
     image_processor: Any = None,
+    base_path: str | None = None,
 ) -> Path:
     """`policy.save_pretrained` (a peft adapter, or a whole transformers model) to `target`
     atomically, replacing the previous export, with the tokenizer and image processor, so the
-    folder loads on its own."""
+    folder loads on its own.
+
+    The folder is marked trained (`files.TRAINED_MARKER`), so that a run starting from it skips
+    the format warm-up. An adapter's base that lies in the project's cache (the warm-up's
+    output, a built tiny model) is copied beside it as `base/`, and the adapter points there:
+    clearing the cache must not orphan the adapter.
+    """
     target = Path(target)
+    base = _owned_base(base_path, target.parent / "base")
     with atomic_folder(target, replace=True) as tmp:
         policy.save_pretrained(tmp)
         for companion in (tokenizer, image_processor):
             if companion is not None:
                 companion.save_pretrained(tmp)
+        if base is not None:
+            _point_adapter_at(tmp, base)
+        marker = {"trained_by": "safegrpo_pl", "base_model": base or base_path}
+        (tmp / TRAINED_MARKER).write_text(json.dumps(marker, indent=2))
     return target
+
+
+def _owned_base(base_path: str | None, copy_to: Path) -> str | None:
+    """The base an adapter should name: a copy beside the export when `base_path` lies in the
+    cache (copied once), else None (leave the adapter's own reference)."""
+    if base_path is None or not Path(base_path).is_dir() or not is_inside_cache(base_path):
+        return None
+    if not (copy_to / "config.json").is_file():
+        with atomic_folder(copy_to, replace=True) as tmp:
+            shutil.copytree(base_path, tmp, dirs_exist_ok=True)
+    return str(copy_to.resolve())
+
+
+def _point_adapter_at(folder: Path, base: str) -> None:
+    config_file = folder / "adapter_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = base
+        config_file.write_text(json.dumps(config, indent=2))
 
 
 class PredictionWriter(BasePredictionWriter):
     """Write each predict batch's list of dicts (`predict_step`'s output) as JSON lines.
 
     Args:
-        output_path: the JSONL file; None: `<default_root_dir>/predictions.jsonl`. Under
+        output_path: the JSONL file; None: `predictions.jsonl` in the run's folder (the
+            logger's `log_dir`, e.g. `runs/tiny/logs/version_0/predict/`), else in
+            `default_root_dir`. The CLI adds this writer to every `predict`. Under
             several processes each writes its own file, suffixed `.rank<N>`.
     """
 
@@ -131,7 +167,8 @@ class PredictionWriter(BasePredictionWriter):
         self.rows_written = 0
 
     def _path(self, trainer: Trainer) -> Path:
-        path = Path(self.output_path or Path(trainer.default_root_dir) / "predictions.jsonl")
+        folder = trainer.log_dir or trainer.default_root_dir  # the run's folder
+        path = Path(self.output_path or Path(folder) / "predictions.jsonl")
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         return path

@@ -21,6 +21,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+TRAINED_MARKER = "safegrpo_trained.json"
+"""Written into every model folder this project exports: its presence says the weights are
+already trained (warmed up, then GRPO), so a later run must not warm them up again."""
+
 
 def default_cache_dir() -> Path:
     """Where built folders are cached (tiny models, warm-ups, benchmark runs).
@@ -28,6 +32,11 @@ def default_cache_dir() -> Path:
     `$SAFEGRPO_CACHE`, or `~/.cache/safegrpo_pl` when it is not set.
     """
     return Path(os.environ.get("SAFEGRPO_CACHE", Path.home() / ".cache" / "safegrpo_pl"))
+
+
+def is_inside_cache(path: str | os.PathLike[str]) -> bool:
+    """True for a folder under `default_cache_dir()` (one the user may clear at any time)."""
+    return Path(path).resolve().is_relative_to(default_cache_dir().resolve())
 
 
 @contextmanager

@@ -140,9 +140,9 @@ class PromptEncoder:
         tokenizer and the torchvision-free image processor. `guide="default"` means
         `safegrpo_pl.prompts.DEFAULT_SAFETY_GUIDE`.
         """
-        from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-        from safegrpo_pl.model import model_family
+        from safegrpo_pl.model import load_model_config, model_family
         from safegrpo_pl.tiny_models import resolve_model_path
 
         if guide == "default":
@@ -150,7 +150,7 @@ class PromptEncoder:
 
             guide = DEFAULT_SAFETY_GUIDE
         path = resolve_model_path(name_or_path)
-        family = model_family(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        family = model_family(load_model_config(path, trust_remote_code=trust_remote_code))
         tokenizer, image_processor = None, None
         if family != "text":
             try:

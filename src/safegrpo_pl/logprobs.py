@@ -38,6 +38,7 @@ from safegrpo_pl.inputs import PromptBatch
 from safegrpo_pl.naive_rollout import repeated_pixels_hidden
 from safegrpo_pl.prefill import (
     cache_is_dropped,
+    cache_kwargs,
     check_group_size,
     full_sequence_hidden,
     model_body,
@@ -174,11 +175,12 @@ def _shared_prefix_hidden(
     # Tokens after a row's EOS only ever see the prompt and earlier tokens (causal), so an
     # all-ones mask over the completion is exact where it matters (mask 1).
     attention = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], steps)], 1)
-    out = model_body(base)(
+    body = model_body(base)
+    out = body(
         input_ids=completion_ids[:, :-1],
         attention_mask=attention,
         position_ids=step_positions(next_position.repeat_interleave(group_size), steps, positions),
-        past_key_values=cache,
+        **cache_kwargs(body, cache),
         use_cache=True,
     )
     return torch.cat([first, out.last_hidden_state], 1)  # (N, T, H)

@@ -118,6 +118,18 @@ def _auto_class(config: Any) -> Any:
     return AutoModelForCausalLM if model_family(config) == "text" else AutoModelForImageTextToText
 
 
+def load_model_config(path: str, *, trust_remote_code: bool = False) -> Any:
+    """`AutoConfig.from_pretrained(path)`, failing with one readable `ModelNotFoundError`
+    (the config key, what was tried, the alternatives) instead of transformers' chained
+    download errors."""
+    from safegrpo_pl.errors import model_not_found
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise model_not_found(path, err) from err
+
+
 def load_policy(
     name_or_path: str,
     *,
@@ -147,7 +159,7 @@ def load_policy(
     if load_in_4bit and lora is None:
         raise ValueError("load_in_4bit=True needs LoRA settings: 4-bit weights cannot be trained")
     path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = load_model_config(path, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -49,7 +49,7 @@ from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
 from safegrpo_pl.rng import collect_rng_states, restore_rng_states
 from safegrpo_pl.sampling import Rollout, SamplingSettings
 from safegrpo_pl.timing import StepTimer
-from safegrpo_pl.warmup import WarmupSettings, warmed_up_path
+from safegrpo_pl.warmup import WarmupSettings, already_warmed_up, warmed_up_path
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,11 @@ class SafeGRPOModule(LightningModule):
         from safegrpo_pl.tiny_models import resolve_model_path
 
         base = resolve_model_path(self.settings.name_or_path)
+        done = already_warmed_up(base)
+        if done is not None:
+            log.warning("format warm-up skipped: %s; loading it as it is", done)
+            self.policy_path = base
+            return base
         self.policy_path = warmed_up_path(
             base, self.warmup, records=records, encoder=encoder, dataset_key=dataset_key
         )
@@ -347,6 +352,9 @@ class SafeGRPOModule(LightningModule):
         seconds = self.timer.pop()
         logs.update({f"time/{k}": v for k, v in seconds.items()})
         logs["time/step_total"] = sum(seconds.values())
+        # The loggers' step is the number of optimiser steps done, as in the report's curves
+        # (Lightning would count rollout batches, which differ with several steps per batch).
+        logs["step"] = float(self.global_step)
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch_size)
         self.log("reward", logs["train/reward"], prog_bar=True, logger=False, batch_size=batch_size)
         self.log(
@@ -374,6 +382,7 @@ class SafeGRPOModule(LightningModule):
     def _log_eval_epoch(self, metrics: Any) -> None:
         # Metrics with no eligible record (e.g. no compositional pair) are NaN: leave them out.
         self.log_dict(loggable_values(metrics), sync_dist=False)
+        self.log("step", float(self.global_step))  # the same step numbering as training
         metrics.reset()
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

@@ -17,6 +17,8 @@ Caveats:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +38,18 @@ def unwrap_model(model: Any) -> Any:
 def model_body(base: Any) -> Any:
     """The model without its LM head (`Qwen2_5_VLModel`, `Qwen3VLModel`, `Qwen3Model`, ...)."""
     return getattr(base, base.base_model_prefix)
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_keyword(forward_owner: type) -> str:
+    parameters = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwargs(body: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that passes a KV cache to `body`'s forward: `cache` where transformers
+    renamed it (5.24 and later, which warn on the old name), `past_key_values` before."""
+    return {_cache_keyword(type(body)): cache}
 
 
 def cache_is_dropped(base: Any) -> bool:
@@ -111,11 +125,12 @@ def prefill_prompts(
 ) -> tuple[Tensor, DynamicCache]:
     """Run the prompt (images included) once; returns its last hidden state (B, H) and cache."""
     cache = DynamicCache(config=base.config)
-    out = model_body(base)(
+    body = model_body(base)
+    out = body(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=positions,
-        past_key_values=cache,
+        **cache_kwargs(body, cache),
         use_cache=True,
         **batch.model_kwargs,
     )

@@ -9,6 +9,7 @@ name the record.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,9 @@ def normalize_tag(value: Any) -> str | None:
     return tag if tag in TAG_VALUES else None
 
 
+_OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
 class ImageDecodeError(ValueError):
     """An image cell that cannot become a record's image.
 
@@ -94,7 +98,10 @@ def _decode_bytes(data: bytes, what: str) -> Image.Image:
         ValueError,
         Image.DecompressionBombError,
     ) as err:
-        raise ImageDecodeError("corrupt_image", f"{what} that PIL cannot decode ({err})") from err
+        reason = _OBJECT_ADDRESS.sub("the data", str(err))  # no "<_io.BytesIO object at 0x..>"
+        raise ImageDecodeError(
+            "corrupt_image", f"{what} that PIL cannot decode ({reason})"
+        ) from err
 
 
 def decode_image(value: Any, base_dir: Path | None = None) -> Image.Image:
@@ -116,7 +123,7 @@ def decode_image(value: Any, base_dir: Path | None = None) -> Image.Image:
     if isinstance(value, Mapping):
         value = value.get("bytes") or value.get("path")
     if value is None or value == "":
-        raise ImageDecodeError("missing_image", repr(value))
+        raise ImageDecodeError("missing_image", "missing (empty or absent)")
     if isinstance(value, bytes | bytearray):
         return _decode_bytes(bytes(value), f"{len(value)} bytes")
     if not isinstance(value, str):

@@ -222,6 +222,7 @@ def summary_markdown(
     title: str = "SafeGRPO fit report",
     image_name: str | None = "curves.png",
     by_source: Mapping[str, tuple[EvalSummary, EvalSummary]] | None = None,
+    dropped_records: Mapping[str, int] | None = None,
 ) -> str:
     """The Markdown summary: what was measured, the before/after table, the wall time.
 
@@ -235,6 +236,7 @@ def summary_markdown(
         image_name: the curves' file name to embed (None: no image).
         by_source: optional {source: (before, after)}, shown as a second table when the split
             has more than one source.
+        dropped_records: records left out at setup, by kind (`sources.BAD_RECORD_KINDS`).
     """
     targets = dict(targets or {})
     header = "| figure | before | after |"
@@ -267,6 +269,10 @@ def summary_markdown(
     if by_source and len(by_source) > 1:
         lines += ["", "By record source (before → after):", ""]
         lines += source_table_markdown(by_source)
+    if dropped_records:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(dropped_records.items()))
+        total = sum(dropped_records.values())
+        lines += ["", f"Records dropped when the data was loaded: {total} ({kinds})."]
     if image_name:
         lines += ["", f"![curves over optimiser steps]({image_name})"]
     return "\n".join(lines) + "\n"
@@ -292,12 +298,14 @@ def write_report(
     targets: Mapping[str, str] | None = None,
     smoothing: int = 10,
     by_source: Mapping[str, tuple[EvalSummary, EvalSummary]] | None = None,
+    dropped_records: Mapping[str, int] | None = None,
 ) -> ReportFiles:
     """Write `curves.png`, `summary.md` and `summary.json` into `out_dir` (created).
 
     `summary.json` holds `before`, `after` (every `EvalSummary` field, fractions in [0, 1]),
     `wall_time_s`, `steps`, `targets`, under `history` the curves' raw points, and under
-    `by_source` the same `before`/`after` figures for each record source.
+    `by_source` the same `before`/`after` figures for each record source, and under
+    `dropped_records` the records left out at setup, by kind.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,6 +324,7 @@ def write_report(
             targets=targets,
             image_name=files.curves.name,
             by_source=by_source,
+            dropped_records=dropped_records,
         )
     )
     payload = {
@@ -329,6 +338,7 @@ def write_report(
             source: {"before": before_source.to_dict(), "after": after_source.to_dict()}
             for source, (before_source, after_source) in (by_source or {}).items()
         },
+        "dropped_records": dict(dropped_records or {}),
     }
     files.json.write_text(json.dumps(payload, indent=2) + "\n")
     return files

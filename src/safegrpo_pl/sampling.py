@@ -44,6 +44,7 @@ from transformers import DynamicCache
 from safegrpo_pl.inputs import PromptBatch
 from safegrpo_pl.naive_rollout import generate_completions
 from safegrpo_pl.prefill import (
+    cache_kwargs,
     check_group_size,
     eval_mode,
     model_body,
@@ -349,7 +350,7 @@ def _decode_shared(
                 input_ids=tokens[:, step : step + 1],
                 attention_mask=None if attention is None else attention[:, : prompt_len + step + 1],
                 position_ids=token_positions[..., step : step + 1],
-                past_key_values=cache,
+                **cache_kwargs(body, cache),
                 use_cache=True,
                 **step_kwargs,
             )

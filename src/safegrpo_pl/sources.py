@@ -121,7 +121,8 @@ class RowConverter:
     ) -> BadRecordError:
         """The error for field `name` of record `index`: where, what was found, what expected."""
         where = f"dataset {self.dataset!r} split {self.split!r} record {index}"
-        message = f"{where} (id={rid}, source={source or '?'}): {name} {problem}"
+        locator = f"id={rid}, source={source or '?'}; records count from 0"
+        message = f"{where} ({locator}): {name} {problem}"
         return BadRecordError(message, kind=kind, index=index, record_id=rid, field=name)
 
     def __call__(self, row: Mapping[str, Any] | SafetyRecord, index: int) -> SafetyRecord:
@@ -139,7 +140,11 @@ class RowConverter:
         tags = {name: normalize_tag(row.get(name)) for name in TAG_FIELDS}
         for name, tag in tags.items():
             if tag is None:
-                problem = f"is {row.get(name)!r}; expected 'safe' or 'unsafe' (any case)"
+                value = row.get(name)
+                found = (
+                    "missing (empty or absent)" if value is None or value == "" else f"{value!r}"
+                )
+                problem = f"is {found}; expected 'safe' or 'unsafe' (any case)"
                 raise self.error("bad_tag", index, rid, source, name, problem)
         try:
             image = decode_image(row.get(image_column), self.base_dir)
@@ -217,9 +222,10 @@ def validate_rows(
             long_prompt = err.kind == "prompt_too_long"
             if (on_long_prompt if long_prompt else on_bad_record) == "raise":
                 fix = (
-                    "raise max_prompt_length, or pass on_long_prompt='skip' to drop such records"
+                    "raise --data.max_prompt_length, or pass --data.on_long_prompt skip to drop "
+                    "such records"
                     if long_prompt
-                    else "fix the record, or pass on_bad_record='skip' to drop such records"
+                    else "fix the record, or pass --data.on_bad_record skip to drop such records"
                 )
                 raise BadRecordError(
                     f"{err}. To go on: {fix} (counted).",

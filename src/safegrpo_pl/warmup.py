@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from safegrpo_pl.files import atomic_folder, default_cache_dir
+from safegrpo_pl.files import TRAINED_MARKER, atomic_folder, default_cache_dir
 from safegrpo_pl.inputs import PromptBatch, PromptEncoder
 from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
 from safegrpo_pl.records import SafetyRecord
@@ -201,6 +201,21 @@ def warmup_cache_key(model_path: str, settings: WarmupSettings, identity: dict[s
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def already_warmed_up(model_path: str) -> str | None:
+    """Why `model_path` must not be warmed up again, or None when it may be.
+
+    A folder that the warm-up wrote (it holds `warmup.json`) or that a fit exported (it holds
+    `files.TRAINED_MARKER`) is past this stage: warming it up again would overwrite what
+    training taught it with random-tag targets.
+    """
+    folder = Path(model_path)
+    if (folder / TRAINED_MARKER).is_file():
+        return f"{model_path} is a model exported by a SafeGRPO fit (it holds {TRAINED_MARKER})"
+    if (folder / DONE_FILE).is_file():
+        return f"{model_path} is the output of a format warm-up (it holds {DONE_FILE})"
+    return None
+
+
 # -- training -------------------------------------------------------------------------------
 
 
@@ -296,7 +311,11 @@ def warmed_up_path(
     key = warmup_cache_key(model_path, settings, dataset_key)
     target = default_cache_dir() / "warmup" / f"{Path(model_path).name}-{key}"
     if (target / DONE_FILE).exists():
-        log.info("format warm-up: reusing %s", target)
+        log.info(
+            "format warm-up: reusing the cached result in %s (built earlier for the same "
+            "model, settings and data; delete it to train it again)",
+            target,
+        )
         return str(target)
     model = load_policy(model_path)  # full weights, float32, train mode
     log.info(

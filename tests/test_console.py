@@ -1,0 +1,62 @@
+"""A quiet console: known dependency notes hidden (ours kept), the cache keyword of the pinned
+and of newer transformers, and our options first in `--help`."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from test_run_dirs import run_cli
+
+from safegrpo_pl.console import silence_known_notes
+from safegrpo_pl.prefill import cache_kwargs
+
+
+def test_known_dependency_notes_are_hidden_and_others_kept(caplog):
+    silence_known_notes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_known_notes()  # `simplefilter` above reset the filters: install them again
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, "
+            "TreeSpec) and treespec.is_leaf()` instead.",
+            stacklevel=1,
+        )
+        warnings.warn("The dirpath has changed from 'a' to 'b', therefore ...", stacklevel=1)
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("model.group_size is odd", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["model.group_size is odd"]
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info(
+            "💡 Tip: For seamless cloud logging and experiment tracking, try installing ..."
+        )
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: no module"
+        )
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False")
+    assert caplog.messages == ["GPU available: False"]
+
+
+class _PinnedBody:
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None):  # transformers 5.23
+        return None
+
+
+class _NewerBody:
+    def forward(self, input_ids=None, cache=None, use_cache=None):  # transformers 5.24+
+        return None
+
+
+def test_the_kv_cache_goes_by_the_keyword_the_installed_transformers_takes():
+    cache = object()
+    assert cache_kwargs(_PinnedBody(), cache) == {"past_key_values": cache}
+    assert cache_kwargs(_NewerBody(), cache) == {"cache": cache}
+
+
+def test_fit_help_shows_our_options_first_and_no_unexplained_words(tmp_path):
+    text = run_cli("fit", "--help", cache=tmp_path).stdout
+    first_trainer = text.index("  --trainer.accelerator")
+    assert text.index("  --model.policy.name_or_path") < first_trainer
+    assert text.index("  --data.dataset") < first_trainer
+    assert "SPEC" not in text and "FACTS" not in text
+    assert "--optimizer" not in text and "--lr_scheduler" not in text
