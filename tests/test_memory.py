@@ -49,7 +49,9 @@ class RecordingModule(SafeGRPOModule):
 
     def score(self, batch, rollout):
         parts = super().score(batch, rollout)
-        return [replace(p, total=(len(t) % 5) / 4) for p, t in zip(parts, rollout.texts)]
+        return [
+            replace(p, total=(len(t) % 5) / 4) for p, t in zip(parts, rollout.texts, strict=True)
+        ]
 
     def frozen_logprobs(self, batch, rollout, *, reference, skip=()):
         values = super().frozen_logprobs(batch, rollout, reference=reference, skip=skip)
@@ -163,7 +165,7 @@ def test_the_old_pass_skips_the_first_mini_batch_and_fills_it_from_its_step(
 
 
 def _records(count: int) -> list[SafetyRecord]:
-    words = "how do I bake a cake with apples and cream today please".split()
+    words = ["how", "do", "I", "bake", "a", "cake", "with", "apples", "and", "cream", "today"]
     return [
         SafetyRecord(
             Image.new("RGB", (64, 64), (40 * i % 255, 90, 200)),
@@ -225,7 +227,9 @@ def test_peak_memory_grows_with_the_chunk_not_with_the_rollout_batch(runner):
     small = _measure(*runner, prompts=2, chunk=2)
     large_chunked = _measure(*runner, prompts=8, chunk=2)
     large_whole = _measure(*runner, prompts=8, chunk=None)
-    for name, s, c, w in zip(("sampling", "scoring"), small, large_chunked, large_whole):
+    for name, s, c, w in zip(
+        ("sampling", "scoring"), small, large_chunked, large_whole, strict=True
+    ):
         # 4x the prompts at the same chunk: about the same peak (the outputs grow, a little)
         assert c < 1.3 * s, f"{name}: {c} bytes for 8 prompts in chunks of 2 vs {s} for 2"
         # 4x the prompts at once: the peak grows with them
@@ -253,7 +257,7 @@ def test_decode_cache_grows_with_the_tokens_generated_not_the_limit():
 def test_chunks_hold_whole_prompts_and_bad_sizes_name_the_setting():
     assert rollout_chunks(5, 2) == [[0, 1], [2, 3], [4]]
     assert rollout_chunks(3, None) == [[0, 1, 2]]
-    with pytest.raises(ValueError, match="model.rollout_micro_batch_size"):
+    with pytest.raises(ValueError, match=r"model\.rollout_micro_batch_size"):
         rollout_chunks(4, 0)
     padded = pad_right([torch.ones(1, 2, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)], 7)
     assert padded.tolist() == [[1, 1, 7], [1, 1, 1], [1, 1, 1]]
