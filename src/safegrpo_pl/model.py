@@ -36,7 +36,8 @@ class LoraSettings:
     Attributes:
         r: adapter rank.
         alpha: scaling numerator (the update is scaled by alpha / r).
-        dropout: dropout on the adapter's input.
+        dropout: dropout on the adapter's input (GRPO switches all dropout off: see
+            `safegrpo_pl.policy_runner`; the supervised warm-up keeps it).
         target_modules: module names or a regex (a single string is a regex for peft).
             The default targets the language model's attention and MLP projections only, not
             the vision tower; "all-linear" targets every linear layer but the output head.
