@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from safegrpo_pl.chunking import chunked_scores, rollout_chunks
 from safegrpo_pl.inputs import PromptBatch
 from safegrpo_pl.logprobs import completion_logprobs
 from safegrpo_pl.model import PolicySettings, eos_token_ids, vision_token_ids
-from safegrpo_pl.precision import DTYPES, place_reference
+from safegrpo_pl.precision import DTYPES, cast_trainable, place_reference
 from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
 
 
@@ -50,9 +51,6 @@ def dropout_off(model: Any) -> Iterator[None]:
     finally:
         for m, mode in zip(dropouts, modes, strict=True):
             m.train(mode)
-
-
-_noop = contextlib.nullcontext
 
 
 class PolicyRunner:
@@ -104,14 +102,18 @@ class PolicyRunner:
         dtype `settings.dtype`, is made only when it is needed (no LoRA and `kl_coef` > 0)."""
         from transformers import AutoTokenizer
 
-        model = settings.load(path)
+        # The reference is copied before the trained weights are cast to `trainable_dtype`: it
+        # stays in the base's dtype, and a float32 copy of a bf16 model never exists twice.
+        model = replace(settings, trainable_dtype=None).load(path)
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=settings.trust_remote_code
         )
         reference = None
         if settings.lora is None and kl_coef > 0:
-            reference = copy.deepcopy(model).eval().to(DTYPES[settings.dtype])
+            reference = copy.deepcopy(model).eval()
             reference.requires_grad_(False)
+        if settings.trainable_dtype is not None:
+            cast_trainable(model, DTYPES[settings.trainable_dtype])
         return cls(
             model,
             tokenizer,
@@ -180,5 +182,8 @@ class PolicyRunner:
             return self.logprobs(model, sub, sub_ids, sub_mask, temperature)
 
         adapters_off = reference and self.reference is None
-        with _eval_mode(self.model), self.model.disable_adapter() if adapters_off else _noop():
+        with (
+            _eval_mode(self.model),
+            self.model.disable_adapter() if adapters_off else contextlib.nullcontext(),
+        ):
             return chunked_scores(score, batch, ids, mask, chunks, skip)
