@@ -49,7 +49,8 @@ def prompt_generators(
     The seeds are drawn in one call, so the step's generator advances by the same amount
     whatever the chunking.
     """
-    seeds = torch.randint(0, 2**62, (num_prompts,), generator=generator).tolist()
+    where = generator.device if generator is not None else torch.device("cpu")
+    seeds = torch.randint(0, 2**62, (num_prompts,), generator=generator, device=where).tolist()
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 
 
