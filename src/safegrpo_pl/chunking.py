@@ -22,6 +22,7 @@ different number of rows, a different amount of left padding); the tests bound t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,6 +62,31 @@ def pad_right(pieces: Sequence[Tensor], value: int) -> Tensor:
         torch.nn.functional.pad(piece, (0, width - piece.shape[1]), value=value) for piece in pieces
     ]
     return torch.cat(padded, 0)
+
+
+def chunked_decode(
+    decode: Callable[[PromptBatch, Any], Tensor],
+    batch: PromptBatch,
+    chunk_size: int | None,
+    generator: torch.Generator | None,
+    *,
+    per_prompt: bool,
+    pad_token_id: int,
+) -> Tensor:
+    """(N, T) ids from `decode(sub_batch, generators)`, a chunk of prompts at a time.
+
+    With `per_prompt`, `decode` gets one generator per prompt of its chunk (`prompt_generators`);
+    otherwise it gets `generator` itself (greedy decoding, or a path that cannot use them).
+    """
+    chunks = rollout_chunks(len(batch), chunk_size)
+    device = batch.input_ids.device
+    generators = prompt_generators(len(batch), generator, device) if per_prompt else []
+    pieces = []
+    for prompts in chunks:
+        sub = batch if len(chunks) == 1 else batch.select(prompts)
+        draws = [generators[p] for p in prompts] if per_prompt else generator
+        pieces.append(decode(sub, draws))
+    return pad_right(pieces, pad_token_id)
 
 
 def chunk_rows(prompts: Sequence[int], group_size: int) -> list[int]:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from safegrpo_pl.chunking import pad_right, prompt_generators, rollout_chunks
+from safegrpo_pl.chunking import chunked_decode
 from safegrpo_pl.inputs import PromptBatch
 from safegrpo_pl.naive_rollout import generate_completions
 from safegrpo_pl.prefill import (
@@ -304,17 +304,17 @@ def sample_groups(
         group_size, settings, tuple(eos_token_ids), pad_token_id, tuple(suppress_token_ids)
     )
     decode = _decode_shared_prefix if shared_prefix else generate_completions
-    chunks = rollout_chunks(len(batch), chunk_size)
-    per_prompt: list[torch.Generator] = []
-    if shared_prefix and settings.do_sample:
-        per_prompt = prompt_generators(len(batch), generator, batch.input_ids.device)
-    pieces = []
-    for prompts in chunks:
-        sub = batch if len(chunks) == 1 else batch.select(prompts)
-        draws = [per_prompt[p] for p in prompts] if per_prompt else generator
-        pieces.append(decode(model, sub, spec, draws))
+    per_prompt = shared_prefix and settings.do_sample  # the naive path's generate takes none
+    ids = chunked_decode(
+        lambda sub, draws: decode(model, sub, spec, draws),
+        batch,
+        chunk_size,
+        generator,
+        per_prompt=per_prompt,
+        pad_token_id=pad_token_id,
+    )
     return rollout_from_ids(
-        pad_right(pieces, pad_token_id),
+        ids,
         tokenizer=tokenizer,
         eos_token_ids=eos_token_ids,
         pad_token_id=pad_token_id,
