@@ -15,7 +15,7 @@ from typing import Any
 
 from safegrpo_pl.demo_data import DemoConfig, demo_corpus, make_demo_split
 from safegrpo_pl.files import default_cache_dir
-from safegrpo_pl.inputs import PromptEncoder
+from safegrpo_pl.inputs import PromptBatch, PromptEncoder
 from safegrpo_pl.logprobs import completion_logprobs
 from safegrpo_pl.model import (
     LoraSettings,
@@ -33,6 +33,7 @@ __all__ = [
     "DemoConfig",
     "LoraSettings",
     "PolicySettings",
+    "PromptBatch",
     "PromptEncoder",
     "SafeGRPOModule",
     "SamplingSettings",

@@ -326,12 +326,29 @@ def run_refmem(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_mfu(job: dict[str, Any]) -> dict[str, Any]:
+    """The train pass's achieved FLOP/s against the matmul peak and a plain transformers pass."""
+    import _bench_mfu as mfu
+
+    settings = stats.BenchSettings(**job["settings"])
+    _setup_torch(settings.threads, settings.seed)
+    return mfu.train_pass_efficiency(
+        job["model_path"],
+        rows=settings.mfu_rows,
+        prompt=settings.mfu_prompt,
+        completion=settings.mfu_completion,
+        repeats=job["repeats"],
+        seed=settings.seed,
+    )
+
+
 JOBS = {
     "ours": run_ours,
     "trl": run_trl,
     "scaling": run_scaling,
     "rollout": run_rollout,
     "refmem": run_refmem,
+    "mfu": run_mfu,
 }
 
 

@@ -33,6 +33,7 @@ def our_module(model_path: str, settings: stats.BenchSettings, **overrides: Any)
         kl_coef=settings.kl_coef,
         lr=settings.lr,
         sampling=_sampling(settings),
+        rollout_micro_batch_size=settings.rollout_chunk,
     )
     kwargs.update(overrides)
     module = api.SafeGRPOModule(**kwargs)

@@ -29,7 +29,7 @@ def build_models(
     """Build (or reuse) the tiny models of every section under `workdir/models`.
 
     Keys: "text" (the comparison), "text-W" per extra width W, "vl" (rollout vs naive),
-    "vl_wide" (reference memory).
+    "vl_wide" (reference memory), "text_mfu" (train-pass efficiency).
     """
     import _bench_api as api
 
@@ -55,6 +55,10 @@ def build_models(
             num_layers=settings.num_layers,
             vision_hidden_size=64,
             seed=settings.seed,
+        ),
+        # Wide enough for matmuls to dominate the train pass (train-pass efficiency).
+        "text_mfu": api.TinyModelSpec(
+            arch="qwen3_text", hidden_size=1024, num_layers=4, num_heads=8, seed=settings.seed
         ),
         # Wide enough that one more copy of the weights (~150 MB) would show in peak RSS.
         "vl_wide": api.TinyModelSpec(
@@ -252,3 +256,12 @@ def reference_memory(
         }
     out["ref_memory_ratio"] = out["lora"]["ratio"]
     return out
+
+
+def train_pass_efficiency(
+    paths: dict[str, str], settings: stats.BenchSettings, workdir: Path, repeats: int
+) -> dict[str, Any]:
+    """The policy forward+backward's FLOP/s against the matmul peak and a plain transformers
+    pass on the same model and tokens, measured in one process (`scripts/_bench_mfu.py`)."""
+    job = {"kind": "mfu", "model_path": paths["text_mfu"], "settings": settings.as_dict()}
+    return run_job("mfu", {**job, "repeats": repeats}, workdir, settings.threads)

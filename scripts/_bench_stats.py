@@ -70,6 +70,10 @@ class BenchSettings:
             machine, 2 OpenMP threads competing with other jobs run 10-20x slower).
         seed: seed of the model weights, the demo prompts and the sampling.
         lora: train LoRA adapters (reference = adapters off) instead of all weights.
+        rollout_chunk: our `rollout_micro_batch_size` (prompts sampled and re-scored at once):
+            on, at half the rollout batch, so the comparison times the memory-bounded path.
+        mfu_rows, mfu_prompt, mfu_completion: the train-pass efficiency section's work: rows
+            of prompt + completion tokens through a tiny Qwen3 of hidden 1024 and 4 layers.
     """
 
     prompts_per_step: int = 4
@@ -85,6 +89,10 @@ class BenchSettings:
     threads: int = 1
     seed: int = 0
     lora: bool = False
+    rollout_chunk: int | None = 2
+    mfu_rows: int = 16
+    mfu_prompt: int = 128
+    mfu_completion: int = 128
 
     @property
     def completions_per_step(self) -> int:

@@ -17,6 +17,10 @@ peak resident memory belongs to one job alone:
    prompts and the full step-guided guide.
 4. **reference memory**: peak RSS with kl_coef 0.01 over kl_coef 0, with LoRA, on a tiny
    Qwen2.5-VL wide enough that a second copy of its weights would show.
+5. **train-pass efficiency** (`mfu`): the policy forward+backward's achieved FLOP/s as a share
+   of this machine's matmul peak at the model's shapes (`train_pass_mfu`), and against a plain
+   transformers forward+backward on the same model and tokens (`train_pass_vs_plain`), on a
+   tiny Qwen3 of hidden 1024 and 4 layers (`scripts/_bench_mfu.py`).
 
 Definitions (step time, tokens/s, overhead) are in `scripts/_bench_stats.py`; fairness settings
 in `scripts/_bench_jobs.py`; the sections in `scripts/_bench_sections.py`, the tables and
@@ -47,7 +51,7 @@ log = logging.getLogger("bench")
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 
-SECTIONS = ("compare", "widths", "scaling", "rollout", "refmem")
+SECTIONS = ("compare", "widths", "scaling", "rollout", "refmem", "mfu")
 FAIRNESS = [
     "same model folder (tiny random text-only Qwen3, float32), same demo prompts in the same "
     "order as the same chat-templated string",
@@ -110,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),
-        help="comma-separated subset of compare,widths,scaling,rollout,refmem",
+        help="comma-separated subset of " + ",".join(SECTIONS) + " (e.g. --sections mfu)",
     )
     return parser.parse_args(argv)
 
@@ -156,6 +160,8 @@ HEADLINE = (
     ("ref_memory", "ref_memory_ratio"),
     ("rollout", "rollout_speedup_vs_naive"),
     ("rollout", "logprob_speedup_vs_naive"),
+    ("mfu", "train_pass_mfu"),
+    ("mfu", "train_pass_vs_plain"),
 )
 REPORT_KEYS = {"compare": "comparison", "refmem": "ref_memory"}  # section name -> report key
 
@@ -180,6 +186,10 @@ def section_runs(
             ),
         ),
         ("refmem", lambda: sections.reference_memory(paths, settings, workdir, control=full)),
+        (
+            "mfu",
+            lambda: sections.train_pass_efficiency(paths, settings, workdir, 5 if full else 3),
+        ),
     ]
 
 

@@ -259,7 +259,7 @@ def test_trl_reward_adapter_scores_like_our_reward() -> None:
 
 
 def test_every_section_job_has_a_runner() -> None:
-    assert set(jobs.JOBS) == {"ours", "trl", "scaling", "rollout", "refmem"}, (
+    assert set(jobs.JOBS) == {"ours", "trl", "scaling", "rollout", "refmem", "mfu"}, (
         "bench.py starts these job kinds; each needs a runner in _bench_jobs.JOBS"
     )
 

@@ -84,9 +84,9 @@ def test_single_update_takes_old_logprobs_without_an_extra_pass(
     calls: list[bool] = []
     original = SafeGRPOModule.frozen_logprobs
 
-    def counting(self, batch, rollout, *, reference):
+    def counting(self, batch, rollout, *, reference, **kwargs):
         calls.append(reference)
-        return original(self, batch, rollout, reference=reference)
+        return original(self, batch, rollout, reference=reference, **kwargs)
 
     monkeypatch.setattr(SafeGRPOModule, "frozen_logprobs", counting)
     L.seed_everything(0)

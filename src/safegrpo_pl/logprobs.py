@@ -18,8 +18,8 @@ Deliberate departures and caveats:
   `completion_logprobs` falls back to one full-sequence forward over the N rows of prompt +
   completion; each image is still encoded once per prompt (its features are repeated through
   the model's `mm_encoder_outputs` input), but the prompt's text is recomputed per completion.
-- In train mode with dropout (e.g. LoRA dropout > 0) the G completions of a prompt share one
-  dropout mask over the prompt, since they share its prefill.
+- Called with dropout active (GRPO's `PolicyRunner` switches it off), the G completions of a
+  prompt would share one dropout mask over the prompt, since they share its prefill.
 - `shared_prefix=False` is the naive baseline the benchmark compares against: a full forward
   with `pixel_values` repeated per completion (`safegrpo_pl.naive_rollout`).
 """

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from safegrpo_pl.precision import DTYPES, cast_trainable, dtype_named
 from safegrpo_pl.tiny_models import resolve_model_path
 
 VISION_TOKENS: tuple[str, ...] = (
@@ -35,7 +36,8 @@ class LoraSettings:
     Attributes:
         r: adapter rank.
         alpha: scaling numerator (the update is scaled by alpha / r).
-        dropout: dropout on the adapter's input.
+        dropout: dropout on the adapter's input (GRPO switches all dropout off: see
+            `safegrpo_pl.policy_runner`; the supervised warm-up keeps it).
         target_modules: module names or a regex (a single string is a regex for peft).
             The default targets the language model's attention and MLP projections only, not
             the vision tower; "all-linear" targets every linear layer but the output head.
@@ -57,7 +59,11 @@ class PolicySettings:
 
     Attributes:
         name_or_path: hub id, local folder, or `tiny:ARCH?opts` for a tiny offline model.
-        dtype: weight dtype ("float32", "bfloat16", "float16").
+        dtype: weight dtype of the loaded (frozen) base ("float32", "bfloat16", "float16").
+        trainable_dtype: dtype of the weights the optimiser updates, and so of its state
+            (float32: updates of 1e-6 survive; see `safegrpo_pl.precision`); null = `dtype`.
+            Without LoRA every weight is trainable, so the policy is then float32 and only
+            the reference copy stays in `dtype`.
         lora: LoRA adapter settings; null trains all weights (the reference is then a frozen
             copy).
         load_in_4bit: QLoRA: NF4 base weights through bitsandbytes (needs `lora`).
@@ -68,6 +74,7 @@ class PolicySettings:
 
     name_or_path: str = "tiny:qwen2_5_vl"
     dtype: str = "float32"
+    trainable_dtype: str | None = "float32"
     lora: LoraSettings | None = None
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
@@ -79,22 +86,13 @@ class PolicySettings:
         return load_policy(
             path or self.name_or_path,
             dtype=self.dtype,
+            trainable_dtype=self.trainable_dtype,
             lora=self.lora,
             load_in_4bit=self.load_in_4bit,
             gradient_checkpointing=self.gradient_checkpointing,
             trust_remote_code=self.trust_remote_code,
             attn_implementation=self.attn_implementation,
         )
-
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def model_family(config: Any) -> str:
@@ -134,6 +132,7 @@ def load_policy(
     name_or_path: str,
     *,
     dtype: str = "float32",
+    trainable_dtype: str | None = None,
     lora: LoraSettings | None = None,
     load_in_4bit: bool = False,
     gradient_checkpointing: bool = False,
@@ -145,6 +144,8 @@ def load_policy(
     Args:
         name_or_path: a hub id, a local folder, or `tiny:ARCH?opts` (see `resolve_model_path`).
         dtype: weight dtype name ("float32", "bfloat16", "float16").
+        trainable_dtype: dtype name for the trainable weights (after LoRA is applied); None
+            leaves them as loaded.
         lora: adapter settings; None trains all weights.
         load_in_4bit: NF4 weights through bitsandbytes (needs `lora`; CUDA in practice).
         gradient_checkpointing: recompute activations in backward to save memory.
@@ -154,8 +155,9 @@ def load_policy(
     Returns:
         The model (a `peft.PeftModel` when `lora` is given), in train mode.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    dtype_named(dtype)
+    if trainable_dtype is not None:
+        dtype_named(trainable_dtype, "model.policy.trainable_dtype")
     if load_in_4bit and lora is None:
         raise ValueError("load_in_4bit=True needs LoRA settings: 4-bit weights cannot be trained")
     path = resolve_model_path(name_or_path)
@@ -190,6 +192,8 @@ def load_policy(
         model.enable_input_require_grads()
     if lora is not None:
         model = apply_lora(model, lora)
+    if trainable_dtype is not None:
+        cast_trainable(model, DTYPES[trainable_dtype])
     model.train()
     return model
 

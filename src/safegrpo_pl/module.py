@@ -12,8 +12,10 @@ Departures and choices (all deliberate; see also `grpo.py` and `rewards.py`):
 - The reference model is the initial policy: with LoRA, the same weights with the adapters
   disabled (no second copy); without LoRA, a frozen copy kept out of checkpoints (it is
   re-created from `policy.name_or_path` on resume).
-- Sampling and the old/reference log-prob passes run in eval mode (no dropout), the training
-  pass in train mode (`PolicyRunner`).
+- No dropout anywhere: sampling and the old/reference passes run in eval mode, the training
+  pass in train mode with dropout off (`PolicyRunner`). The first mini-batch of a rollout
+  takes its old log-probs from its own training forward (the weights have not moved yet), so
+  its ratio is exactly 1 and the old pass skips it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from safegrpo_pl.metrics import build_safety_metrics, loggable_values, metric_in
 from safegrpo_pl.model import PolicySettings
 from safegrpo_pl.optim import OptimizerPlan
 from safegrpo_pl.policy_runner import PolicyRunner
+from safegrpo_pl.precision import DTYPES, check_trainable_dtype
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
 from safegrpo_pl.rng import collect_rng_states, restore_rng_states
@@ -67,6 +70,8 @@ class SafeGRPOModule(LightningModule):
         mini_batch_size: prompts per optimiser step; null = the whole rollout batch (one step).
         micro_batch_size: prompts per forward/backward pass (memory only: the gradient is the
             same for any value); null = the mini-batch.
+        rollout_micro_batch_size: prompts sampled, and re-scored by the old/reference passes,
+            at once (whole groups; memory only); null = the whole rollout batch.
         num_iterations: passes over each rollout batch (PPO epochs).
         kl_coef: weight of the KL-to-reference term in the loss (beta); 0 skips the reference.
         lr: AdamW learning rate (no warm-up).
@@ -88,6 +93,7 @@ class SafeGRPOModule(LightningModule):
         group_size: int = 8,
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
+        rollout_micro_batch_size: int | None = None,
         num_iterations: int = 1,
         kl_coef: float = 0.01,
         lr: float = 1e-6,
@@ -122,6 +128,7 @@ class SafeGRPOModule(LightningModule):
         self.group_size = group_size
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
+        self.rollout_micro_batch_size = rollout_micro_batch_size
         self.num_iterations = num_iterations
         self.kl_coef = kl_coef
         self.sampling = sampling
@@ -179,7 +186,11 @@ class SafeGRPOModule(LightningModule):
             )
         self.policy_path = self.policy_path or resolve_model_path(self.settings.name_or_path)
         self.runner = PolicyRunner.load(
-            self.settings, self.policy_path, kl_coef=self.kl_coef, shared_prefix=self.shared_prefix
+            self.settings,
+            self.policy_path,
+            kl_coef=self.kl_coef,
+            shared_prefix=self.shared_prefix,
+            rollout_chunk=self.rollout_micro_batch_size,
         )
         self.policy = self.runner.model
         self.tokenizer = self.runner.tokenizer
@@ -193,8 +204,10 @@ class SafeGRPOModule(LightningModule):
         self.test_metrics = self.val_metrics.clone(prefix="test/")
 
     def on_fit_start(self) -> None:
-        for reference in self._reference:
-            reference.to(self.device)
+        trainable = self.settings.trainable_dtype
+        check_trainable_dtype(self.policy, None if trainable is None else DTYPES[trainable])
+        self.runner.place_reference()  # the precision plugin has cast the policy by now
+        self._reference = [] if self.runner.reference is None else [self.runner.reference]
 
     def configure_optimizers(self) -> Any:
         max_steps = self.trainer.max_steps if self._trainer is not None else None
@@ -217,11 +230,14 @@ class SafeGRPOModule(LightningModule):
             config=self.reward_config,
         )
 
-    def frozen_logprobs(self, batch: PromptBatch, rollout: Rollout, *, reference: bool) -> Tensor:
-        """Log-probs (N, T) under the current policy (old) or the reference, in eval mode."""
+    def frozen_logprobs(
+        self, batch: PromptBatch, rollout: Rollout, *, reference: bool, skip: Sequence[int] = ()
+    ) -> Tensor:
+        """Log-probs (N, T) under the current policy (old) or the reference, in eval mode; the
+        rows of prompts in `skip` are left 0."""
         temperature = self.sampling.temperature
         return self.runner.frozen_logprobs(
-            batch, rollout, reference=reference, temperature=temperature
+            batch, rollout, reference=reference, temperature=temperature, skip=skip
         )
 
     def optimise(
@@ -232,8 +248,11 @@ class SafeGRPOModule(LightningModule):
         old_logp: Tensor | None,
         ref_logp: Tensor | None,
         prompts: Sequence[int],
+        fresh: bool = False,
     ) -> dict[str, Tensor]:
-        """One optimiser step on the mini-batch of `prompts` (whole groups), micro-batched."""
+        """One optimiser step on the mini-batch of `prompts` (whole groups), micro-batched.
+        `fresh`: the weights are still the sampling policy's, so the forward's own log-probs
+        are the old ones (written into `old_logp` for later passes)."""
         optimizer = self.optimizers()
         mini_mask = rollout.completion_mask[completion_rows(prompts, rollout.group_size)]
         # The mini-batch's denominator, shared by its micro-batches: any micro-batch size gives
@@ -247,7 +266,7 @@ class SafeGRPOModule(LightningModule):
         for start in range(0, len(prompts), micro_size):
             micro = list(prompts[start : start + micro_size])
             loss, stats = self._micro_step(
-                batch, rollout, advantages, old_logp, ref_logp, micro, normalizer
+                batch, rollout, advantages, old_logp, ref_logp, micro, normalizer, fresh
             )
             # micro-batch losses and statistics add up to the mini-batch's
             loss_total = loss if loss_total is None else loss_total + loss
@@ -272,6 +291,7 @@ class SafeGRPOModule(LightningModule):
         ref_logp: Tensor | None,
         micro: list[int],
         normalizer: float,
+        fresh: bool = False,
     ) -> tuple[Tensor, LossStats]:
         """Forward and backward of one micro-batch; returns its detached loss and statistics."""
         rows = completion_rows(micro, rollout.group_size)
@@ -282,7 +302,12 @@ class SafeGRPOModule(LightningModule):
             logp = self.runner.logprobs(
                 self.policy, batch.select(micro), ids, mask, self.sampling.temperature
             )
-            old = logp.detach() if old_logp is None else old_logp[rows, :width]
+            if old_logp is None or fresh:
+                old = logp.detach()
+                if old_logp is not None:
+                    old_logp[rows, :width] = old
+            else:
+                old = old_logp[rows, :width]
             ref = None if ref_logp is None else ref_logp[rows, :width]
             loss, stats = grpo_loss(
                 logp,
@@ -322,16 +347,19 @@ class SafeGRPOModule(LightningModule):
         steps = self.num_iterations * len(minibatches)
         old_logp = ref_logp = None
         if steps > 1:  # later steps see a moved policy: keep the sampling policy's log-probs
-            with self.timer.phase("old_logprobs"):
-                old_logp = self.frozen_logprobs(batch, rollout, reference=False)
+            with self.timer.phase("old_logprobs"):  # the first mini-batch's come from its step
+                old_logp = self.frozen_logprobs(
+                    batch, rollout, reference=False, skip=minibatches[0]
+                )
         if self.kl_coef > 0:
             with self.timer.phase("ref_logprobs"):
                 ref_logp = self.frozen_logprobs(batch, rollout, reference=True)
         step_stats: list[dict[str, Tensor]] = []
-        for _ in range(self.num_iterations):
-            for prompts in minibatches:
+        for iteration in range(self.num_iterations):
+            for index, prompts in enumerate(minibatches):
+                fresh = iteration == 0 and index == 0
                 step_stats.append(
-                    self.optimise(batch, rollout, advantages, old_logp, ref_logp, prompts)
+                    self.optimise(batch, rollout, advantages, old_logp, ref_logp, prompts, fresh)
                 )
         self._log_train(rollout, parts, rewards, step_stats, len(batch))
 

@@ -6,11 +6,15 @@ G copies, although they are identical: with a long guided prompt plus image toke
 completions, that is most of the memory traffic of sampling. Here the prompt's keys/values stay
 at B rows, as the prefill left them, and the G rows of a group read their prompt's keys/values
 ONCE per step, as one matrix product over the whole group; only the generated tokens'
-keys/values are per row, kept in a buffer allocated once for the whole completion length.
+keys/values are per row, kept in a buffer that grows with the tokens actually generated.
 
 The pieces:
 - `GroupDecodeCache`: a transformers `Cache` holding, per layer, the prompt part (B rows) and a
-  preallocated buffer for the generated part (N = B * G rows).
+  buffer for the generated part (N = B * G rows). The buffer starts at `INITIAL_CAPACITY`
+  tokens and doubles when full, up to the length limit: it never reserves `max_new_tokens` for
+  rows that stop early (at 4,096 new tokens and a 144 KiB/token 8B model, the full reservation
+  is 0.6 GiB per sequence), and doubling keeps the copying to at most one extra pass over the
+  tokens held.
 - `shared_prefix_attention`: exact softmax attention of the N rows over [their prompt's keys,
   their own generated keys], registered with transformers' attention table under
   `SHARED_PREFIX_ATTENTION` when this module is imported.
@@ -39,13 +43,18 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 SHARED_PREFIX_ATTENTION = "safegrpo_shared_prefix"
 """Name under which `shared_prefix_attention` is registered with transformers' attention table."""
 
+INITIAL_CAPACITY = 64
+"""Generated tokens the decode cache holds before its first doubling."""
+
 
 class _GroupDecodeLayer(CacheLayerMixin):
     """One layer's keys/values while decoding N = B*G rows that share B prompts.
 
     The prompt's keys/values stay as the prefill left them, B rows; the generated tokens' go
-    into a buffer of N rows allocated once for `capacity` tokens (no re-concatenation per step).
-    `update` returns the generated part only; `shared_prefix_attention` reads the prompt part.
+    into a buffer of N rows that doubles when full (never past `capacity` tokens), so the
+    step-to-step cost is a write, not a re-concatenation, and memory follows the tokens
+    generated. `update` returns the generated part only; `shared_prefix_attention` reads the
+    prompt part.
     """
 
     def __init__(
@@ -54,8 +63,10 @@ class _GroupDecodeLayer(CacheLayerMixin):
         super().__init__()
         rows, kv_heads, _, head_dim = prefix_keys.shape  # (B, kv_heads, L, head_dim)
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
-        shape = (rows * group_size, kv_heads, capacity, head_dim)
-        self.suffix_keys = prefix_keys.new_empty(shape)  # (N, kv_heads, capacity, head_dim)
+        self.capacity = capacity
+        start = min(capacity, INITIAL_CAPACITY)
+        shape = (rows * group_size, kv_heads, start, head_dim)
+        self.suffix_keys = prefix_keys.new_empty(shape)  # (N, kv_heads, held, head_dim)
         self.suffix_values = prefix_values.new_empty(shape[:-1] + prefix_values.shape[-1:])
         self.length = 0
         self.is_initialized = True
@@ -67,14 +78,28 @@ class _GroupDecodeLayer(CacheLayerMixin):
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
         end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"decode cache holds {self.capacity} new tokens; {end} requested")
         if end > self.suffix_keys.shape[-2]:
-            raise RuntimeError(
-                f"decode cache holds {self.suffix_keys.shape[-2]} new tokens; {end} requested"
-            )
+            self._grow(end)
         self.suffix_keys[:, :, self.length : end] = key_states
         self.suffix_values[:, :, self.length : end] = value_states
         self.length = end
         return self.suffix_keys[:, :, :end], self.suffix_values[:, :, :end]
+
+    def _grow(self, needed: int) -> None:
+        """Double the generated-token buffers (at least to `needed`, at most to `capacity`)."""
+        held = self.suffix_keys.shape[-2]
+        size = min(self.capacity, max(needed, 2 * held))
+        for name in ("suffix_keys", "suffix_values"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:2], size, *old.shape[3:]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def held_bytes(self) -> int:
+        """Bytes of the generated-token buffers (the prompt part is the prefill's)."""
+        return sum(t.numel() * t.element_size() for t in (self.suffix_keys, self.suffix_values))
 
     def get_seq_length(self) -> int:
         return self.prefix_keys.shape[-2] + self.length
@@ -83,7 +108,7 @@ class _GroupDecodeLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
-        return self.prefix_keys.shape[-2] + self.suffix_keys.shape[-2]
+        return self.prefix_keys.shape[-2] + self.capacity
 
 
 class GroupDecodeCache(Cache):

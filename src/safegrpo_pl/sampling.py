@@ -8,8 +8,11 @@ How the hot path saves work (all exact: the tests compare with `generate`):
   tower runs once per image and the long guided prompt once per prompt.
 - Decoding keeps the prompt's keys/values at B rows: `safegrpo_pl.prefix_attention` (switched on
   only inside the decode loop) lets each group's G rows read their prompt's cache once, and the
-  generated tokens' keys/values go into a buffer allocated once instead of being re-concatenated
-  at every step.
+  generated tokens' keys/values go into a buffer that doubles as it fills instead of being
+  re-concatenated at every step.
+- Bounded memory: `chunk_size` decodes that many prompts (whole groups) at a time; each prompt
+  draws its noise from its own generator, so the samples do not depend on the chunking
+  (`safegrpo_pl.chunking`).
 - Our own decode loop instead of `generate`: temperature, top-k, top-p and suppressed tokens
   only, the LM head on the last position only, finished rows fed padding until all have ended.
   A small model's decode step is hundreds of tiny ops, so per-op cost counts: the loop runs in
@@ -41,6 +44,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from safegrpo_pl.chunking import chunked_decode
 from safegrpo_pl.inputs import PromptBatch
 from safegrpo_pl.naive_rollout import generate_completions
 from safegrpo_pl.prefill import (
@@ -60,6 +64,9 @@ from safegrpo_pl.prefix_attention import (
 )
 
 log = logging.getLogger(__name__)
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for all rows, one per equal block of rows (per prompt), or the global RNG."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,7 @@ def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tens
 
 
 def choose_next_tokens(
-    logits: Tensor, settings: SamplingSettings, generator: torch.Generator | None = None
+    logits: Tensor, settings: SamplingSettings, generator: Generators = None
 ) -> Tensor:
     """Pick one token per row: argmax when greedy, else a draw after temperature/top-k/top-p.
 
@@ -169,7 +176,8 @@ def choose_next_tokens(
     Args:
         logits: (N, V) float logits (suppressed tokens already at -inf).
         settings: the sampling settings.
-        generator: a torch generator on the logits' device, for reproducible draws.
+        generator: a torch generator on the logits' device, for reproducible draws, or one per
+            equal block of rows (`exponential_draws`).
 
     Returns:
         (N,) long token ids.
@@ -183,8 +191,11 @@ def choose_next_tokens(
     return probs.div_(exponential_draws(probs, generator)).argmax(-1)
 
 
-def exponential_draws(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def exponential_draws(like: Tensor, generator: Generators = None) -> Tensor:
     """Exp(1) draws shaped and typed like `like`: the numbers `Tensor.exponential_` would give.
+
+    A sequence of k generators splits the rows into k equal blocks, each drawn from its own
+    generator (one per prompt: a prompt's draws then do not depend on the other rows).
 
     On CPU `exponential_` computes -log1p(-U) on float64 uniforms one element at a time
     (~30 ns each, a tenth of a small model's decode step). For float32, drawing the same
@@ -193,6 +204,9 @@ def exponential_draws(like: Tensor, generator: torch.Generator | None = None) ->
     may differ in the last bit, which rounding to float32 hides in all but ~1 draw in 10^8 (the
     tests check them bit for bit). Other dtypes and devices use `exponential_` itself.
     """
+    if isinstance(generator, Sequence):
+        blocks = like.split(like.shape[0] // len(generator), 0)
+        return torch.cat([exponential_draws(b, g) for b, g in zip(blocks, generator, strict=True)])
     if like.device.type != "cpu" or like.dtype != torch.float32:
         return torch.empty_like(like).exponential_(1.0, generator=generator)
     uniform = torch.empty(like.shape, dtype=torch.float64).uniform_(generator=generator)
@@ -259,6 +273,7 @@ def sample_groups(
     suppress_token_ids: Sequence[int] = (),
     shared_prefix: bool = True,
     generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
 ) -> Rollout:
     """Sample `group_size` completions for every prompt of `batch`.
 
@@ -274,8 +289,11 @@ def sample_groups(
             otherwise emits `<|image_pad|>`, which breaks re-scoring).
         shared_prefix: prefill each prompt once and share its cache across the group (fast);
             False runs `model.generate(num_return_sequences=G)` (the naive baseline).
-        generator: seeds the draws (on the model's device); with `shared_prefix=False` it seeds
-            a forked global RNG instead, since `generate` takes no generator.
+        generator: seeds the draws (on the model's device): it seeds one generator per prompt
+            (see `safegrpo_pl.chunking`); with `shared_prefix=False` it seeds a forked global
+            RNG instead, since `generate` takes no generator (and the draws then depend on the
+            chunking).
+        chunk_size: prompts decoded at once (whole groups); None = all of them. Memory only.
 
     Returns:
         The `Rollout` of N = B * G completions, group by group.
@@ -287,8 +305,17 @@ def sample_groups(
         group_size, settings, tuple(eos_token_ids), pad_token_id, tuple(suppress_token_ids)
     )
     decode = _decode_shared_prefix if shared_prefix else generate_completions
+    per_prompt = shared_prefix and settings.do_sample  # the naive path's generate takes none
+    ids = chunked_decode(
+        lambda sub, draws: decode(model, sub, spec, draws),
+        batch,
+        chunk_size,
+        generator,
+        per_prompt=per_prompt,
+        pad_token_id=pad_token_id,
+    )
     return rollout_from_ids(
-        decode(model, batch, spec, generator),
+        ids,
         tokenizer=tokenizer,
         eos_token_ids=eos_token_ids,
         pad_token_id=pad_token_id,
@@ -298,7 +325,7 @@ def sample_groups(
 
 
 def _decode_shared_prefix(
-    model: Any, batch: PromptBatch, spec: DecodeSpec, generator: torch.Generator | None
+    model: Any, batch: PromptBatch, spec: DecodeSpec, generator: Generators
 ) -> Tensor:
     """The decode loop in inference and eval mode; returns (N, T) ids usable with autograd.
 
@@ -312,7 +339,7 @@ def _decode_shared_prefix(
 
 
 def _decode_shared(
-    base: Any, batch: PromptBatch, spec: DecodeSpec, generator: torch.Generator | None
+    base: Any, batch: PromptBatch, spec: DecodeSpec, generator: Generators
 ) -> Tensor:
     """Prefill B prompts once, then decode N = B*G rows against the shared prompt cache.
 

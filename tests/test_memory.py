@@ -1,0 +1,263 @@
+"""Bounded memory: rollout chunking changes memory only, and memory follows the chunk.
+
+Memory is measured as the peak of live torch allocations during a call, from the profiler's
+allocation events (`torch.profiler` with `profile_memory=True` records every allocation and
+free of torch's CPU allocator, with its size and time). `tracemalloc` would not do: it sees only
+Python's own allocator, and torch allocates tensor storage in C++.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+
+from safegrpo_pl.chunking import pad_right, rollout_chunks
+from safegrpo_pl.data import SafeTagDataModule
+from safegrpo_pl.demo_data import DemoConfig
+from safegrpo_pl.inputs import PromptEncoder
+from safegrpo_pl.model import LoraSettings, PolicySettings
+from safegrpo_pl.module import SafeGRPOModule
+from safegrpo_pl.policy_runner import PolicyRunner
+from safegrpo_pl.prefix_attention import INITIAL_CAPACITY, _GroupDecodeLayer
+from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.sampling import SamplingSettings
+
+# -- what a training step saw, with and without chunking -----------------------------------
+
+
+class RecordingModule(SafeGRPOModule):
+    """Keeps the rollouts, frozen log-probs, step figures and first gradients of a run; a
+    made-up reward of the text gives the random policy something to learn."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: dict[str, list[Any]] = {"rollout": [], "frozen": [], "steps": []}
+        self.first_grads: dict[str, torch.Tensor] = {}
+
+    def sample(self, batch, group_size, settings):
+        rollout = super().sample(batch, group_size, settings)
+        self.seen["rollout"].append(rollout)
+        return rollout
+
+    def score(self, batch, rollout):
+        parts = super().score(batch, rollout)
+        return [
+            replace(p, total=(len(t) % 5) / 4) for p, t in zip(parts, rollout.texts, strict=True)
+        ]
+
+    def frozen_logprobs(self, batch, rollout, *, reference, skip=()):
+        values = super().frozen_logprobs(batch, rollout, reference=reference, skip=skip)
+        self.seen["frozen"].append(values.clone())
+        return values
+
+    def optimise(self, *args: Any, **kwargs: Any):
+        figures = super().optimise(*args, **kwargs)
+        self.seen["steps"].append({k: v.detach().clone() for k, v in figures.items()})
+        return figures
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self.first_grads:
+            self.first_grads = {
+                n: p.grad.clone() for n, p in self.policy.named_parameters() if p.grad is not None
+            }
+
+
+class MovedLoraModule(RecordingModule):
+    """LoRA-B starts at zero, which would hide any dropout on the adapters' input: give it
+    weights, as after some training."""
+
+    def configure_model(self) -> None:
+        fresh = self.policy is None
+        super().configure_model()
+        generator = torch.Generator().manual_seed(3)
+        for name, param in self.policy.named_parameters():
+            if fresh and "lora_B" in name:
+                param.data.normal_(0.0, 0.5, generator=generator)
+
+
+def _run(path: Path, root: Path, steps: int, **kwargs: Any) -> RecordingModule:
+    policy = PolicySettings(name_or_path=str(path), lora=kwargs.pop("lora", None))
+    settings: dict[str, Any] = dict(
+        policy=policy,
+        group_size=2,
+        lr=1e-2,
+        kl_coef=0.05,
+        mini_batch_size=2,
+        sampling=SamplingSettings(max_new_tokens=8),
+    )
+    cls = kwargs.pop("cls", RecordingModule)
+    settings.update(kwargs)
+    module = cls(**settings)
+    data = SafeTagDataModule(
+        dataset="demo",
+        processor=str(path),
+        batch_size=4,
+        demo=DemoConfig(num_train=8, num_val=2, num_test=2),
+    )
+    L.seed_everything(0)
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        default_root_dir=root,
+        logger=CSVLogger(root, name="logs", version=0),
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(module, data)
+    return module
+
+
+def test_chunking_changes_neither_samples_nor_logprobs_nor_loss_nor_gradient(
+    tiny_qwen25vl_path, tmp_path
+):
+    # 4 prompts per rollout in 2 mini-batches: the old pass runs (for the second one), and
+    # the reference pass too (kl_coef > 0); two rollouts, so the second sees moved weights.
+    whole = _run(tiny_qwen25vl_path, tmp_path / "whole", 4)
+    chunked = _run(tiny_qwen25vl_path, tmp_path / "chunked", 4, rollout_micro_batch_size=3)
+    assert len(whole.seen["rollout"]) == 2 and len(whole.seen["frozen"]) == 4
+    for a, b in zip(whole.seen["rollout"], chunked.seen["rollout"], strict=True):
+        assert a.texts == b.texts
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        assert torch.equal(a.completion_mask, b.completion_mask)
+    assert len({t for r in whole.seen["rollout"] for t in r.texts}) > 4, "samples all alike"
+    for a, b in zip(whole.seen["frozen"], chunked.seen["frozen"], strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for a, b in zip(whole.seen["steps"], chunked.seen["steps"], strict=True):
+        for key in ("loss", "kl", "grad_norm"):
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert whole.first_grads and whole.first_grads.keys() == chunked.first_grads.keys()
+    assert any(g.abs().max() > 1e-4 for g in whole.first_grads.values()), "no gradient"
+    for name, grad in whole.first_grads.items():
+        torch.testing.assert_close(chunked.first_grads[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_ratio_is_exactly_one_at_the_first_mini_batch_with_lora_dropout(
+    tiny_qwen25vl_path, tmp_path
+):
+    # lr 0: the weights never move, so every mini-batch's ratio would be 1 if the old pass
+    # (eval mode) and the training pass (train mode) computed the same function; LoRA
+    # dropout 0.5 in the training pass would put it far from 1.
+    lora = LoraSettings(r=4, alpha=8, dropout=0.5)
+    module = _run(tiny_qwen25vl_path, tmp_path, 1, lora=lora, lr=0.0, cls=MovedLoraModule)
+    first, second = module.seen["steps"]
+    assert first["ratio_min"].item() == 1.0 and first["ratio_max"].item() == 1.0
+    assert abs(second["ratio_min"].item() - 1) < 1e-5 and abs(second["ratio_max"].item() - 1) < 1e-5
+
+
+def test_the_old_pass_skips_the_first_mini_batch_and_fills_it_from_its_step(
+    tiny_qwen25vl_path, tmp_path
+):
+    module = _run(tiny_qwen25vl_path, tmp_path, 2, num_iterations=1)
+    old = module.seen["frozen"][0]  # the old pass comes first, then the reference pass
+    assert torch.all(old[:4] == 0) and torch.any(old[4:] != 0)  # prompts 0-1 are rows 0-3
+
+
+# -- memory follows the chunk ---------------------------------------------------------------
+
+
+def _records(count: int) -> list[SafetyRecord]:
+    words = ["how", "do", "I", "bake", "a", "cake", "with", "apples", "and", "cream", "today"]
+    return [
+        SafetyRecord(
+            Image.new("RGB", (64, 64), (40 * i % 255, 90, 200)),
+            " ".join(words[: 3 + i % 8]),
+            "safe",
+            "safe",
+            "safe",
+            id=f"r{i}",
+            source="test",
+        )
+        for i in range(count)
+    ]
+
+
+def _peak_bytes(fn: Any) -> int:
+    """Peak of live torch allocations (bytes) during `fn()`, above what was live before."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory) -> Any:
+    """A tiny Qwen2.5-VL with 4 layers of width 128: 2 KiB of keys/values per token, so the
+    cache dominates the few bytes per token of the sampled ids (which do grow with N)."""
+    from safegrpo_pl.model import load_policy
+    from safegrpo_pl.tiny_models import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(arch="qwen2_5_vl", hidden_size=128, num_layers=4, num_heads=4)
+    path = str(build_tiny_model(tmp_path_factory.mktemp("wide"), spec=spec))
+    model = load_policy(path).eval()
+    encoder = PromptEncoder.from_pretrained(path, guide=None)
+    runner = PolicyRunner(model, encoder.tokenizer, None)
+    runner.suppress_ids = sorted(set(runner.suppress_ids) | set(runner.eos_ids))  # full length
+    return runner, encoder
+
+
+def _measure(runner: Any, encoder: Any, prompts: int, chunk: int | None) -> tuple[int, int]:
+    """Peak bytes of sampling and of the old-log-prob pass for `prompts` prompts."""
+    runner, batch = runner, encoder(_records(prompts))
+    runner.rollout_chunk = chunk
+    settings = SamplingSettings(max_new_tokens=96)
+    torch.manual_seed(0)
+    rollout = runner.sample(batch, 4, settings)
+    assert rollout.completion_ids.shape == (prompts * 4, 96)
+    sampling = _peak_bytes(lambda: runner.sample(batch, 4, settings))
+    scoring = _peak_bytes(
+        lambda: runner.frozen_logprobs(batch, rollout, reference=False, temperature=1.0)
+    )
+    return sampling, scoring
+
+
+def test_peak_memory_grows_with_the_chunk_not_with_the_rollout_batch(runner):
+    small = _measure(*runner, prompts=2, chunk=2)
+    large_chunked = _measure(*runner, prompts=8, chunk=2)
+    large_whole = _measure(*runner, prompts=8, chunk=None)
+    for name, s, c, w in zip(
+        ("sampling", "scoring"), small, large_chunked, large_whole, strict=True
+    ):
+        # 4x the prompts at the same chunk: about the same peak (the outputs grow, a little)
+        assert c < 1.3 * s, f"{name}: {c} bytes for 8 prompts in chunks of 2 vs {s} for 2"
+        # 4x the prompts at once: the peak grows with them
+        assert w > 2.5 * s, f"{name}: {w} bytes for 8 prompts at once vs {s} for 2"
+
+
+def test_decode_cache_grows_with_the_tokens_generated_not_the_limit():
+    prefix = torch.randn(2, 2, 5, 8)  # (B, kv_heads, L, head_dim)
+    layer = _GroupDecodeLayer(prefix, prefix.clone(), group_size=3, capacity=4096)
+    per_token = 2 * 6 * 2 * 8 * 4  # keys+values, N=6 rows, 2 kv heads, dim 8, float32
+    written = []
+    for step in range(150):
+        key = torch.full((6, 2, 1, 8), float(step))
+        keys, values = layer.update(key, key + 0.5)
+        written.append(step)
+        held = layer.held_bytes()
+        assert held <= 2 * max(step + 1, INITIAL_CAPACITY) * per_token
+    assert keys.shape[-2] == 150 and torch.equal(keys[0, 0, :, 0], torch.arange(150.0))
+    assert torch.equal(values[5, 1, :, 7], torch.arange(150.0) + 0.5)
+    assert layer.held_bytes() < 4096 * per_token / 10
+    with pytest.raises(RuntimeError, match="holds 4096 new tokens"):
+        _GroupDecodeLayer(prefix, prefix, 3, 4096).update(torch.zeros(6, 2, 4097, 8), prefix)
+
+
+def test_chunks_hold_whole_prompts_and_bad_sizes_name_the_setting():
+    assert rollout_chunks(5, 2) == [[0, 1], [2, 3], [4]]
+    assert rollout_chunks(3, None) == [[0, 1, 2]]
+    with pytest.raises(ValueError, match=r"model\.rollout_micro_batch_size"):
+        rollout_chunks(4, 0)
+    padded = pad_right([torch.ones(1, 2, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)], 7)
+    assert padded.tolist() == [[1, 1, 7], [1, 1, 1], [1, 1, 1]]
