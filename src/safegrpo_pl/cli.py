@@ -151,11 +151,11 @@ def main(args: Sequence[str] | None = None) -> Any:
     argv = [a for a in argv if a != DEBUG_FLAG]
     if args is None:  # LightningCLI reads sys.argv itself; it must not see --debug
         sys.argv[1:] = argv
+    silence_known_notes()
+    show_package_logs()
     if argv[:1] and argv[0] in EXTRA_COMMANDS:
         command = importlib.import_module(EXTRA_COMMANDS[argv[0]])
         return _report_expected_errors(lambda: command.main(argv[1:]), debug)
-    silence_known_notes()
-    show_package_logs()
     return _report_expected_errors(
         lambda: SafeGRPOCLI(
             SafeGRPOModule,

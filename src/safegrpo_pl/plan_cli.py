@@ -186,14 +186,12 @@ def config_dims(config: Any, model_config: str | None = None) -> ModelDims:
         model_config: a folder or `config.json` to read instead of `model.policy.name_or_path`
             (for a hub id when the hub is out of reach).
     """
-    from transformers import AutoConfig
-
-    from safegrpo_pl.model import LoraSettings, build_on_meta
+    from safegrpo_pl.model import LoraSettings, build_on_meta, load_model_config
     from safegrpo_pl.tiny_models import resolve_model_path
 
     source = model_config or resolve_model_path(str(_get(config, "model.policy.name_or_path")))
     trust = bool(_get(config, "model.policy.trust_remote_code", False))
-    hf_config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    hf_config = load_model_config(source, trust_remote_code=trust)
     lora = _get(config, "model.policy.lora")
     settings = None
     if lora is not None:
