@@ -51,7 +51,8 @@ def test_estimate_is_within_25_percent_of_the_measured_peak_of_a_fit_step(case, 
 
 
 def test_kv_cache_per_token_and_the_whole_rollout_cache_of_the_paper_config():
-    config, dims = _paper("qwen.yaml")
+    # Without chunking: the whole per-GPU rollout decoded at once.
+    config, dims = _paper("qwen.yaml", "--model.rollout_micro_batch_size", "null")
     # 2 (K, V) x 36 layers x 8 KV heads x 128 x 2 bytes = 147,456 bytes = 144 KiB
     assert kv_bytes_per_token(dims, 2) == 144 * 1024
     plan = estimate(dims, run_shape(config))
@@ -104,7 +105,7 @@ def test_fsdp_shards_weights_gradients_and_optimiser_state():
 def test_mixed_precision_keeps_trainables_and_adam_in_float32():
     config, dims = _paper("qwen.yaml")
     run = run_shape(config, rollout_chunk=4)
-    uniform = estimate(dims, run).resident["optimizer state"]
+    uniform = estimate(dims, replace(run, precision="uniform")).resident["optimizer state"]
     mixed = estimate(dims, replace(run, precision="mixed")).resident["optimizer state"]
     assert mixed == 2 * uniform == dims.trainable_params * 8
 
@@ -125,7 +126,7 @@ def test_paper_configs_fit_four_80gb_gpus_with_margin_when_the_rollout_is_chunke
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_without_chunking_plan_says_no_and_names_the_chunk_setting(name):
-    config, dims = _paper(name)
+    config, dims = _paper(name, "--model.rollout_micro_batch_size", "null")
     result = verdict(dims, run_shape(config), parse_memory("80GB"))
     assert not result.fits
     assert set(result.changes) == {"model.rollout_micro_batch_size"}
@@ -183,6 +184,7 @@ def test_plan_subcommand_on_the_paper_config_names_the_fix(capsys):
     from safegrpo_pl.cli import main
 
     args = ["plan", "--config", str(ROOT / "configs" / "qwen.yaml")]
+    args += ["--model.rollout_micro_batch_size", "null"]  # the whole rollout at once
     main([*args, "--model_config", str(PAPER["qwen.yaml"]), "--gpu_memory", "80GB"])
     printed = capsys.readouterr().out
     assert "does NOT fit 80 GiB" in printed and "--model.rollout_micro_batch_size" in printed

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 SHARDING_STRATEGIES = ("fsdp", "model_parallel", "modelparallel", "deepspeed_stage_3")
 # The model settings that state float32 trainable weights beside a half-precision base, by
 # the names they may take (the first one present wins).
-MASTER_WEIGHT_KEYS = ("trainable_dtype", "master_dtype")
 
 
 @dataclass(frozen=True)
@@ -134,10 +133,7 @@ def _precision(config: Any) -> tuple[str, int]:
     trainer = str(_get(config, "trainer.precision", None) or "32-true")
     dtype = str(_get(config, "model.policy.dtype", "float32"))
     half = 2 if dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
-    master = next(
-        (_get(config, f"model.{k}") for k in MASTER_WEIGHT_KEYS if _get(config, f"model.{k}")),
-        None,
-    )
+    master = str(_get(config, "model.policy.trainable_dtype", "float32") or dtype)
     if trainer.endswith("-true"):  # Lightning casts every parameter to this dtype
         b = 4 if trainer.startswith(("32", "64")) else 2
         return ("mixed" if master in ("float32", "fp32") and b == 2 else "uniform"), b
