@@ -6,7 +6,9 @@
 the trained policy and the predictions are in `safegrpo_pl.exports`.
 
 It talks to the user (where the files are), which is what callbacks are for; it does so through
-Lightning's rank-zero logging so that only one process speaks.
+Lightning's rank-zero logging so that only one process speaks. On several processes every rank
+evaluates the whole held-out split (so ranks with sharded weights decode alike) and only rank 0
+writes; what needs a collective (`trainer.log_dir` broadcasts) is computed on every rank first.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from safegrpo_pl.report import (
     write_report,
 )
 from safegrpo_pl.rewards import RewardParts
+from safegrpo_pl.shards import real_positions
 
 # What the report keeps of each training step's logged scalars.
 TRAIN_HISTORY_KEYS: tuple[str, ...] = (
@@ -89,8 +92,9 @@ def evaluate_split(
                 break
             batch = batch.to(module.device)
             _, scored = module.evaluate_batch(batch)
-            parts.extend(scored)
-            records.extend(batch.records)
+            keep = real_positions(batch.records)  # padding to a multiple of the ranks
+            parts.extend(scored[i] for i in keep)
+            records.extend(batch.records[i] for i in keep)
     return parts, records
 
 
@@ -201,9 +205,10 @@ class SafetyReport(Callback):
             if source in self.before_by_source
         }
         wall = time.monotonic() - self.started_at
+        out_dir = self._out_dir(trainer)  # on every rank: `trainer.log_dir` is a collective
         if trainer.is_global_zero:
             self.files = write_report(
-                self._out_dir(trainer),
+                out_dir,
                 self.before,
                 self.after,
                 self.history,

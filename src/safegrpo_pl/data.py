@@ -7,8 +7,11 @@ kept decoded, so a real dataset costs its Arrow file (memory-mapped), not gigaby
 
 Splits: train, validation, test. The paper validates on the test split (docs/method.md section 4.12), so without a validation
 split the test split serves as both; a dataset with a single split is split with a seed.
-Under DDP each process loads the data and Lightning shards the (plain, map-style) loaders by
-injecting a `DistributedSampler` (`Trainer(use_distributed_sampler=True)`, its default).
+Under DDP or FSDP each process loads the data and Lightning shards the (plain, map-style)
+loaders by injecting a `DistributedSampler` (`Trainer(use_distributed_sampler=True)`, its
+default): training prompts are dealt out whole, so a group never straddles ranks. The
+evaluation splits are padded to a multiple of the number of ranks with marked copies that the
+metrics leave out (`safegrpo_pl.shards`): every record counts once.
 
 Departures from the authors' pipeline (the bad-record policy is listed in `sources`):
 - `max_records` keeps a seeded random subset per split (for quick runs), not the first rows.
@@ -31,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from safegrpo_pl.demo_data import DemoConfig
 from safegrpo_pl.prompts import DEFAULT_SAFETY_GUIDE
 from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.shards import PaddedToRanks
 from safegrpo_pl.sources import (
     BadRecordReport,
     RawData,
@@ -292,11 +296,23 @@ class SafeTagDataModule(LightningDataModule):
         """The encoder (records -> `PromptBatch`) when a processor is set, else the records."""
         return self.encoder if self.encoder is not None else collate_records
 
+    def _num_ranks(self) -> int:
+        """How many data-parallel ranks share the loaders (1 outside a distributed Trainer)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1
+        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return int(kwargs.get("num_replicas", 1))
+
     def _loader(self, role: str, batch_size: int, *, train: bool = False) -> DataLoader:
         if not self.datasets:
             raise RuntimeError("SafeTagDataModule: call setup() before asking for a loader")
+        dataset: Dataset = self.datasets[role]
+        ranks = self._num_ranks()
+        if not train and ranks > 1:
+            dataset = PaddedToRanks(dataset, ranks)
         return DataLoader(
-            self.datasets[role],
+            dataset,
             batch_size=batch_size,
             shuffle=train,
             drop_last=train,

@@ -19,6 +19,7 @@ from safegrpo_pl.inputs import PromptBatch
 from safegrpo_pl.logprobs import completion_logprobs
 from safegrpo_pl.model import PolicySettings, eos_token_ids, vision_token_ids
 from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
+from safegrpo_pl.sharding import gathered_weights, is_sharded
 
 
 @contextlib.contextmanager
@@ -70,9 +71,20 @@ class PolicyRunner:
             reference.requires_grad_(False)
         return cls(model, tokenizer, reference, shared_prefix=shared_prefix)
 
-    def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings) -> Rollout:
-        """`group_size` completions per prompt from the current policy, in eval mode."""
-        with _eval_mode(self.model):
+    def sample(
+        self,
+        batch: PromptBatch,
+        group_size: int,
+        settings: SamplingSettings,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """`group_size` completions per prompt from the current policy, in eval mode.
+
+        Sharded (FSDP2) weights are gathered once for the whole decode, and every rank decodes
+        until all ranks' rows have ended (`sample_groups(sync_ranks=True)`).
+        """
+        sharded = is_sharded(self.model)
+        with _eval_mode(self.model), gathered_weights(self.model):
             return sample_groups(
                 self.model,
                 batch,
@@ -83,6 +95,8 @@ class PolicyRunner:
                 pad_token_id=self.pad_id,
                 suppress_token_ids=self.suppress_ids,
                 shared_prefix=self.shared_prefix,
+                generator=generator,
+                sync_ranks=sharded,
             )
 
     def logprobs(

@@ -1,0 +1,111 @@
+"""Two real processes on this CPU (gloo) against one process on the same global batch.
+
+Each run is `tests/distributed_run.py` in a subprocess of its own session, under a hard
+timeout that kills the whole process group: a hung rank ignores SIGTERM, and a hang must fail
+the test, never block the suite. Lightning's launcher starts rank 1 in the same group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "distributed_run.py"
+TIMEOUT_S = 300  # the machine is shared and slow; a healthy run takes well under a minute
+
+pytestmark = pytest.mark.slow
+
+
+def run_ranks(out: Path, model: Path, *args: str, timeout: float = TIMEOUT_S) -> list[dict]:
+    """Run the script; returns each rank's results. Fails (never hangs) after `timeout`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(SCRIPT), str(out), "--model", str(model), *args]
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(args)} hung for {timeout} s and was killed:\n{output[-4000:]}")
+    finally:
+        try:  # a rank left behind by a crashed launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{output[-6000:]}"
+    ranks = sorted(out.glob("rank*.pt"))
+    return [torch.load(path, weights_only=False) for path in ranks]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_qwen25vl_path, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("one")
+    (result,) = run_ranks(out, tiny_qwen25vl_path, "--devices", "1")
+    return result
+
+
+def _compare(one: dict, ranks: list[dict], label: str) -> dict[str, float]:
+    figures = {
+        "loss": max(abs(a - b) for a, b in zip(one["loss"], ranks[0]["loss"], strict=True)),
+        "grad_norm": max(
+            abs(a - b) for a, b in zip(one["grad_norm"], ranks[0]["grad_norm"], strict=True)
+        ),
+        "weights": max_difference(one["weights"], ranks[0]["weights"]),
+    }
+    print(f"{label}: 1 vs 2 processes, max |difference|: {figures}")
+    return figures
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tiny_qwen25vl_path, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    args = ("--devices", "2", "--strategy", "ddp", "--micro", "1")
+    return run_ranks(out, tiny_qwen25vl_path, *args)
+
+
+def test_ddp_two_processes_equal_one_process(one_process, ddp_ranks):
+    ranks = ddp_ranks
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert any(g > 1e-3 for g in one_process["grad_norm"]), "the test reward gave no gradient"
+    figures = _compare(one_process, ranks, "ddp")
+    assert figures["loss"] < 1e-6 and figures["grad_norm"] < 1e-5, figures
+    # lr 1e-3 moves a weight by ~1e-3 per step: the runs agree to well under one step
+    assert figures["weights"] < 5e-5, figures
+    assert max_difference(ranks[0]["weights"], ranks[1]["weights"]) == 0.0
+    for rank in ranks:  # every rank logs the global figures
+        assert rank["loss"] == ranks[0]["loss"] and rank["grad_norm"] == ranks[0]["grad_norm"]
+
+
+def test_ddp_deals_whole_prompts_once_per_epoch_and_counts_each_record_once(
+    one_process, ddp_ranks
+):
+    ranks = ddp_ranks
+    all_ids = set(one_process["seen"][0])
+    for step in range(2):  # 4 prompts, 2 per rank: one step is one epoch
+        per_rank = [rank["seen"][step] for rank in ranks]
+        assert all(len(ids) == 2 for ids in per_rank)
+        dealt = [i for ids in per_rank for i in ids]
+        assert sorted(dealt) == sorted(all_ids), f"step {step}: {per_rank}"
+    # 3 validation records over 2 ranks: the sampler pads to 4, the metrics count 3
+    assert one_process["val_count"] == 3.0
+    assert [rank["val_count"] for rank in ranks] == [3.0, 3.0]
+    assert ranks[0]["val"] == pytest.approx(one_process["val"], abs=1e-6)
