@@ -27,7 +27,9 @@ from safegrpo_pl.demo_data import DemoConfig
 from safegrpo_pl.model import PolicySettings
 from safegrpo_pl.module import SafeGRPOModule
 from safegrpo_pl.sampling import Rollout, SamplingSettings
-from safegrpo_pl.sharding import full_state_dict
+from safegrpo_pl.exports import save_adapter
+from safegrpo_pl.sampling import sample_groups
+from safegrpo_pl.sharding import full_state_dict, gathered_weights, is_sharded
 
 
 def _merge(rollouts: list[Rollout]) -> Rollout:
@@ -88,45 +90,38 @@ class Recorder(L.Callback):
         self.grad_norm.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--strategy", default="auto")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--prompts", type=int, default=4, help="global rollout batch")
-    parser.add_argument("--micro", type=int, default=None)
-    parser.add_argument("--num-val", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(0)
-    module = PromptSeeded(
-        policy=PolicySettings(name_or_path=args.model),
-        group_size=2,
-        micro_batch_size=args.micro,
-        lr=1e-3,
-        kl_coef=0.1,
-        max_grad_norm=1.0,
-        sampling=SamplingSettings(max_new_tokens=args.max_new_tokens),
-    )
-    module.seen = []
-    data = SafeTagDataModule(
-        dataset="demo",
-        processor=args.model,
-        guide=None,
-        batch_size=args.prompts // args.devices,
-        eval_batch_size=2,
-        demo=DemoConfig(num_train=args.prompts, num_val=args.num_val, num_test=args.num_val),
-    )
+def uneven_decode(module: SafeGRPOModule, batch) -> dict:
+    """Rank 0's rows end at the first token, the other ranks' never: count body forwards."""
+    calls = []
+    body = module.policy.get_base_model() if hasattr(module.policy, "get_base_model") else None
+    body = (body or module.policy).model
+    hook = body.register_forward_hook(lambda *_: calls.append(1))
+    vocab = module.policy.get_output_embeddings().weight.shape[0]
+    eos = list(range(vocab)) if module.global_rank == 0 else [vocab + 1]
+    with gathered_weights(module.policy):
+        rollout = sample_groups(
+            module.policy,
+            batch,
+            group_size=2,
+            settings=SamplingSettings(max_new_tokens=5),
+            tokenizer=module.tokenizer,
+            eos_token_ids=eos,
+            pad_token_id=0,
+            sync_ranks=is_sharded(module.policy),
+        )
+    hook.remove()
+    return {
+        "forwards": len(calls),
+        "lengths": rollout.lengths.tolist(),
+        "inference": rollout.completion_ids.is_inference(),
+    }
+
+
+def make_trainer(args: argparse.Namespace, out: Path, recorder: Recorder) -> L.Trainer:
     strategy = args.strategy
     if strategy == "fsdp":
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
-    recorder = Recorder()
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy=strategy,
@@ -141,9 +136,70 @@ def main() -> None:
         val_check_interval=10_000,  # no validation during fit; `validate` below
         callbacks=[recorder],
     )
+
+
+def build_module(args: argparse.Namespace) -> PromptSeeded:
+    module = PromptSeeded(
+        policy=PolicySettings(name_or_path=args.model),
+        group_size=2,
+        micro_batch_size=args.micro,
+        lr=1e-3,
+        kl_coef=0.1,
+        max_grad_norm=1.0,
+        sampling=SamplingSettings(max_new_tokens=args.max_new_tokens),
+    )
+    module.seen = []
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=4, help="global rollout batch")
+    parser.add_argument("--micro", type=int, default=None)
+    parser.add_argument("--num-val", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--checks", action="store_true", help="decode, checkpoint, export")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(0)
+    module = build_module(args)
+    data = SafeTagDataModule(
+        dataset="demo",
+        processor=args.model,
+        guide=None,
+        batch_size=args.prompts // args.devices,
+        eval_batch_size=2,
+        demo=DemoConfig(num_train=args.prompts, num_val=args.num_val, num_test=args.num_val),
+    )
+    recorder = Recorder()
+    trainer = make_trainer(args, out, recorder)
+
     trainer.fit(module, data)
     weights = {k: v.detach().cpu().clone() for k, v in full_state_dict(module.policy).items()}
-    metrics = trainer.validate(module, data, verbose=False)[0]
+    extra = {}
+    if args.checks:  # sharded decode, checkpoint round trip, export
+        batch = data.collate_fn([data.datasets["train"][trainer.global_rank]])
+        extra["decode"] = uneven_decode(module, batch)
+        trainer.save_checkpoint(out / "saved.ckpt")
+        gathered = full_state_dict(module.policy)  # a collective: every rank
+        if trainer.is_global_zero:
+            save_adapter(module.policy, out / "export", state_dict=gathered)
+        trainer.strategy.barrier()
+    if args.checks:  # a fresh module restored from the checkpoint holds the same weights
+        module = build_module(args)
+        trainer = make_trainer(args, out, Recorder())  # the fit's holds its optimizer
+        metrics = trainer.validate(module, data, ckpt_path=out / "saved.ckpt", verbose=False)[0]
+        restored = full_state_dict(module.policy)
+        extra["restored"] = {k: v.detach().cpu().clone() for k, v in restored.items()}
+    else:
+        metrics = trainer.validate(module, data, verbose=False)[0]
     torch.save(
         {
             "loss": recorder.loss,
@@ -153,6 +209,7 @@ def main() -> None:
             "val": metrics,
             "val_count": module.val_count,
             "world_size": trainer.world_size,
+            **extra,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

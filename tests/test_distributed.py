@@ -109,3 +109,38 @@ def test_ddp_deals_whole_prompts_once_per_epoch_and_counts_each_record_once(
     assert one_process["val_count"] == 3.0
     assert [rank["val_count"] for rank in ranks] == [3.0, 3.0]
     assert ranks[0]["val"] == pytest.approx(one_process["val"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_qwen25vl_path, tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("fsdp")
+    args = ("--devices", "2", "--strategy", "fsdp", "--micro", "1", "--checks")
+    return out, run_ranks(out, tiny_qwen25vl_path, *args)
+
+
+def test_fsdp_two_processes_equal_one_process(one_process, fsdp_run):
+    _, ranks = fsdp_run
+    assert ranks[1]["weights"] == {}, "the full weights are gathered to rank 0 only"
+    figures = _compare(one_process, ranks, "fsdp")
+    assert figures["loss"] < 1e-6 and figures["grad_norm"] < 1e-5, figures
+    assert figures["weights"] < 5e-5, figures
+    assert ranks[0]["loss"] == ranks[1]["loss"]
+    assert [rank["val_count"] for rank in ranks] == [3.0, 3.0]
+
+
+def test_fsdp_ranks_decode_the_same_number_of_steps(fsdp_run):
+    _, ranks = fsdp_run
+    early, late = ranks[0]["decode"], ranks[1]["decode"]
+    assert early["lengths"] == [1, 1] and late["lengths"] == [5, 5], (early, late)
+    assert early["forwards"] == late["forwards"] == 5  # prefill + 4 steps, on both ranks
+    assert not early["inference"] and not late["inference"]
+
+
+def test_fsdp_checkpoint_round_trip_and_export(fsdp_run):
+    from transformers import AutoModelForImageTextToText
+
+    out, ranks = fsdp_run
+    weights = ranks[0]["weights"]
+    assert max_difference(ranks[0]["restored"], weights) == 0.0
+    exported = AutoModelForImageTextToText.from_pretrained(out / "export")
+    assert max_difference(exported.state_dict(), weights) == 0.0
