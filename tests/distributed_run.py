@@ -24,11 +24,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.demo_data import DemoConfig
+from safegrpo_pl.exports import save_adapter
 from safegrpo_pl.model import PolicySettings
 from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.sampling import Rollout, SamplingSettings
-from safegrpo_pl.exports import save_adapter
-from safegrpo_pl.sampling import sample_groups
+from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
 from safegrpo_pl.sharding import full_state_dict, gathered_weights, is_sharded
 
 

@@ -7,6 +7,7 @@ the test, never block the suite. Lightning's launcher starts rank 1 in the same 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,8 +26,15 @@ pytestmark = pytest.mark.slow
 
 def run_ranks(out: Path, model: Path, *args: str, timeout: float = TIMEOUT_S) -> list[dict]:
     """Run the script; returns each rank's results. Fails (never hangs) after `timeout`."""
+    run_killable([str(SCRIPT), str(out), "--model", str(model), *args], timeout)
+    ranks = sorted(out.glob("rank*.pt"))
+    return [torch.load(path, weights_only=False) for path in ranks]
+
+
+def run_killable(args: list[str], timeout: float = TIMEOUT_S) -> str:
+    """`python ARGS` in a session of its own; kill the whole group after `timeout`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), str(out), "--model", str(model), *args]
+    command = [sys.executable, *args]
     proc = subprocess.Popen(
         command,
         env=env,
@@ -42,13 +50,10 @@ def run_ranks(out: Path, model: Path, *args: str, timeout: float = TIMEOUT_S) ->
         output, _ = proc.communicate()
         pytest.fail(f"{' '.join(args)} hung for {timeout} s and was killed:\n{output[-4000:]}")
     finally:
-        try:  # a rank left behind by a crashed launcher
+        with contextlib.suppress(ProcessLookupError):  # a rank a crashed launcher left
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{output[-6000:]}"
-    ranks = sorted(out.glob("rank*.pt"))
-    return [torch.load(path, weights_only=False) for path in ranks]
+    return output
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -95,9 +100,7 @@ def test_ddp_two_processes_equal_one_process(one_process, ddp_ranks):
         assert rank["loss"] == ranks[0]["loss"] and rank["grad_norm"] == ranks[0]["grad_norm"]
 
 
-def test_ddp_deals_whole_prompts_once_per_epoch_and_counts_each_record_once(
-    one_process, ddp_ranks
-):
+def test_ddp_deals_whole_prompts_once_per_epoch_and_counts_each_record_once(one_process, ddp_ranks):
     ranks = ddp_ranks
     all_ids = set(one_process["seen"][0])
     for step in range(2):  # 4 prompts, 2 per rank: one step is one epoch
@@ -144,3 +147,36 @@ def test_fsdp_checkpoint_round_trip_and_export(fsdp_run):
     assert max_difference(ranks[0]["restored"], weights) == 0.0
     exported = AutoModelForImageTextToText.from_pretrained(out / "export")
     assert max_difference(exported.state_dict(), weights) == 0.0
+
+
+CLI_CALLBACKS = """
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {save_last: true, every_n_train_steps: 1}
+    - class_path: safegrpo_pl.exports.AdapterCheckpoint
+    - class_path: safegrpo_pl.callbacks.SafetyReport
+"""
+
+
+def test_readme_fit_ends_on_two_ddp_processes(tmp_path):
+    """The README's command with `--trainer.devices 2 --trainer.strategy ddp`, shortened: it
+    used to hang after training (a rank-zero-only collective in the report)."""
+    extra = tmp_path / "callbacks.yaml"
+    extra.write_text(CLI_CALLBACKS)
+    root = tmp_path / "run"
+    args = [
+        *("-m", "safegrpo_pl", "fit", "--config", str(ROOT / "configs" / "tiny.yaml")),
+        *("--config", str(extra), "--trainer.accelerator", "cpu", "--trainer.devices", "2"),
+        *("--trainer.strategy", "ddp", "--trainer.max_steps", "2", "--model.warmup.steps", "2"),
+        *("--data.demo.num_train", "64", "--data.demo.num_val", "5"),
+        *("--trainer.val_check_interval", "1", "--trainer.default_root_dir", str(root)),
+        *("--trainer.logger.init_args.save_dir", str(root)),
+        *("--trainer.enable_progress_bar", "false"),
+    ]
+    output = run_killable(args)
+    version = root / "logs" / "version_0"
+    assert (version / "summary.json").is_file() and (version / "checkpoints" / "last.ckpt").exists()
+    assert (version / "checkpoints" / "model" / "model.safetensors").is_file()
+    assert "sync_dist=True" not in output, "an epoch-level value was logged unsynced"
+    assert output.count("SafetyReport: wrote") == 1, "the report is written by rank 0 only"

@@ -32,6 +32,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from safegrpo_pl.demo_data import DemoConfig
+from safegrpo_pl.distributed import data_parallel_size
 from safegrpo_pl.prompts import DEFAULT_SAFETY_GUIDE
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.shards import PaddedToRanks
@@ -296,19 +297,11 @@ class SafeTagDataModule(LightningDataModule):
         """The encoder (records -> `PromptBatch`) when a processor is set, else the records."""
         return self.encoder if self.encoder is not None else collate_records
 
-    def _num_ranks(self) -> int:
-        """How many data-parallel ranks share the loaders (1 outside a distributed Trainer)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 1
-        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return int(kwargs.get("num_replicas", 1))
-
     def _loader(self, role: str, batch_size: int, *, train: bool = False) -> DataLoader:
         if not self.datasets:
             raise RuntimeError("SafeTagDataModule: call setup() before asking for a loader")
         dataset: Dataset = self.datasets[role]
-        ranks = self._num_ranks()
+        ranks = data_parallel_size(getattr(self, "trainer", None))
         if not train and ranks > 1:
             dataset = PaddedToRanks(dataset, ranks)
         return DataLoader(

@@ -18,6 +18,8 @@ seed and the rank, so ranks draw different completions and a run is reproducible
 from __future__ import annotations
 
 import os
+from typing import Any
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -37,6 +39,14 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def data_parallel_size(trainer: Any) -> int:
+    """How many ranks hold different data (the strategy's sampler replicas); 1 without one."""
+    if trainer is None:
+        return 1
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("num_replicas", 1))
 
 
 def global_seed() -> int:
@@ -151,4 +161,3 @@ def _on_backend_device(tensor: Tensor) -> Tensor:
     if dist.get_backend() == "nccl":
         return tensor.to(f"cuda:{torch.cuda.current_device()}")
     return tensor
-

@@ -33,6 +33,7 @@ from torch import Tensor
 from safegrpo_pl.aggregation import aggregation_normalizer
 from safegrpo_pl.distributed import (
     check_equal_across_ranks,
+    data_parallel_size,
     gather_rewards,
     global_normalizer,
     global_seed,
@@ -55,20 +56,20 @@ from safegrpo_pl.grpo_step import (
 from safegrpo_pl.inputs import PromptBatch, PromptEncoder
 from safegrpo_pl.loss_stats import LossStats
 from safegrpo_pl.metrics import build_safety_metrics, loggable_values, metric_inputs
-from safegrpo_pl.model import PolicySettings
+from safegrpo_pl.model import DTYPES, PolicySettings
 from safegrpo_pl.optim import OptimizerPlan
 from safegrpo_pl.policy_runner import PolicyRunner
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
 from safegrpo_pl.rng import collect_rng_states, restore_rng_states
 from safegrpo_pl.sampling import Rollout, SamplingSettings
-from safegrpo_pl.shards import real_positions
 from safegrpo_pl.sharding import (
     clip_sharded_gradients,
     data_parallel_mesh,
     is_sharded,
     shard_policy,
 )
+from safegrpo_pl.shards import real_positions
 from safegrpo_pl.timing import StepTimer
 from safegrpo_pl.warmup import WarmupSettings, warmed_up_path
 
@@ -100,6 +101,9 @@ class SafeGRPOModule(LightningModule):
         loss: clipping, dual clip, KL estimator, aggregation and advantage settings.
         reward: rule-reward weights and refusal keywords.
         shared_prefix: encode each image and prefill each prompt once per group.
+        fsdp_compute_dtype: under `ModelParallelStrategy` (FSDP2), the dtype weights are
+            gathered in for compute ("bfloat16"), the shards and AdamW keeping the loaded
+            dtype (`model.policy.dtype: float32`); null: the loaded dtype.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class SafeGRPOModule(LightningModule):
         loss: LossSettings = LossSettings(),  # noqa: B008
         reward: RewardConfig = RewardConfig(),  # noqa: B008
         shared_prefix: bool = True,
+        fsdp_compute_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if group_size < 2:
@@ -152,6 +157,7 @@ class SafeGRPOModule(LightningModule):
         self.loss_settings = loss
         self.reward_config = reward
         self.shared_prefix = shared_prefix
+        self.fsdp_compute_dtype = fsdp_compute_dtype
         self.policy: Any = None
         self.policy_path: str | None = None  # the folder loaded: the warm-up's, once it ran
         self._reference: list[Any] = []  # a list keeps the frozen copy out of state_dict
@@ -203,8 +209,9 @@ class SafeGRPOModule(LightningModule):
         self._reference = [] if self.runner.reference is None else [self.runner.reference]
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, see `sharding`
             mesh = data_parallel_mesh(self.device_mesh)
+            dtype = DTYPES[self.fsdp_compute_dtype] if self.fsdp_compute_dtype else None
             for model in (self.policy, *self._reference):
-                shard_policy(model, mesh)
+                shard_policy(model, mesh, dtype)
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
@@ -229,9 +236,7 @@ class SafeGRPOModule(LightningModule):
 
     def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings) -> Rollout:
         """Sample `group_size` completions per prompt with the current policy."""
-        return self.runner.sample(
-            batch, group_size, settings, generator=self.sampling_generator
-        )
+        return self.runner.sample(batch, group_size, settings, generator=self.sampling_generator)
 
     def score(self, batch: PromptBatch, rollout: Rollout) -> list[RewardParts]:
         """Rule rewards of every completion against its record's tags."""
@@ -339,15 +344,8 @@ class SafeGRPOModule(LightningModule):
                 max_completion_length=self.sampling.max_new_tokens,
             )
             # DDP and FSDP average gradients over ranks; the loss is a share of a global sum.
-            self.manual_backward(loss * gradient_scale(self._data_parallel_size()))
+            self.manual_backward(loss * gradient_scale(data_parallel_size(self._trainer)))
         return loss.detach(), stats
-
-    def _data_parallel_size(self) -> int:
-        trainer = self._trainer
-        if trainer is None:
-            return 1
-        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return int(kwargs.get("num_replicas", 1))
 
     @staticmethod
     def _step_figures(loss: Tensor, stats: LossStats, grad_norm: Tensor) -> dict[str, Tensor]:

@@ -58,12 +58,16 @@ def _no_split_classes(base: Any) -> set[str]:
     return names
 
 
-def shard_policy(model: Any, mesh: Any) -> int:
+def shard_policy(model: Any, mesh: Any, compute_dtype: torch.dtype | None = None) -> int:
     """`fully_shard` `model` per layer, then its body and LM head; returns the number of units.
 
     Args:
         model: a transformers model, or a peft model wrapping one.
         mesh: the 1-D data-parallel device mesh (`ModelParallelStrategy`'s, "data_parallel").
+        compute_dtype: gather the weights in this dtype for forward and backward (bf16) while
+            the shards, their gradients' reduction and AdamW stay in the loaded dtype (fp32):
+            an update of lr 1e-6 is below bf16's resolution, so master weights must not be bf16.
+            None: compute in the loaded dtype.
 
     Raises:
         ValueError: the input and output embeddings are one tensor (tied; the body and the
@@ -82,10 +86,13 @@ def shard_policy(model: Any, mesh: Any) -> int:
         )
     layer_classes = _no_split_classes(base)
     units = [m for m in base.modules() if type(m).__name__ in layer_classes]
-    for unit in units:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
-    for root in (body, head):
-        fully_shard(root, mesh=mesh, reshard_after_forward=True)
+    options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": True}
+    if compute_dtype is not None:
+        options["mp_policy"] = _fsdp().MixedPrecisionPolicy(
+            param_dtype=compute_dtype, reduce_dtype=torch.float32
+        )
+    for unit in [*units, body, head]:
+        fully_shard(unit, **options)
     _check_all_sharded(model)
     return len(units) + 2
 
