@@ -210,6 +210,8 @@ class SafeGRPOModule(LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, see `sharding`
             mesh = data_parallel_mesh(self.device_mesh)
             dtype = DTYPES[self.fsdp_compute_dtype] if self.fsdp_compute_dtype else None
+            for reference in self._reference:  # frozen: no master copy needed
+                reference.to(dtype or next(reference.parameters()).dtype)
             for model in (self.policy, *self._reference):
                 shard_policy(model, mesh, dtype)
 
