@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.demo_data import DemoConfig
 from safegrpo_pl.exports import save_adapter
+from safegrpo_pl.grpo import LossSettings
 from safegrpo_pl.model import PolicySettings
 from safegrpo_pl.module import SafeGRPOModule
 from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
@@ -146,6 +147,9 @@ def build_module(args: argparse.Namespace) -> PromptSeeded:
         kl_coef=0.1,
         max_grad_norm=1.0,
         sampling=SamplingSettings(max_new_tokens=args.max_new_tokens),
+        # the std of ALL ranks' rewards: exercises the gather ("group" needs none)
+        loss=LossSettings(advantage_scale="batch"),
+        fsdp_compute_dtype=args.compute_dtype,
     )
     module.seen = []
     return module
@@ -162,6 +166,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=None)
     parser.add_argument("--num-val", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--compute-dtype", default=None)
     parser.add_argument("--checks", action="store_true", help="decode, checkpoint, export")
     args = parser.parse_args()
     torch.set_num_threads(1)
