@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from safegrpo_pl.grpo import LossSettings, group_advantages
 from safegrpo_pl.loss_stats import LossStats
 
 
@@ -141,6 +142,21 @@ def local_slice(values: Tensor, count: int) -> Tensor:
     """This rank's `count` entries of a tensor gathered rank by rank (`gather_rewards`)."""
     start = rank() * count
     return values[start : start + count]
+
+
+def advantages_over_ranks(
+    rewards: Tensor, group_size: int, settings: LossSettings
+) -> tuple[Tensor, Tensor]:
+    """(this rank's advantages (N,), every rank's rewards (W * N,)).
+
+    Groups never straddle ranks, so "group" scaling needs only this rank's rewards; "batch"
+    scaling takes the std of the whole rollout batch, every rank's rewards together.
+    """
+    every_rank = gather_rewards(rewards)
+    advantages = group_advantages(
+        every_rank, group_size, scale=settings.advantage_scale, eps=settings.advantage_eps
+    )
+    return local_slice(advantages, len(rewards)), every_rank
 
 
 def check_equal_across_ranks(name: str, value: int) -> None:

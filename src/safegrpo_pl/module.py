@@ -32,18 +32,17 @@ from torch import Tensor
 
 from safegrpo_pl.aggregation import aggregation_normalizer
 from safegrpo_pl.distributed import (
+    advantages_over_ranks,
     check_equal_across_ranks,
     data_parallel_size,
-    gather_rewards,
     global_normalizer,
     global_seed,
     gradient_scale,
-    local_slice,
     sampling_generator,
     sum_over_ranks,
     sync_loss_stats,
 )
-from safegrpo_pl.grpo import LossSettings, group_advantages, grpo_loss
+from safegrpo_pl.grpo import LossSettings, grpo_loss
 from safegrpo_pl.grpo_step import (
     completion_rows,
     gradient_norm,
@@ -56,20 +55,15 @@ from safegrpo_pl.grpo_step import (
 from safegrpo_pl.inputs import PromptBatch, PromptEncoder
 from safegrpo_pl.loss_stats import LossStats
 from safegrpo_pl.metrics import build_safety_metrics, loggable_values, metric_inputs
-from safegrpo_pl.model import DTYPES, PolicySettings
+from safegrpo_pl.model import PolicySettings
 from safegrpo_pl.optim import OptimizerPlan
 from safegrpo_pl.policy_runner import PolicyRunner
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
 from safegrpo_pl.rng import collect_rng_states, restore_rng_states
 from safegrpo_pl.sampling import Rollout, SamplingSettings
-from safegrpo_pl.sharding import (
-    clip_sharded_gradients,
-    data_parallel_mesh,
-    is_sharded,
-    shard_policy,
-)
-from safegrpo_pl.shards import real_positions
+from safegrpo_pl.sharding import clip_sharded_gradients, is_sharded, shard_models
+from safegrpo_pl.shards import counted
 from safegrpo_pl.timing import StepTimer
 from safegrpo_pl.warmup import WarmupSettings, warmed_up_path
 
@@ -208,12 +202,7 @@ class SafeGRPOModule(LightningModule):
         self.tokenizer = self.runner.tokenizer
         self._reference = [] if self.runner.reference is None else [self.runner.reference]
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, see `sharding`
-            mesh = data_parallel_mesh(self.device_mesh)
-            dtype = DTYPES[self.fsdp_compute_dtype] if self.fsdp_compute_dtype else None
-            for reference in self._reference:  # frozen: no master copy needed
-                reference.to(dtype or next(reference.parameters()).dtype)
-            for model in (self.policy, *self._reference):
-                shard_policy(model, mesh, dtype)
+            shard_models(self.policy, self._reference, self.device_mesh, self.fsdp_compute_dtype)
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
@@ -363,17 +352,8 @@ class SafeGRPOModule(LightningModule):
         with self.timer.phase("reward"):
             parts = self.score(batch, rollout)
             rewards = torch.tensor([p.total for p in parts], device=self.device)
-            # Groups never straddle ranks, so "group" scaling needs only this rank's rewards;
-            # "batch" scaling takes the std of the whole rollout batch, all ranks together.
-            every_rank = gather_rewards(rewards)
-            advantages = local_slice(
-                group_advantages(
-                    every_rank,
-                    self.group_size,
-                    scale=self.loss_settings.advantage_scale,
-                    eps=self.loss_settings.advantage_eps,
-                ),
-                len(rewards),
+            advantages, every_rank = advantages_over_ranks(
+                rewards, self.group_size, self.loss_settings
             )
         minibatches = prompt_chunks(len(batch), self.mini_batch_size)
         steps = self.num_iterations * len(minibatches)
@@ -424,13 +404,12 @@ class SafeGRPOModule(LightningModule):
 
     def _eval_step(self, batch: PromptBatch, metrics: Any) -> None:
         _, parts = self.evaluate_batch(batch)  # padding too: every rank decodes alike
-        keep = real_positions(batch.records)  # the sampler's padding is never counted
-        if not keep:
+        records, parts = counted(batch.records, parts)  # the sampler's padding never counts
+        if not records:
             return
-        records = [batch.records[i] for i in keep]
         metrics.update(
             **metric_inputs(
-                [parts[i] for i in keep],
+                parts,
                 [r.combine_tag for r in records],
                 [r.image_tag for r in records],
                 [r.text_tag for r in records],
@@ -461,12 +440,7 @@ class SafeGRPOModule(LightningModule):
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
         """One decoded, scored response per record, as plain dicts (written by the CLI)."""
         rollout, parts = self.evaluate_batch(batch)
-        keep = real_positions(batch.records)
-        return prediction_rows(
-            [batch.records[i] for i in keep],
-            [rollout.texts[i] for i in keep],
-            [parts[i] for i in keep],
-        )
+        return prediction_rows(*counted(batch.records, rollout.texts, parts))
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -155,6 +155,24 @@ def full_state_dict(model: Any) -> dict[str, Tensor]:
     return get_model_state_dict(model, options=options)
 
 
+def shard_models(
+    policy: Any, references: list[Any], strategy_mesh: Any, compute_dtype: str | None
+) -> None:
+    """Shard the policy and its frozen references over the strategy's data-parallel ranks.
+
+    The references are cast to `compute_dtype` first: frozen, they need no fp32 master copy.
+    """
+    from safegrpo_pl.model import DTYPES
+
+    mesh = data_parallel_mesh(strategy_mesh)
+    dtype = DTYPES[compute_dtype] if compute_dtype else None
+    for reference in references:
+        if dtype is not None:
+            reference.to(dtype)
+    for model in (policy, *references):
+        shard_policy(model, mesh, dtype)
+
+
 def data_parallel_mesh(strategy_mesh: Any) -> Any:
     """The mesh to shard over: `ModelParallelStrategy`'s data-parallel dimension.
 

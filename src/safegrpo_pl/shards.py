@@ -39,6 +39,12 @@ def real_positions(records: Sequence[Any]) -> list[int]:
     return [i for i, record in enumerate(records) if not is_padding(record)]
 
 
+def counted(records: Sequence[Any], *columns: Sequence[Any]) -> tuple[list[Any], ...]:
+    """`records` and the aligned `columns` (texts, rewards, ...) without the padding rows."""
+    keep = real_positions(records)
+    return tuple([column[i] for i in keep] for column in (records, *columns))
+
+
 def padded_length(length: int, num_ranks: int) -> int:
     """The smallest multiple of `num_ranks` that holds `length` records (at least one each)."""
     return max(-(-length // num_ranks), 1) * num_ranks
