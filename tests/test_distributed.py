@@ -180,6 +180,8 @@ def test_readme_fit_ends_on_two_ddp_processes(tmp_path):
     assert (version / "checkpoints" / "model" / "model.safetensors").is_file()
     assert "sync_dist=True" not in output, "an epoch-level value was logged unsynced"
     assert output.count("SafetyReport: wrote") == 1, "the report is written by rank 0 only"
+    # each rank evaluates its shard of the 5 held-out records (padded to 6); 5 are gathered
+    assert output.count("(5 records)") == 2, "before and after, every record once"
 
 
 def test_fsdp_gathers_bf16_for_compute_and_keeps_fp32_master_weights(
