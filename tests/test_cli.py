@@ -47,7 +47,12 @@ def _parse(*configs: Path, extra: tuple[str, ...] = ()) -> SafeGRPOCLI:
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_config_parses_and_instantiates(config, tmp_path):
     configs = [config]
-    variant_of = {"qwen-4bit.yaml": "qwen.yaml", "tiny-lora.yaml": "tiny.yaml"}
+    variant_of = {
+        "qwen-4bit.yaml": "qwen.yaml",
+        "tiny-lora.yaml": "tiny.yaml",
+        "qwen-full.yaml": "qwen.yaml",
+        "multinode.yaml": "qwen.yaml",
+    }
     if config.name in variant_of:  # a variant, used on top of its base config
         configs = [ROOT / "configs" / variant_of[config.name], config]
     cli = _parse(*configs, extra=("--trainer.default_root_dir", str(tmp_path)))

@@ -6,11 +6,16 @@
 the trained policy and the predictions are in `safegrpo_pl.exports`.
 
 It talks to the user (where the files are), which is what callbacks are for; it does so through
-Lightning's rank-zero logging so that only one process speaks.
+Lightning's rank-zero logging so that only one process speaks. On several processes each rank
+evaluates its shard of the held-out split (all shards the same size, so ranks with sharded
+weights decode alike; the padding is not counted), the results are gathered on every rank, and
+only rank 0 writes; what needs a collective (`trainer.log_dir` broadcasts) is computed on
+every rank first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -19,8 +24,10 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
 
 from safegrpo_pl.curves import TrainingHistory
+from safegrpo_pl.distributed import is_distributed, world_size
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.report import (
     EvalSummary,
@@ -29,6 +36,7 @@ from safegrpo_pl.report import (
     write_report,
 )
 from safegrpo_pl.rewards import RewardParts
+from safegrpo_pl.shards import real_positions
 
 # What the report keeps of each training step's logged scalars.
 TRAIN_HISTORY_KEYS: tuple[str, ...] = (
@@ -89,14 +97,45 @@ def evaluate_split(
                 break
             batch = batch.to(module.device)
             _, scored = module.evaluate_batch(batch)
-            parts.extend(scored)
-            records.extend(batch.records)
+            keep = real_positions(batch.records)  # padding to a multiple of the ranks
+            parts.extend(scored[i] for i in keep)
+            records.extend(batch.records[i] for i in keep)
     return parts, records
 
 
 def _dropped_records(trainer: Trainer) -> dict[str, int]:
     """Records the datamodule left out at setup, by kind ({} when it counts none)."""
     return dict(getattr(trainer.datamodule, "bad_record_counts", None) or {})
+
+
+def rank_shard(loader: DataLoader, trainer: Trainer) -> DataLoader:
+    """This rank's part of an evaluation `loader` (itself when there is one rank).
+
+    The datamodule pads evaluation splits to a multiple of the ranks, so every shard has as
+    many batches as every other.
+    """
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    if int(kwargs.get("num_replicas", 1)) < 2:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=DistributedSampler(loader.dataset, **kwargs, shuffle=False),
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+    )
+
+
+def gather_evaluations(
+    parts: list[RewardParts], records: list[SafetyRecord]
+) -> tuple[list[RewardParts], list[SafetyRecord]]:
+    """Every rank's scored records, on every rank (images left behind: only labels count)."""
+    if not is_distributed():
+        return parts, records
+    light = [dataclasses.replace(r, image=None) for r in records]
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, (parts, light))
+    return [p for ps, _ in gathered for p in ps], [r for _, rs in gathered for r in rs]
 
 
 class SafetyReport(Callback):
@@ -145,9 +184,9 @@ class SafetyReport(Callback):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("SafetyReport needs a datamodule with a validation split")
-        parts, records = evaluate_split(
-            module, datamodule.val_dataloader(), max_batches=self.max_batches
-        )
+        loader = rank_shard(datamodule.val_dataloader(), trainer)
+        parts, records = evaluate_split(module, loader, max_batches=self.max_batches)
+        parts, records = gather_evaluations(parts, records)
         return summarize_evaluation(parts, records), summarize_by_source(parts, records)
 
     def _record_eval(self, step: int, summary: EvalSummary) -> None:
@@ -210,9 +249,10 @@ class SafetyReport(Callback):
             if source in self.before_by_source
         }
         wall = time.monotonic() - self.started_at
+        out_dir = self._out_dir(trainer)  # on every rank: `trainer.log_dir` is a collective
         if trainer.is_global_zero:
             self.files = write_report(
-                self._out_dir(trainer),
+                out_dir,
                 self.before,
                 self.after,
                 self.history,

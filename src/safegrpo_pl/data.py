@@ -7,8 +7,12 @@ kept decoded, so a real dataset costs its Arrow file (memory-mapped), not gigaby
 
 Splits: train, validation, test. The paper validates on the test split (docs/method.md section 4.12), so without a validation
 split the test split serves as both; a dataset with a single split is split with a seed.
-Under DDP each process loads the data and Lightning shards the (plain, map-style) loaders by
-injecting a `DistributedSampler` (`Trainer(use_distributed_sampler=True)`, its default).
+Under DDP or FSDP each process loads the data and Lightning shards the (plain, map-style)
+loaders by injecting a `DistributedSampler` (`Trainer(use_distributed_sampler=True)`, its
+default; the train loader brings its own, which drops the remainder rather than repeating
+prompts): training prompts are dealt out whole, so a group never straddles ranks. The
+evaluation splits are padded to a multiple of the number of ranks with marked copies that the
+metrics leave out (`safegrpo_pl.shards`): every record counts once.
 
 Departures from the authors' pipeline (the bad-record policy is listed in `sources`):
 - `max_records` keeps a seeded random subset per split (for quick runs), not the first rows.
@@ -26,11 +30,13 @@ from typing import Any, Literal
 
 import datasets
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from safegrpo_pl.demo_data import DemoConfig
+from safegrpo_pl.distributed import data_parallel_size, global_seed
 from safegrpo_pl.prompts import DEFAULT_SAFETY_GUIDE
 from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.shards import PaddedToRanks
 from safegrpo_pl.sources import (
     BadRecordReport,
     RawData,
@@ -295,10 +301,24 @@ class SafeTagDataModule(LightningDataModule):
     def _loader(self, role: str, batch_size: int, *, train: bool = False) -> DataLoader:
         if not self.datasets:
             raise RuntimeError("SafeTagDataModule: call setup() before asking for a loader")
+        dataset: Dataset = self.datasets[role]
+        trainer = getattr(self, "trainer", None)
+        ranks = data_parallel_size(trainer)
+        sampler = None
+        if not train and ranks > 1:
+            dataset = PaddedToRanks(dataset, ranks)
+        elif ranks > 1:
+            # Lightning's own sampler would pad the train split with repeated prompts; this
+            # one drops the remainder instead, as the single-process loader does.
+            kwargs = trainer.strategy.distributed_sampler_kwargs
+            sampler = DistributedSampler(
+                dataset, **kwargs, shuffle=True, seed=global_seed(), drop_last=True
+            )
         return DataLoader(
-            self.datasets[role],
+            dataset,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,

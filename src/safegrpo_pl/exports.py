@@ -7,6 +7,8 @@
 - `PredictionWriter` writes what `predict_step` returns (a list of dicts per batch) as JSONL.
 
 They say where the files are through Lightning's rank-zero logging, so only one process speaks.
+Under FSDP the export gathers the full state dict to rank 0 first (a collective, on every
+rank), and rank 0 alone writes it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from safegrpo_pl.files import TRAINED_MARKER, atomic_folder, is_inside_cache
+from safegrpo_pl.sharding import full_state_dict, is_sharded
 
 
 class AdapterCheckpoint(Callback):
@@ -84,6 +87,8 @@ class AdapterCheckpoint(Callback):
                 )
                 self._warned = True
             return
+        # Gathered on every rank (a collective under FSDP); None: the policy's own weights.
+        state_dict = full_state_dict(policy) if is_sharded(policy) else None
         if not trainer.is_global_zero:
             return
         name = self.dirname if has_adapter else self.full_model_dirname
@@ -95,6 +100,7 @@ class AdapterCheckpoint(Callback):
             tokenizer=getattr(pl_module, "tokenizer", None),
             image_processor=getattr(encoder, "image_processor", None),
             base_path=getattr(pl_module, "policy_path", None) if has_adapter else None,
+            state_dict=state_dict,
         )
         self.last_saved = target
 
@@ -106,10 +112,12 @@ def save_adapter(
     tokenizer: Any = None,
     image_processor: Any = None,
     base_path: str | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """`policy.save_pretrained` (a peft adapter, or a whole transformers model) to `target`
     atomically, replacing the previous export, with the tokenizer and image processor, so the
-    folder loads on its own.
+    folder loads on its own. `state_dict` replaces the policy's own tensors (the gathered
+    full weights of a sharded policy).
 
     The folder is marked trained (`files.TRAINED_MARKER`), so that a run starting from it skips
     the format warm-up. An adapter's base that lies in the project's cache (the warm-up's
@@ -119,7 +127,10 @@ def save_adapter(
     target = Path(target)
     base = _owned_base(base_path, target.parent / "base")
     with atomic_folder(target, replace=True) as tmp:
-        policy.save_pretrained(tmp)
+        if state_dict is None:
+            policy.save_pretrained(tmp)
+        else:
+            policy.save_pretrained(tmp, state_dict=state_dict)
         for companion in (tokenizer, image_processor):
             if companion is not None:
                 companion.save_pretrained(tmp)

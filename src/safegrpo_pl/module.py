@@ -7,8 +7,11 @@ mini-batches of whole groups (docs/method.md section 4). Lightning's manual opti
 one rollout feeds several optimiser steps; `trainer.max_steps` therefore counts optimiser steps.
 
 Departures and choices (all deliberate; see also `grpo.py` and `rewards.py`):
-- Under DDP each process normalises its token-mean by its own token count, and DDP averages the
-  gradients; with equal work per process this equals the global token mean.
+- On several processes (DDP, or FSDP2 through `configure_model`), each rank samples its own
+  prompts with its own generator (`sampling_generator`, seeded from the global seed and the
+  rank), and the loss is the token-mean over the mini-batch of ALL ranks: the denominator is
+  all-reduced and the gradient averaging of the strategy is undone (`safegrpo_pl.distributed`),
+  so one step equals a one-process step on the same global batch.
 - The reference model is the initial policy: with LoRA, the same weights with the adapters
   disabled (no second copy); without LoRA, a frozen copy kept out of checkpoints (it is
   re-created from `policy.name_or_path` on resume).
@@ -30,7 +33,18 @@ from lightning import LightningModule
 from torch import Tensor
 
 from safegrpo_pl.aggregation import aggregation_normalizer
-from safegrpo_pl.grpo import LossSettings, group_advantages, grpo_loss
+from safegrpo_pl.distributed import (
+    advantages_over_ranks,
+    check_equal_across_ranks,
+    data_parallel_size,
+    global_normalizer,
+    global_seed,
+    gradient_scale,
+    sampling_generator,
+    sum_over_ranks,
+    sync_loss_stats,
+)
+from safegrpo_pl.grpo import LossSettings, grpo_loss
 from safegrpo_pl.grpo_step import (
     completion_rows,
     gradient_norm,
@@ -51,6 +65,8 @@ from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
 from safegrpo_pl.rng import collect_rng_states, restore_rng_states
 from safegrpo_pl.sampling import Rollout, SamplingSettings
+from safegrpo_pl.sharding import clip_sharded_gradients, is_sharded, shard_models
+from safegrpo_pl.shards import counted
 from safegrpo_pl.timing import StepTimer
 from safegrpo_pl.warmup import WarmupSettings, already_warmed_up, warmed_up_path
 
@@ -84,6 +100,9 @@ class SafeGRPOModule(LightningModule):
         loss: clipping, dual clip, KL estimator, aggregation and advantage settings.
         reward: rule-reward weights and refusal keywords.
         shared_prefix: encode each image and prefill each prompt once per group.
+        fsdp_compute_dtype: under `ModelParallelStrategy` (FSDP2), the dtype weights are
+            gathered in for compute ("bfloat16"), the shards and AdamW keeping the loaded
+            dtype (`model.policy.dtype: float32`); null: the loaded dtype.
     """
 
     def __init__(
@@ -105,6 +124,7 @@ class SafeGRPOModule(LightningModule):
         loss: LossSettings = LossSettings(),  # noqa: B008
         reward: RewardConfig = RewardConfig(),  # noqa: B008
         shared_prefix: bool = True,
+        fsdp_compute_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if group_size < 2:
@@ -138,11 +158,13 @@ class SafeGRPOModule(LightningModule):
         self.loss_settings = loss
         self.reward_config = reward
         self.shared_prefix = shared_prefix
+        self.fsdp_compute_dtype = fsdp_compute_dtype
         self.policy: Any = None
         self.policy_path: str | None = None  # the folder loaded: the warm-up's, once it ran
         self._reference: list[Any] = []  # a list keeps the frozen copy out of state_dict
         self.tokenizer: Any = None
         self.timer = StepTimer()
+        self.sampling_generator: torch.Generator | None = None  # per rank; made in `setup`
         self.strict_loading = policy.lora is None  # LoRA checkpoints hold only the adapters
 
     # -- setup ----------------------------------------------------------------------------
@@ -195,6 +217,8 @@ class SafeGRPOModule(LightningModule):
         self.policy = self.runner.model
         self.tokenizer = self.runner.tokenizer
         self._reference = [] if self.runner.reference is None else [self.runner.reference]
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, see `sharding`
+            shard_models(self.policy, self._reference, self.device_mesh, self.fsdp_compute_dtype)
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
@@ -202,6 +226,10 @@ class SafeGRPOModule(LightningModule):
         sources = sorted(getattr(datamodule, "sources", None) or [])
         self.val_metrics = build_safety_metrics("val/", sources)
         self.test_metrics = self.val_metrics.clone(prefix="test/")
+        if self.sampling_generator is None:
+            device = trainer.strategy.root_device if trainer is not None else self.device
+            rank = trainer.global_rank if trainer is not None else 0
+            self.sampling_generator = sampling_generator(global_seed(), rank, device)
 
     def on_fit_start(self) -> None:
         trainable = self.settings.trainable_dtype
@@ -217,7 +245,7 @@ class SafeGRPOModule(LightningModule):
 
     def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings) -> Rollout:
         """Sample `group_size` completions per prompt with the current policy."""
-        return self.runner.sample(batch, group_size, settings)
+        return self.runner.sample(batch, group_size, settings, generator=self.sampling_generator)
 
     def score(self, batch: PromptBatch, rollout: Rollout) -> list[RewardParts]:
         """Rule rewards of every completion against its record's tags."""
@@ -257,8 +285,11 @@ class SafeGRPOModule(LightningModule):
         mini_mask = rollout.completion_mask[completion_rows(prompts, rollout.group_size)]
         # The mini-batch's denominator, shared by its micro-batches: any micro-batch size gives
         # the same gradient (docs/method.md section 4).
-        normalizer = aggregation_normalizer(
-            self.loss_settings.aggregation, mini_mask, self.sampling.max_new_tokens
+        # ... over all ranks: each rank's loss is then its share of the global sum.
+        normalizer = global_normalizer(
+            aggregation_normalizer(
+                self.loss_settings.aggregation, mini_mask, self.sampling.max_new_tokens
+            )
         )
         optimizer.zero_grad()
         loss_total, merged = None, None
@@ -272,15 +303,28 @@ class SafeGRPOModule(LightningModule):
             loss_total = loss if loss_total is None else loss_total + loss
             merged = stats if merged is None else merged.merge(stats)
         with self.timer.phase("optimizer"):
-            grad_norm = gradient_norm(self.policy.parameters())
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-            )
+            grad_norm = self._clip_gradients(optimizer)
             optimizer.step()
             schedule = self.lr_schedulers()
             if schedule is not None:
                 schedule.step()  # manual optimisation: Lightning leaves this to us
-        return self._step_figures(loss_total, merged, grad_norm)
+        loss_total = sum_over_ranks(loss_total).to(loss_total)  # the global mini-batch's loss
+        return self._step_figures(loss_total, sync_loss_stats(merged), grad_norm)
+
+    def _clip_gradients(self, optimizer: Any) -> Tensor:
+        """Clip to `max_grad_norm`; returns the global norm before clipping.
+
+        Sharded (FSDP2) gradients are clipped with torch's `clip_grad_norm_`, which reduces the
+        norm over the shards (Lightning's precision plugins refuse to clip them); replicated
+        ones through Lightning, which also unscales mixed-precision gradients first.
+        """
+        if is_sharded(self.policy):
+            return clip_sharded_gradients(self.policy.parameters(), self.max_grad_norm)
+        grad_norm = gradient_norm(self.policy.parameters())
+        self.clip_gradients(
+            optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+        )
+        return grad_norm
 
     def _micro_step(
         self,
@@ -320,7 +364,8 @@ class SafeGRPOModule(LightningModule):
                 loss_normalizer=normalizer,
                 max_completion_length=self.sampling.max_new_tokens,
             )
-            self.manual_backward(loss)
+            # DDP and FSDP average gradients over ranks; the loss is a share of a global sum.
+            self.manual_backward(loss * gradient_scale(data_parallel_size(self._trainer)))
         return loss.detach(), stats
 
     @staticmethod
@@ -337,14 +382,12 @@ class SafeGRPOModule(LightningModule):
         with self.timer.phase("reward"):
             parts = self.score(batch, rollout)
             rewards = torch.tensor([p.total for p in parts], device=self.device)
-            advantages = group_advantages(
-                rewards,
-                self.group_size,
-                scale=self.loss_settings.advantage_scale,
-                eps=self.loss_settings.advantage_eps,
+            advantages, every_rank = advantages_over_ranks(
+                rewards, self.group_size, self.loss_settings
             )
         minibatches = prompt_chunks(len(batch), self.mini_batch_size)
         steps = self.num_iterations * len(minibatches)
+        check_equal_across_ranks("the number of optimiser steps per rollout batch", steps)
         old_logp = ref_logp = None
         if steps > 1:  # later steps see a moved policy: keep the sampling policy's log-probs
             with self.timer.phase("old_logprobs"):  # the first mini-batch's come from its step
@@ -361,7 +404,7 @@ class SafeGRPOModule(LightningModule):
                 step_stats.append(
                     self.optimise(batch, rollout, advantages, old_logp, ref_logp, prompts, fresh)
                 )
-        self._log_train(rollout, parts, rewards, step_stats, len(batch))
+        self._log_train(rollout, parts, every_rank, step_stats, len(batch))
 
     def _log_train(
         self,
@@ -383,11 +426,12 @@ class SafeGRPOModule(LightningModule):
         # The loggers' step is the number of optimiser steps done, as in the report's curves
         # (Lightning would count rollout batches, which differ with several steps per batch).
         logs["step"] = float(self.global_step)
-        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, batch_size=batch_size)
-        self.log("reward", logs["train/reward"], prog_bar=True, logger=False, batch_size=batch_size)
-        self.log(
-            "kl", logs.get("train/kl", 0.0), prog_bar=True, logger=False, batch_size=batch_size
-        )
+        # Means over ranks (each holds the same number of completions): loss figures are
+        # already global, and reward, reward_std and zero_var_groups come from every rank.
+        options = {"batch_size": batch_size, "sync_dist": True}
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, **options)
+        self.log("reward", logs["train/reward"], prog_bar=True, logger=False, **options)
+        self.log("kl", logs.get("train/kl", 0.0), prog_bar=True, logger=False, **options)
 
     def evaluate_batch(self, batch: PromptBatch) -> tuple[Rollout, list[RewardParts]]:
         """Decode one completion per prompt with `val_sampling` and score it."""
@@ -395,22 +439,27 @@ class SafeGRPOModule(LightningModule):
         return rollout, self.score(batch, rollout)
 
     def _eval_step(self, batch: PromptBatch, metrics: Any) -> None:
-        _, parts = self.evaluate_batch(batch)
+        _, parts = self.evaluate_batch(batch)  # padding too: every rank decodes alike
+        records, parts = counted(batch.records, parts)  # the sampler's padding never counts
+        if not records:
+            return
         metrics.update(
             **metric_inputs(
                 parts,
-                batch.combine_tags,
-                batch.image_tags,
-                batch.text_tags,
-                sources=[r.source for r in batch.records],
+                [r.combine_tag for r in records],
+                [r.image_tag for r in records],
+                [r.text_tag for r in records],
+                sources=[r.source for r in records],
                 device=self.device,
             )
         )
 
     def _log_eval_epoch(self, metrics: Any) -> None:
         # Metrics with no eligible record (e.g. no compositional pair) are NaN: leave them out.
-        self.log_dict(loggable_values(metrics), sync_dist=False)
-        self.log("step", float(self.global_step))  # the same step numbering as training
+        # `compute` has summed the counts over ranks already, so every rank holds the same
+        # values; sync_dist (a mean of equal values) only tells Lightning so.
+        self.log_dict(loggable_values(metrics), sync_dist=True)
+        self.log("step", float(self.global_step), sync_dist=True)  # training's step numbering
         metrics.reset()
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -428,7 +477,7 @@ class SafeGRPOModule(LightningModule):
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
         """One decoded, scored response per record, as plain dicts (written by the CLI)."""
         rollout, parts = self.evaluate_batch(batch)
-        return prediction_rows(batch.records, rollout.texts, parts)
+        return prediction_rows(*counted(batch.records, rollout.texts, parts))
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -436,6 +485,8 @@ class SafeGRPOModule(LightningModule):
         """Save the random state (so a resumed run samples what an unbroken one would) and,
         with LoRA, only the trainable tensors: the frozen base is re-loaded from its path."""
         checkpoint["rng_states"] = collect_rng_states()
+        if self.sampling_generator is not None:
+            checkpoint["sampling_generator"] = self.sampling_generator.get_state()
         if self.settings.lora is None:
             return
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
@@ -446,3 +497,5 @@ class SafeGRPOModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
+        if "sampling_generator" in checkpoint and self.sampling_generator is not None:
+            self.sampling_generator.set_state(checkpoint["sampling_generator"])

@@ -60,6 +60,7 @@ def generate_completions(
             attention_mask=batch.attention_mask,
             **batch.model_kwargs,
             **options,
+            synced_gpus=spec.sync_ranks,
         )
     completions = sequences[:, batch.input_ids.shape[1] :]  # (B * copies, T)
     return completions.repeat_interleave(spec.group_size // copies, 0)

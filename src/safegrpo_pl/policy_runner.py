@@ -28,6 +28,7 @@ from safegrpo_pl.model import PolicySettings, eos_token_ids, vision_token_ids
 from safegrpo_pl.precision import DTYPES, cast_trainable, place_reference
 from safegrpo_pl.prefill import eval_mode
 from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
+from safegrpo_pl.sharding import gathered_weights, is_sharded
 
 
 @contextlib.contextmanager
@@ -120,9 +121,20 @@ class PolicyRunner:
         if self.reference is not None:
             self.reference = place_reference(self.reference, self.model, self.base_dtype)
 
-    def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings) -> Rollout:
-        """`group_size` completions per prompt from the current policy, in eval mode."""
-        with eval_mode(self.model):
+    def sample(
+        self,
+        batch: PromptBatch,
+        group_size: int,
+        settings: SamplingSettings,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """`group_size` completions per prompt from the current policy, in eval mode.
+
+        Sharded (FSDP2) weights are gathered once for the whole decode, and every rank decodes
+        until all ranks' rows have ended (`sample_groups(sync_ranks=True)`).
+        """
+        sharded = is_sharded(self.model)
+        with eval_mode(self.model), gathered_weights(self.model):
             return sample_groups(
                 self.model,
                 batch,
@@ -134,6 +146,8 @@ class PolicyRunner:
                 suppress_token_ids=self.suppress_ids,
                 shared_prefix=self.shared_prefix,
                 chunk_size=self.rollout_chunk,
+                generator=generator,
+                sync_ranks=sharded,
             )
 
     def logprobs(

@@ -26,6 +26,10 @@ Deliberate departures and caveats:
   train mode.
 - In half precision, shared-prefix decoding may differ from scoring in the last bits (see
   `safegrpo_pl.prefix_attention`).
+- `sync_ranks=True` (sharded weights on several processes): every rank decodes until the rows
+  of ALL ranks have ended, with one small all-reduce per step, so ranks run the same number of
+  forwards; the loop then runs under `no_grad`, not inference mode, since FSDP's gathered
+  weights must stay usable by autograd afterwards.
 - `shared_prefix=False` is the naive baseline the benchmark compares against: `generate` with
   `num_return_sequences=G` (`safegrpo_pl.naive_rollout`).
 - Top-p keeps the smallest set of most likely tokens whose mass reaches `top_p` (the token that
@@ -45,6 +49,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from safegrpo_pl.chunking import chunked_decode
+from safegrpo_pl.distributed import all_done
 from safegrpo_pl.inputs import PromptBatch
 from safegrpo_pl.naive_rollout import generate_completions
 from safegrpo_pl.prefill import (
@@ -136,6 +141,7 @@ class DecodeSpec:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     suppress_token_ids: tuple[int, ...]
+    sync_ranks: bool = False
 
 
 # -- pure helpers ---------------------------------------------------------------------------
@@ -274,6 +280,7 @@ def sample_groups(
     shared_prefix: bool = True,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    sync_ranks: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for every prompt of `batch`.
 
@@ -294,6 +301,8 @@ def sample_groups(
             RNG instead, since `generate` takes no generator (and the draws then depend on the
             chunking).
         chunk_size: prompts decoded at once (whole groups); None = all of them. Memory only.
+        sync_ranks: decode until every row of every rank has ended (see the module doc); all
+            ranks must call this together (with the same number of prompts and chunks).
 
     Returns:
         The `Rollout` of N = B * G completions, group by group.
@@ -302,7 +311,12 @@ def sample_groups(
     if not eos_token_ids:
         raise ValueError("eos_token_ids is empty: completions could never end before the limit")
     spec = DecodeSpec(
-        group_size, settings, tuple(eos_token_ids), pad_token_id, tuple(suppress_token_ids)
+        group_size,
+        settings,
+        tuple(eos_token_ids),
+        pad_token_id,
+        tuple(suppress_token_ids),
+        sync_ranks=sync_ranks,
     )
     decode = _decode_shared_prefix if shared_prefix else generate_completions
     per_prompt = shared_prefix and settings.do_sample  # the naive path's generate takes none
@@ -331,9 +345,11 @@ def _decode_shared_prefix(
 
     Inference mode: a decode step is hundreds of tiny ops, and skipping autograd's version
     counters and view tracking makes each cheaper. Its tensors cannot enter autograd later, hence
-    the clone of the ids (the log-prob passes embed them with grad).
+    the clone of the ids (the log-prob passes embed them with grad). With `sync_ranks` (sharded
+    weights) plain `no_grad`: weights gathered in inference mode could not be used for training.
     """
-    with torch.inference_mode(), eval_mode(model):
+    grad_mode = torch.no_grad() if spec.sync_ranks else torch.inference_mode()
+    with grad_mode, eval_mode(model):
         ids = _decode_shared(unwrap_model(model), batch, spec, generator)
     return ids.clone()
 
@@ -371,7 +387,8 @@ def _decode_shared(
             chosen = chosen.masked_fill(finished, pad)
             tokens[:, step] = chosen
             finished |= torch.isin(chosen, eos)
-            if step + 1 == max_new or bool(finished.all()):
+            done = all_done(finished) if spec.sync_ranks else bool(finished.all())
+            if step + 1 == max_new or done:
                 return tokens[:, : step + 1]
             out = body(
                 input_ids=tokens[:, step : step + 1],
