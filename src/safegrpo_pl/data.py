@@ -7,8 +7,9 @@ kept decoded, so a real dataset costs its Arrow file (memory-mapped), not gigaby
 
 Splits: train, validation, test. The paper validates on the test split (docs/method.md section 4.12), so without a validation
 split the test split serves as both; a dataset with a single split is split with a seed.
-Under DDP each process loads the data and Lightning shards the (plain, map-style) loaders by
-injecting a `DistributedSampler` (`Trainer(use_distributed_sampler=True)`, its default).
+Under DDP each process loads the data. The training loader shards itself by rank and can
+resume in the middle of an epoch (`safegrpo_pl.resumable`); Lightning shards the other (plain,
+map-style) loaders by injecting a `DistributedSampler` (`use_distributed_sampler=True`).
 
 Departures from the authors' pipeline (the bad-record policy is listed in `sources`):
 - `max_records` keeps a seeded random subset per split (for quick runs), not the first rows.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from safegrpo_pl.demo_data import DemoConfig
 from safegrpo_pl.prompts import DEFAULT_SAFETY_GUIDE
 from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.resumable import ResumableLoader, ResumableSampler
 from safegrpo_pl.sources import (
     BadRecordReport,
     RawData,
@@ -292,22 +295,40 @@ class SafeTagDataModule(LightningDataModule):
         """The encoder (records -> `PromptBatch`) when a processor is set, else the records."""
         return self.encoder if self.encoder is not None else collate_records
 
-    def _loader(self, role: str, batch_size: int, *, train: bool = False) -> DataLoader:
+    def _loader(self, role: str, batch_size: int) -> DataLoader:
         if not self.datasets:
             raise RuntimeError("SafeTagDataModule: call setup() before asking for a loader")
         return DataLoader(
             self.datasets[role],
             batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled; drops the last partial batch (docs/method.md section 4)."""
-        return self._loader("train", self.batch_size, train=True)
+        """Shuffled; drops the last partial batch (docs/method.md section 4); resumable in the
+        middle of an epoch (`safegrpo_pl.resumable`), and sharded by rank under DDP."""
+        if not self.datasets:
+            raise RuntimeError("SafeTagDataModule: call setup() before asking for a loader")
+        trainer = self.trainer
+        # The global seed when the run has one (`seed_everything`), as Lightning's own
+        # distributed sampler does; else the data seed. A checkpoint restores the seed it used.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+        sampler = ResumableSampler(
+            self.datasets["train"],
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            seed=seed,
+        )
+        return ResumableLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", self.eval_batch_size)

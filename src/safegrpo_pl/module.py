@@ -28,10 +28,17 @@ from lightning import LightningModule
 from torch import Tensor
 
 from safegrpo_pl.aggregation import aggregation_normalizer
+from safegrpo_pl.checkpoints import (
+    SIGNATURE_KEY,
+    check_policy,
+    check_state_keys,
+    policy_signature,
+)
 from safegrpo_pl.grpo import LossSettings, group_advantages, grpo_loss
 from safegrpo_pl.grpo_step import (
     completion_rows,
     gradient_norm,
+    loss_mask,
     mean_over_steps,
     prediction_rows,
     prompt_chunks,
@@ -42,11 +49,12 @@ from safegrpo_pl.inputs import PromptBatch, PromptEncoder
 from safegrpo_pl.loss_stats import LossStats
 from safegrpo_pl.metrics import build_safety_metrics, loggable_values, metric_inputs
 from safegrpo_pl.model import PolicySettings
+from safegrpo_pl.nonfinite import NonFiniteGuard, nonfinite_names
 from safegrpo_pl.optim import OptimizerPlan
 from safegrpo_pl.policy_runner import PolicyRunner
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
-from safegrpo_pl.rng import collect_rng_states, restore_rng_states
+from safegrpo_pl.rng import gather_rng_states, restore_rank_state
 from safegrpo_pl.sampling import Rollout, SamplingSettings
 from safegrpo_pl.timing import StepTimer
 from safegrpo_pl.warmup import WarmupSettings, warmed_up_path
@@ -79,6 +87,8 @@ class SafeGRPOModule(LightningModule):
         loss: clipping, dual clip, KL estimator, aggregation and advantage settings.
         reward: rule-reward weights and refusal keywords.
         shared_prefix: encode each image and prefill each prompt once per group.
+        max_consecutive_skips: optimiser steps in a row with a non-finite loss or gradient
+            (each skipped, see `safegrpo_pl.nonfinite`) after which the run stops.
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class SafeGRPOModule(LightningModule):
         loss: LossSettings = LossSettings(),  # noqa: B008
         reward: RewardConfig = RewardConfig(),  # noqa: B008
         shared_prefix: bool = True,
+        max_consecutive_skips: int = 5,
     ) -> None:
         super().__init__()
         if group_size < 2:
@@ -131,6 +142,7 @@ class SafeGRPOModule(LightningModule):
         self.loss_settings = loss
         self.reward_config = reward
         self.shared_prefix = shared_prefix
+        self.guard = NonFiniteGuard(max_consecutive_skips)
         self.policy: Any = None
         self.policy_path: str | None = None  # the folder loaded: the warm-up's, once it ran
         self._reference: list[Any] = []  # a list keeps the frozen copy out of state_dict
@@ -227,36 +239,60 @@ class SafeGRPOModule(LightningModule):
         old_logp: Tensor | None,
         ref_logp: Tensor | None,
         prompts: Sequence[int],
+        mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """One optimiser step on the mini-batch of `prompts` (whole groups), micro-batched."""
+        """One optimiser step on the mini-batch of `prompts` (whole groups), micro-batched.
+
+        `mask` (N, T) picks the tokens the loss counts (default: the completions'); the step is
+        skipped when the loss, the gradients, the advantages or the log-probs are not finite.
+        """
         optimizer = self.optimizers()
-        mini_mask = rollout.completion_mask[completion_rows(prompts, rollout.group_size)]
+        mask = rollout.completion_mask if mask is None else mask
+        mini_mask = mask[completion_rows(prompts, rollout.group_size)]
         # The mini-batch's denominator, shared by its micro-batches: any micro-batch size gives
         # the same gradient (docs/method.md section 4).
         normalizer = aggregation_normalizer(
             self.loss_settings.aggregation, mini_mask, self.sampling.max_new_tokens
         )
         optimizer.zero_grad()
-        loss_total, merged = None, None
+        loss_total, merged, finite_logp = None, None, True
         micro_size = self.micro_batch_size or len(prompts)
         for start in range(0, len(prompts), micro_size):
             micro = list(prompts[start : start + micro_size])
-            loss, stats = self._micro_step(
-                batch, rollout, advantages, old_logp, ref_logp, micro, normalizer
+            loss, stats, logp_ok = self._micro_step(
+                batch, rollout, advantages, old_logp, ref_logp, micro, normalizer, mask
             )
             # micro-batch losses and statistics add up to the mini-batch's
             loss_total = loss if loss_total is None else loss_total + loss
             merged = stats if merged is None else merged.merge(stats)
+            finite_logp = finite_logp and logp_ok
         with self.timer.phase("optimizer"):
             grad_norm = gradient_norm(self.policy.parameters())
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-            )
-            optimizer.step()
-            schedule = self.lr_schedulers()
-            if schedule is not None:
-                schedule.step()  # manual optimisation: Lightning leaves this to us
+            if self._skip_step(loss_total, grad_norm, advantages, finite_logp):
+                optimizer.zero_grad()
+            else:
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                )
+                optimizer.step()
+                schedule = self.lr_schedulers()
+                if schedule is not None:
+                    schedule.step()  # manual optimisation: Lightning leaves this to us
         return self._step_figures(loss_total, merged, grad_norm)
+
+    def _skip_step(
+        self, loss: Tensor, grad_norm: Tensor, advantages: Tensor, logp_ok: bool
+    ) -> bool:
+        """Whether this optimiser step must be skipped: something non-finite on any process
+        (all skip together, so the replicas stay equal). Raises after too many in a row."""
+        values = {"loss": loss, "grad_norm": grad_norm, "advantages": advantages}
+        bad = nonfinite_names(values) + ([] if logp_ok else ["log_probs"])
+        skip = bool(bad)
+        if self._trainer is not None:
+            skip = self.trainer.strategy.reduce_boolean_decision(skip, all=False)
+        if skip and not bad:
+            bad = ["values on another process"]
+        return self.guard.record(self.global_step + 1, bad if skip else [], values)
 
     def _micro_step(
         self,
@@ -267,10 +303,12 @@ class SafeGRPOModule(LightningModule):
         ref_logp: Tensor | None,
         micro: list[int],
         normalizer: float,
-    ) -> tuple[Tensor, LossStats]:
-        """Forward and backward of one micro-batch; returns its detached loss and statistics."""
+        mask: Tensor,
+    ) -> tuple[Tensor, LossStats, bool]:
+        """Forward and backward of one micro-batch; returns its detached loss and statistics,
+        and whether its log-probs (old and reference too) were finite."""
         rows = completion_rows(micro, rollout.group_size)
-        mask = rollout.completion_mask[rows]
+        mask = mask[rows]
         width = int(mask.sum(1).max().item()) or 1
         mask, ids = mask[:, :width], rollout.completion_ids[rows, :width]
         with self.timer.phase("policy_forward_backward"):
@@ -291,7 +329,10 @@ class SafeGRPOModule(LightningModule):
                 max_completion_length=self.sampling.max_new_tokens,
             )
             self.manual_backward(loss)
-        return loss.detach(), stats
+        counted = mask.bool()
+        used = [logp.detach(), old] + ([] if ref is None else [ref])
+        logp_ok = not nonfinite_names({str(i): t[counted] for i, t in enumerate(used)})
+        return loss.detach(), stats, logp_ok
 
     @staticmethod
     def _step_figures(loss: Tensor, stats: LossStats, grad_norm: Tensor) -> dict[str, Tensor]:
@@ -313,6 +354,9 @@ class SafeGRPOModule(LightningModule):
                 scale=self.loss_settings.advantage_scale,
                 eps=self.loss_settings.advantage_eps,
             )
+        mask = loss_mask(
+            rollout.completion_mask, rewards, self.group_size, self.loss_settings.drop_zero_variance
+        )
         minibatches = prompt_chunks(len(batch), self.mini_batch_size)
         steps = self.num_iterations * len(minibatches)
         old_logp = ref_logp = None
@@ -326,7 +370,7 @@ class SafeGRPOModule(LightningModule):
         for _ in range(self.num_iterations):
             for prompts in minibatches:
                 step_stats.append(
-                    self.optimise(batch, rollout, advantages, old_logp, ref_logp, prompts)
+                    self.optimise(batch, rollout, advantages, old_logp, ref_logp, prompts, mask)
                 )
         self._log_train(rollout, parts, rewards, step_stats, len(batch))
 
@@ -344,6 +388,7 @@ class SafeGRPOModule(LightningModule):
         figures.update(mean_over_steps(step_stats))
         logs: dict[str, Any] = {f"train/{k}": v for k, v in figures.items()}
         logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        logs["train/skipped_steps"] = float(self.guard.skipped)
         seconds = self.timer.pop()
         logs.update({f"time/{k}": v for k, v in seconds.items()})
         logs["time/step_total"] = sum(seconds.values())
@@ -395,17 +440,37 @@ class SafeGRPOModule(LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the random state (so a resumed run samples what an unbroken one would) and,
-        with LoRA, only the trainable tensors: the frozen base is re-loaded from its path."""
-        checkpoint["rng_states"] = collect_rng_states()
+    def _signature(self) -> dict[str, Any]:
+        return policy_signature(self.policy, self.settings.lora, self.policy_path)
+
+    def _saved_tensors(self) -> dict[str, Tensor]:
+        """What a checkpoint holds of the policy: with LoRA only the trainable tensors (the
+        frozen base is re-loaded from its folder), else everything."""
         if self.settings.lora is None:
-            return
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
-        }
+            return self.state_dict()
+        return {f"policy.{n}": p for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save every process's random state (so a resumed run samples what an unbroken one
+        would), what identifies the policy, the skipped-step count, and with LoRA only the
+        adapters."""
+        checkpoint["rng_states"] = gather_rng_states(getattr(self, "sampling_generator", None))
+        checkpoint[SIGNATURE_KEY] = self._signature()
+        checkpoint["nonfinite_guard"] = self.guard.state_dict()
+        if self.settings.lora is not None:
+            kept = self._saved_tensors().keys()
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if k in kept
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another policy (`safegrpo_pl.checkpoints`), check every key
+        ourselves (with LoRA Lightning loads non-strictly), then restore the random state."""
+        trainer = self._trainer
+        path = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "given"
+        if SIGNATURE_KEY in checkpoint:
+            check_policy(checkpoint[SIGNATURE_KEY], self._signature(), path)
+        check_state_keys(checkpoint.get("state_dict", {}), self._saved_tensors(), path)
+        self.guard.load_state_dict(checkpoint.get("nonfinite_guard", {}))
         if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])
+            restore_rank_state(checkpoint["rng_states"], getattr(self, "sampling_generator", None))
