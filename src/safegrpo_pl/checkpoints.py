@@ -120,3 +120,46 @@ def check_state_keys(saved: dict[str, Any], expected: dict[str, Any], path: str)
                 f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, the policy's is "
                 f"{tuple(expected[name].shape)}; it was written for another model or LoRA setting"
             )
+
+
+def _plain(value: Any) -> Any:
+    """A config value (dataclass, jsonargparse Namespace, dict) as plain dicts and lists."""
+    if hasattr(value, "__dataclass_fields__"):
+        value = asdict(value)
+    elif hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_cli_checkpoint(path: str | Path, model_config: Any) -> None:
+    """What the command line checks before Lightning reads `path`: an intact file, a Lightning
+    checkpoint, and the configured policy (model path and LoRA settings): Lightning would
+    otherwise replace the configured model with the checkpoint's without a word."""
+    import torch
+
+    check_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # any unreadable content is the same problem for the user
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded ({first}): it is not a SafeGRPO checkpoint or "
+            "it is damaged"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} holds no model weights (no 'state_dict')")
+    saved = (checkpoint.get("hyper_parameters") or {}).get("policy")
+    configured = _plain(model_config).get("policy") if model_config else None
+    if not saved or not configured:
+        return
+    for field in ("name_or_path", "lora"):
+        if _plain(saved.get(field)) != configured.get(field):
+            raise CheckpointError(
+                f"checkpoint {path} was trained with model.policy.{field}="
+                f"{saved.get(field)!r}; this run sets {configured.get(field)!r}: resume with "
+                "the checkpoint's settings, or start a new run without --ckpt_path"
+            )

@@ -8,21 +8,42 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from safegrpo_pl.checkpoints import check_cli_checkpoint
 from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.module import SafeGRPOModule
+from safegrpo_pl.preemption import PreemptionCheckpoint
 
 
 class SafeGRPOCLI(LightningCLI):
-    """LightningCLI with the data's prompt encoder tied to the model being trained, and the
-    format warm-up run as a stage of its own before every subcommand."""
+    """LightningCLI with the data's prompt encoder tied to the model being trained, the
+    format warm-up run as a stage of its own before every subcommand, a checkpoint checked
+    before anything reads it, and a checkpoint written on SIGTERM / SIGUSR1."""
 
     def add_arguments_to_parser(self, parser) -> None:
         # The prompts must be tokenised by the policy's own tokenizer and image processor.
         parser.link_arguments("model.policy.name_or_path", "data.processor")
         parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint here first (for its hyper-parameters, which then
+        # replace the configured model's): check the file, and that it is the configured
+        # policy's, before that (`safegrpo_pl.checkpoints`).
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            check_cli_checkpoint(path, self.config[subcommand].get("model"))
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
+            trainer.callbacks.append(PreemptionCheckpoint())
+        return trainer
 
     def _warm_start(self) -> None:
         """Run (or reuse) the format warm-up on the train split before the Trainer starts."""

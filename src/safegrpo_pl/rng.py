@@ -68,7 +68,7 @@ def restore_rank_state(saved: dict[str, Any], generator: torch.Generator | None 
     each rank then takes the state of rank `rank % saved ranks`, and a warning says so.
     Checkpoints from before per-rank states (one dict) are read as rank 0's.
     """
-    ranks = saved["ranks"] if "ranks" in saved else [saved]
+    ranks = saved.get("ranks", [saved])
     rank = torch.distributed.get_rank() if _distributed() else 0
     world = torch.distributed.get_world_size() if _distributed() else 1
     if len(ranks) != world:
