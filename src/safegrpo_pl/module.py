@@ -308,12 +308,13 @@ class SafeGRPOModule(LightningModule):
         """Forward and backward of one micro-batch; returns its detached loss and statistics,
         and whether its log-probs (old and reference too) were finite."""
         rows = completion_rows(micro, rollout.group_size)
-        mask = mask[rows]
-        width = int(mask.sum(1).max().item()) or 1
-        mask, ids = mask[:, :width], rollout.completion_ids[rows, :width]
+        tokens = rollout.completion_mask[rows]
+        width = int(tokens.sum(1).max().item()) or 1
+        tokens, ids = tokens[:, :width], rollout.completion_ids[rows, :width]
+        mask = mask[rows, :width]  # the tokens the loss counts: a subset of `tokens`
         with self.timer.phase("policy_forward_backward"):
             logp = self.runner.logprobs(
-                self.policy, batch.select(micro), ids, mask, self.sampling.temperature
+                self.policy, batch.select(micro), ids, tokens, self.sampling.temperature
             )
             old = logp.detach() if old_logp is None else old_logp[rows, :width]
             ref = None if ref_logp is None else ref_logp[rows, :width]
