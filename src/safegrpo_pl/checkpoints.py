@@ -19,7 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from safegrpo_pl.rng import gather_rng_states, restore_rank_state
+
 SIGNATURE_KEY = "safegrpo_policy"
+RNG_KEY = "rng_states"
+GUARD_KEY = "nonfinite_guard"
 
 
 class CheckpointError(ValueError):
@@ -120,6 +124,47 @@ def check_state_keys(saved: dict[str, Any], expected: dict[str, Any], path: str)
                 f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, the policy's is "
                 f"{tuple(expected[name].shape)}; it was written for another model or LoRA setting"
             )
+
+
+def policy_tensors(module: Any) -> dict[str, Any]:
+    """What a checkpoint holds of `module`'s policy: with LoRA only the trainable tensors (the
+    frozen base is re-loaded from its folder), else the whole state."""
+    if module.settings.lora is None:
+        return module.state_dict()
+    return {f"policy.{n}": p for n, p in module.policy.named_parameters() if p.requires_grad}
+
+
+def _where(module: Any) -> str:
+    trainer = module._trainer
+    return str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "given"
+
+
+def write_extras(module: Any, checkpoint: dict[str, Any]) -> None:
+    """`SafeGRPOModule.on_save_checkpoint`: every process's random state (with the module's
+    `sampling_generator`, if it has one), the policy's signature, the non-finite guard's
+    counts; with LoRA the weights are cut down to the adapters."""
+    checkpoint[RNG_KEY] = gather_rng_states(getattr(module, "sampling_generator", None))
+    checkpoint[SIGNATURE_KEY] = policy_signature(
+        module.policy, module.settings.lora, module.policy_path
+    )
+    checkpoint[GUARD_KEY] = module.guard.state_dict()
+    if module.settings.lora is not None:
+        kept = policy_tensors(module).keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
+
+
+def read_extras(module: Any, checkpoint: dict[str, Any]) -> None:
+    """`SafeGRPOModule.on_load_checkpoint`: check the policy and every key ourselves (with
+    LoRA, Lightning loads non-strictly), then restore the guard's counts and the random
+    state."""
+    path = _where(module)
+    if SIGNATURE_KEY in checkpoint:
+        current = policy_signature(module.policy, module.settings.lora, module.policy_path)
+        check_policy(checkpoint[SIGNATURE_KEY], current, path)
+    check_state_keys(checkpoint.get("state_dict", {}), policy_tensors(module), path)
+    module.guard.load_state_dict(checkpoint.get(GUARD_KEY, {}))
+    if RNG_KEY in checkpoint:
+        restore_rank_state(checkpoint[RNG_KEY], getattr(module, "sampling_generator", None))
 
 
 def _plain(value: Any) -> Any:

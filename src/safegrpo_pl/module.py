@@ -28,12 +28,7 @@ from lightning import LightningModule
 from torch import Tensor
 
 from safegrpo_pl.aggregation import aggregation_normalizer
-from safegrpo_pl.checkpoints import (
-    SIGNATURE_KEY,
-    check_policy,
-    check_state_keys,
-    policy_signature,
-)
+from safegrpo_pl.checkpoints import read_extras, write_extras
 from safegrpo_pl.grpo import LossSettings, group_advantages, grpo_loss
 from safegrpo_pl.grpo_step import (
     completion_rows,
@@ -54,7 +49,6 @@ from safegrpo_pl.optim import OptimizerPlan
 from safegrpo_pl.policy_runner import PolicyRunner
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
-from safegrpo_pl.rng import gather_rng_states, restore_rank_state
 from safegrpo_pl.sampling import Rollout, SamplingSettings
 from safegrpo_pl.timing import StepTimer
 from safegrpo_pl.warmup import WarmupSettings, warmed_up_path
@@ -283,16 +277,11 @@ class SafeGRPOModule(LightningModule):
     def _skip_step(
         self, loss: Tensor, grad_norm: Tensor, advantages: Tensor, logp_ok: bool
     ) -> bool:
-        """Whether this optimiser step must be skipped: something non-finite on any process
-        (all skip together, so the replicas stay equal). Raises after too many in a row."""
+        """Whether something was not finite, on any process (all skip together, so the
+        replicas stay equal); raises after too many such steps in a row."""
         values = {"loss": loss, "grad_norm": grad_norm, "advantages": advantages}
-        bad = nonfinite_names(values) + ([] if logp_ok else ["log_probs"])
-        skip = bool(bad)
-        if self._trainer is not None:
-            skip = self.trainer.strategy.reduce_boolean_decision(skip, all=False)
-        if skip and not bad:
-            bad = ["values on another process"]
-        return self.guard.record(self.global_step + 1, bad if skip else [], values)
+        agree = self.trainer.strategy.reduce_boolean_decision if self._trainer else None
+        return self.guard.check(self.global_step + 1, values, logp_ok, agree)
 
     def _micro_step(
         self,
@@ -441,37 +430,12 @@ class SafeGRPOModule(LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def _signature(self) -> dict[str, Any]:
-        return policy_signature(self.policy, self.settings.lora, self.policy_path)
-
-    def _saved_tensors(self) -> dict[str, Tensor]:
-        """What a checkpoint holds of the policy: with LoRA only the trainable tensors (the
-        frozen base is re-loaded from its folder), else everything."""
-        if self.settings.lora is None:
-            return self.state_dict()
-        return {f"policy.{n}": p for n, p in self.policy.named_parameters() if p.requires_grad}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save every process's random state (so a resumed run samples what an unbroken one
-        would), what identifies the policy, the skipped-step count, and with LoRA only the
-        adapters."""
-        checkpoint["rng_states"] = gather_rng_states(getattr(self, "sampling_generator", None))
-        checkpoint[SIGNATURE_KEY] = self._signature()
-        checkpoint["nonfinite_guard"] = self.guard.state_dict()
-        if self.settings.lora is not None:
-            kept = self._saved_tensors().keys()
-            checkpoint["state_dict"] = {
-                k: v for k, v in checkpoint["state_dict"].items() if k in kept
-            }
+        """Every process's random state, the policy's identity, the skipped-step count, and
+        with LoRA only the adapters (`safegrpo_pl.checkpoints.write_extras`)."""
+        write_extras(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another policy (`safegrpo_pl.checkpoints`), check every key
-        ourselves (with LoRA Lightning loads non-strictly), then restore the random state."""
-        trainer = self._trainer
-        path = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "given"
-        if SIGNATURE_KEY in checkpoint:
-            check_policy(checkpoint[SIGNATURE_KEY], self._signature(), path)
-        check_state_keys(checkpoint.get("state_dict", {}), self._saved_tensors(), path)
-        self.guard.load_state_dict(checkpoint.get("nonfinite_guard", {}))
-        if "rng_states" in checkpoint:
-            restore_rank_state(checkpoint["rng_states"], getattr(self, "sampling_generator", None))
+        """Refuse a checkpoint of another policy or with missing / unexpected weights, then
+        restore the random state (`safegrpo_pl.checkpoints.read_extras`)."""
+        read_extras(self, checkpoint)

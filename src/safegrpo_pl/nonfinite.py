@@ -12,7 +12,7 @@ only to waste the allocation: it stops with `NonFiniteError` naming the step and
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -68,6 +68,24 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.skipped = 0  # over the whole run (checkpointed)
         self.consecutive = 0
+
+    def check(
+        self,
+        step: int,
+        values: Mapping[str, Tensor | None],
+        logp_ok: bool = True,
+        agree: Callable[..., bool] | None = None,
+    ) -> bool:
+        """Check optimiser step `step`'s values; True when it must be skipped.
+
+        `logp_ok` says whether the log-probs it used were finite; `agree(flag, all=False)`
+        (Lightning's `strategy.reduce_boolean_decision`) makes every process skip when one must.
+        """
+        bad = nonfinite_names(values) + ([] if logp_ok else ["log_probs"])
+        skip = bool(agree(bool(bad), all=False)) if agree is not None else bool(bad)
+        if skip and not bad:
+            bad = ["values on another process"]
+        return self.record(step, bad if skip else [], values)
 
     def record(self, step: int, bad: list[str], values: Mapping[str, Tensor | None]) -> bool:
         """Note the outcome of optimiser step `step`; True when it must be skipped.
