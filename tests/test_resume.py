@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,9 @@ KEYS = ("train/loss", "train/reward", "train/kl")
 # 6 train records in batches of 2: 3 rollout batches per epoch; mini-batches of 1 prompt and
 # 2 passes: 4 optimiser steps per rollout batch. 20 steps = 5 batches, across an epoch end.
 STEPS, STEPS_PER_BATCH, CHECKPOINT_EVERY = 20, 4, 8
+# The report callback's history must survive a resume too (under DDP it is left out: its end of
+# fit is the subject of another test).
+REPORT = "    - class_path: safegrpo_pl.callbacks.SafetyReport\n"
 CONFIG = """
 seed_everything: 0
 trainer:
@@ -40,7 +44,7 @@ trainer:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {out}/ckpt, save_top_k: -1, save_last: true,
                   every_n_train_steps: {every}}}
-model:
+{report}model:
   policy: {{name_or_path: "tiny:qwen2_5_vl", lora: null}}
   warmup: {{steps: 150, batch_size: 8, progress_bar: false}}
   group_size: 4
@@ -55,7 +59,7 @@ data:
   guide: null
   batch_size: 2
   eval_batch_size: 4
-  demo: {{num_train: 6, num_val: 4, num_test: 4}}
+  demo: {{num_train: {num_train}, num_val: 4, num_test: 4}}
 """
 
 
@@ -69,10 +73,17 @@ def run_cli(
     strategy = "ddp" if devices > 1 else "auto"
     config.write_text(
         CONFIG.format(
-            out=out, devices=devices, strategy=strategy, steps=STEPS, every=CHECKPOINT_EVERY
+            out=out,
+            devices=devices,
+            strategy=strategy,
+            steps=STEPS,
+            every=CHECKPOINT_EVERY,
+            num_train=6 * devices,  # 6 records per process: 3 rollout batches per epoch
+            report=REPORT if devices == 1 else "",
         )
     )
     env = {**os.environ, "SAFEGRPO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env["MASTER_PORT"] = str(_free_port())
     here = Path(__file__).parent
     paths = [str(here.parent / "src"), str(here), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -92,6 +103,12 @@ def run_cli(
         process.communicate()
         raise
     return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def logged(out: Path, key: str) -> dict[int, float]:
@@ -120,7 +137,16 @@ def compare(straight: Path, resumed: Path, first_step: int) -> tuple[int, float]
     assert a.keys() == b.keys() and a
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), f"final weights differ by up to {diff:.3g}"
+    reports = [_report_history(out) for out in (straight, resumed)]
+    assert reports[0] == reports[1], "the report's history was not carried over"
     return compared, diff
+
+
+def _report_history(out: Path) -> dict | None:
+    callbacks = torch.load(out / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "callbacks"
+    ]
+    return next((v["history"] for k, v in callbacks.items() if "SafetyReport" in k), None)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +198,20 @@ def test_a_stop_signal_writes_a_checkpoint_that_resumes_the_unbroken_run(
     result = run_cli(resumed, cache, "--ckpt_path", str(saved))
     assert result.returncode == 0, result.stdout[-3000:]
     compare(straight, resumed, step // STEPS_PER_BATCH)
+
+
+def test_two_ddp_processes_resume_mid_epoch_as_the_unbroken_run(cache, tmp_path):
+    """Each process samples its own prompts with its own random state: both states, and the
+    loader position, must come back."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run_cli(straight, cache, devices=2, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:]
+    checkpoint = straight / "ckpt" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert len(state["rng_states"]["ranks"]) == 2, "one random state per process"
+    ranks = state["rng_states"]["ranks"]
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"]) or "sampling" in ranks[0]
+    result = run_cli(resumed, cache, "--ckpt_path", str(checkpoint), devices=2, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:]
+    compared, diff = compare(straight, resumed, CHECKPOINT_EVERY // STEPS_PER_BATCH)
+    assert compared == 3 and diff == 0.0

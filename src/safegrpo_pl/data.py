@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
@@ -301,6 +302,10 @@ class SafeTagDataModule(LightningDataModule):
         return DataLoader(
             self.datasets[role],
             batch_size=batch_size,
+            # A generator of its own: without one each new iterator draws a seed from the
+            # global random state, and an evaluation would shift the rollouts that follow it
+            # (a resumed run that skips an evaluation would then sample other completions).
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             persistent_workers=self.num_workers > 0,
