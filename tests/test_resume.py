@@ -31,7 +31,8 @@ trainer:
   devices: {devices}
   strategy: {strategy}
   max_steps: {steps}
-  check_val_every_n_epoch: 100
+  check_val_every_n_epoch: null
+  val_check_interval: 2             # rollout batches: validates right after checkpoint 1
   log_every_n_steps: 1
   num_sanity_val_steps: 0
   enable_progress_bar: false
@@ -137,8 +138,14 @@ def compare(straight: Path, resumed: Path, first_step: int) -> tuple[int, float]
     assert a.keys() == b.keys() and a
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), f"final weights differ by up to {diff:.3g}"
-    reports = [_report_history(out) for out in (straight, resumed)]
-    assert reports[0] == reports[1], "the report's history was not carried over"
+    old, new = (_report_history(out) for out in (straight, resumed))
+    if old is not None:
+        assert new["train"] == old["train"], "the report's training history was not carried over"
+        # Lightning counts the validation due right after a checkpointed batch as done when it
+        # resumes from that checkpoint; the unbroken run logged it, the resumed one does not.
+        resumed_at = first_step * STEPS_PER_BATCH
+        assert new["val"] == [row for row in old["val"] if row["step"] != resumed_at]
+        assert len(old["val"]) > 1, "no validation in the middle of the run"
     return compared, diff
 
 
