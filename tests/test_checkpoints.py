@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_module import _data, _module, _trainer
 
-from safegrpo_pl.checkpoints import SIGNATURE_KEY, CheckpointError, check_file
+from safegrpo_pl.checkpoints import SIGNATURE_KEY, CheckpointError, check_file, check_policy
 from safegrpo_pl.cli import SafeGRPOCLI
 from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.model import LoraSettings
@@ -126,3 +126,28 @@ def test_the_command_line_refuses_a_checkpoint_of_another_configured_model(
                 str(lora_checkpoint),
             ],
         )
+
+
+def _signature(**changes):
+    base = {
+        "model_type": "qwen2_5_vl",
+        "shapes": {"a.weight": [4, 4], "b.weight": [4]},
+        "lora": None,
+        "start": "qwen2_5_vl-warmup-1234",
+    }
+    return {**base, **changes}
+
+
+def test_a_checkpoint_of_another_size_names_the_first_differing_tensor():
+    other = _signature(shapes={"a.weight": [8, 8], "b.weight": [4]})
+    with pytest.raises(CheckpointError, match=r"x.ckpt holds another qwen2_5_vl.*a.weight is"):
+        check_policy(_signature(), other, "x.ckpt")
+
+
+def test_a_checkpoint_from_another_warm_up_is_refused():
+    """With LoRA the base weights come from the warm-up's folder, not from the checkpoint; and
+    without it the reference does: continuing from another warm-up is another run."""
+    other = _signature(start="qwen2_5_vl-warmup-5678")
+    with pytest.raises(CheckpointError, match=r"x.ckpt continued from.*1234.*5678"):
+        check_policy(_signature(), other, "x.ckpt")
+    check_policy(_signature(), _signature(), "x.ckpt")  # the same passes
