@@ -74,3 +74,19 @@ def test_another_batch_size_restarts_the_epoch_with_a_warning(caplog):
         fresh.load_state_dict(loader.state_dict())
     assert "batch_size 2 -> 5" in caplog.text
     assert len(_epoch(fresh, 0)) == 2, "the epoch is served whole"
+
+
+def test_worker_processes_prefetching_ahead_do_not_move_the_saved_position():
+    data = list(range(12))
+
+    def loader() -> ResumableLoader:
+        sampler = ResumableSampler(data, seed=3)
+        return ResumableLoader(data, batch_size=2, sampler=sampler, num_workers=1)
+
+    whole = _epoch(loader(), 0)
+    first = loader()
+    iterator = iter(first)
+    head = [next(iterator).tolist() for _ in range(2)]  # the worker has fetched further
+    fresh = loader()
+    fresh.load_state_dict(first.state_dict())
+    assert head + _epoch(fresh, 0) == whole

@@ -216,8 +216,6 @@ def test_two_ddp_processes_resume_mid_epoch_as_the_unbroken_run(cache, tmp_path)
     checkpoint = straight / "ckpt" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert len(state["rng_states"]["ranks"]) == 2, "one random state per process"
-    ranks = state["rng_states"]["ranks"]
-    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"]) or "sampling" in ranks[0]
     result = run_cli(resumed, cache, "--ckpt_path", str(checkpoint), devices=2, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:]
     compared, diff = compare(straight, resumed, CHECKPOINT_EVERY // STEPS_PER_BATCH)
