@@ -11,20 +11,27 @@ hold, and resuming from it gives exactly the run that was not stopped.
 The file is Lightning's "HPC" checkpoint, `hpc_ckpt_<n>.ckpt` in `trainer.default_root_dir`:
 on SLURM a requeued job started with the same command resumes from the newest one by itself;
 elsewhere pass `--ckpt_path hpc` (or its path). Lightning's own SIGTERM handling still runs
-(it stops the loop after the batch; under DDP it tells the other processes), and so does its
-SLURM requeue on SIGUSR1 when that is enabled.
+(it stops the loop after the batch; under DDP it tells the other processes).
+
+SIGUSR1 replaces Lightning's SLURM handler rather than calling it: that one writes its
+checkpoint inside the signal handler, in the middle of a step, and requeues the job at once,
+which can kill the run before the batch ends. Here the job is requeued (`scontrol requeue`,
+when Lightning's SLURM auto-requeue is on) only after the checkpoint is written.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -41,6 +48,16 @@ def hpc_checkpoint_path(folder: str | Path) -> Path:
         if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
     ]
     return Path(folder) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+def requeue_command(environ: dict[str, str]) -> list[str] | None:
+    """`scontrol requeue JOB` for the SLURM job (or array task) in `environ`; None off SLURM."""
+    array_job = environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None:
+        job = f"{array_job}_{environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    else:
+        job = environ.get("SLURM_JOB_ID", "")
+    return ["scontrol", "requeue", job] if re.fullmatch(r"[0-9]+(_[0-9]+)?", job) else None
 
 
 class PreemptionCheckpoint(Callback):
@@ -60,8 +77,8 @@ class PreemptionCheckpoint(Callback):
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
         previous = self._previous.get(signum)
-        if callable(previous):
-            previous(signum, frame)
+        if callable(previous) and signum != getattr(signal, "SIGUSR1", None):
+            previous(signum, frame)  # Lightning's SIGTERM notice (see the module's docstring)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.received = None
@@ -90,7 +107,19 @@ class PreemptionCheckpoint(Callback):
             f"{self.saved}; resume with --ckpt_path {self.saved} (or --ckpt_path hpc)"
         )
         self._restore_handlers()
+        if self.received == getattr(signal, "SIGUSR1", None):
+            self._requeue(trainer)
         raise SIGTERMException  # Lightning's way out: a clean exit, no traceback
+
+    @staticmethod
+    def _requeue(trainer: Trainer) -> None:
+        environment = trainer._accelerator_connector.cluster_environment
+        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
+            return
+        command = requeue_command(dict(os.environ))
+        if command is not None and trainer.is_global_zero:
+            status = subprocess.call(command)
+            rank_zero_info(f"{' '.join(command)}: exit status {status}")
 
     def _any_process_received(self, trainer: Trainer) -> bool:
         """Whether any process got the signal (all stop together, or the others would wait in
