@@ -151,3 +151,18 @@ def test_a_checkpoint_from_another_warm_up_is_refused():
     with pytest.raises(CheckpointError, match=r"x.ckpt continued from.*1234.*5678"):
         check_policy(_signature(), other, "x.ckpt")
     check_policy(_signature(), _signature(), "x.ckpt")  # the same passes
+
+
+def test_the_command_line_check_passes_the_checkpoints_own_settings(
+    tiny_qwen25vl_path, lora_checkpoint
+):
+    from dataclasses import asdict
+
+    from safegrpo_pl.checkpoints import check_cli_checkpoint
+    from safegrpo_pl.model import PolicySettings
+
+    policy = PolicySettings(name_or_path=str(tiny_qwen25vl_path), lora=LoraSettings(r=2, alpha=4))
+    check_cli_checkpoint(lora_checkpoint, {"policy": asdict(policy)})  # no error
+    with pytest.raises(CheckpointError, match=r"model.policy.lora"):
+        other = PolicySettings(name_or_path=str(tiny_qwen25vl_path), lora=LoraSettings(r=8))
+        check_cli_checkpoint(lora_checkpoint, {"policy": asdict(other)})
