@@ -22,11 +22,12 @@ from data_fixtures import (
     write_local_jsonl,
 )
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from safegrpo_pl.data import SafeTagDataModule, SafetyDataset
 from safegrpo_pl.demo_data import TYPOGRAPHIC_PROMPTS, DemoConfig
 from safegrpo_pl.records import ImageDecodeError, SafetyRecord, decode_image
+from safegrpo_pl.resumable import ResumableSampler
 from safegrpo_pl.sources import BadRecordError, load_raw, seeded_split
 
 TINY_DEMO = DemoConfig(num_train=12, num_val=4, num_test=6)
@@ -316,7 +317,8 @@ def test_train_loader_drops_last_partial_batch(tmp_path: Path) -> None:
 
 def test_train_loader_shuffles_eval_loaders_keep_order(tmp_path: Path) -> None:
     dm = _module("demo", tmp_path, demo=TINY_DEMO, batch_size=4)
-    assert isinstance(dm.train_dataloader().sampler, RandomSampler), "train not shuffled"
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, ResumableSampler) and sampler.shuffle, "train not shuffled"
     assert isinstance(dm.val_dataloader().sampler, SequentialSampler), "val order not kept"
 
 

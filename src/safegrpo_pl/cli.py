@@ -27,11 +27,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from safegrpo_pl.checkpoints import check_cli_checkpoint
 from safegrpo_pl.console import (
     PolicySummary,
     StepProgressBar,
@@ -42,6 +44,7 @@ from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.errors import DEBUG_FLAG, debug_requested, error_message, is_expected_error
 from safegrpo_pl.exports import PredictionWriter
 from safegrpo_pl.module import SafeGRPOModule
+from safegrpo_pl.preemption import PreemptionCheckpoint
 from safegrpo_pl.run_dirs import find_last_checkpoint, logger_for
 
 log = logging.getLogger(__name__)
@@ -51,8 +54,9 @@ __all__ = ["SafeGRPOCLI", "main", "silence_known_notes"]
 
 class SafeGRPOCLI(LightningCLI):
     """LightningCLI with the data's prompt encoder tied to the model being trained, the format
-    warm-up run as a stage of its own before every subcommand, and run folders that resumes and
-    evaluations find again."""
+    warm-up run as a stage of its own before every subcommand, run folders that resumes and
+    evaluations find again, a checkpoint checked before anything reads it, and a checkpoint
+    written on SIGTERM / SIGUSR1."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The module builds its own optimiser (configure_optimizers): LightningCLI's automatic
@@ -74,17 +78,29 @@ class SafeGRPOCLI(LightningCLI):
         parser.link_arguments("model.policy.name_or_path", "data.processor")
         parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
 
-    def before_instantiate_classes(self) -> None:
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint here first (for its hyper-parameters, which then
+        # replace the configured model's): resolve `last`, then check the file, and that it is
+        # the configured policy's, before that (`safegrpo_pl.checkpoints`).
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            self._resolve_last(subcommand)
+            path = self.config[subcommand].get("ckpt_path")
+            if path and Path(path).is_file():
+                check_cli_checkpoint(path, self.config[subcommand].get("model"))
+        super()._parse_ckpt_path()
+
+    def _resolve_last(self, subcommand: str) -> None:
         """Resolve `--ckpt_path last` to the newest `last.ckpt` of earlier runs."""
-        config = self.config.get(str(self.subcommand)) if self.subcommand else None
-        if config is None or config.get("ckpt_path") != "last":
+        config = self.config[subcommand]
+        if config.get("ckpt_path") != "last":
             return
         root = config.get("trainer.default_root_dir") or os.getcwd()
         found = find_last_checkpoint(root)
         if found is not None:
             log.info("--ckpt_path last: %s", found)
             config["ckpt_path"] = str(found)
-        elif self.subcommand == "fit":
+        elif subcommand == "fit":
             log.info("--ckpt_path last: no last.ckpt under %s yet; training from the start", root)
             config["ckpt_path"] = None
         else:
@@ -113,6 +129,8 @@ class SafeGRPOCLI(LightningCLI):
             callbacks.append(PolicySummary())
         if stage == "predict" and not has(BasePredictionWriter):
             callbacks.append(PredictionWriter())
+        if not has(PreemptionCheckpoint):
+            callbacks.append(PreemptionCheckpoint())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

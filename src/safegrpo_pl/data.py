@@ -7,12 +7,12 @@ kept decoded, so a real dataset costs its Arrow file (memory-mapped), not gigaby
 
 Splits: train, validation, test. The paper validates on the test split (docs/method.md section 4.12), so without a validation
 split the test split serves as both; a dataset with a single split is split with a seed.
-Under DDP or FSDP each process loads the data and Lightning shards the (plain, map-style)
-loaders by injecting a `DistributedSampler` (`Trainer(use_distributed_sampler=True)`, its
-default; the train loader brings its own, which drops the remainder rather than repeating
-prompts): training prompts are dealt out whole, so a group never straddles ranks. The
-evaluation splits are padded to a multiple of the number of ranks with marked copies that the
-metrics leave out (`safegrpo_pl.shards`): every record counts once.
+Under DDP or FSDP each process loads the data. The training loader shards itself by rank,
+dealing out whole prompts (a group never straddles ranks; the remainder is dropped rather than
+repeated), and can resume in the middle of an epoch (`safegrpo_pl.resumable`). The evaluation
+splits are padded to a multiple of the number of ranks with marked copies that the metrics
+leave out (`safegrpo_pl.shards`): every record counts once; Lightning shards those loaders by
+injecting a `DistributedSampler` (`use_distributed_sampler=True`).
 
 Departures from the authors' pipeline (the bad-record policy is listed in `sources`):
 - `max_records` keeps a seeded random subset per split (for quick runs), not the first rows.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -29,13 +30,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.distributed import data_parallel_size, global_seed
+from safegrpo_pl.distributed import data_parallel_size
 from safegrpo_pl.prompts import DEFAULT_SAFETY_GUIDE
 from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.resumable import ResumableLoader, ResumableSampler
 from safegrpo_pl.shards import PaddedToRanks
 from safegrpo_pl.sources import (
     BadRecordReport,
@@ -298,36 +301,48 @@ class SafeTagDataModule(LightningDataModule):
         """The encoder (records -> `PromptBatch`) when a processor is set, else the records."""
         return self.encoder if self.encoder is not None else collate_records
 
-    def _loader(self, role: str, batch_size: int, *, train: bool = False) -> DataLoader:
+    def _loader(self, role: str, batch_size: int) -> DataLoader:
         if not self.datasets:
             raise RuntimeError("SafeTagDataModule: call setup() before asking for a loader")
         dataset: Dataset = self.datasets[role]
-        trainer = getattr(self, "trainer", None)
-        ranks = data_parallel_size(trainer)
-        sampler = None
-        if not train and ranks > 1:
+        ranks = data_parallel_size(getattr(self, "trainer", None))
+        if ranks > 1:
             dataset = PaddedToRanks(dataset, ranks)
-        elif ranks > 1:
-            # Lightning's own sampler would pad the train split with repeated prompts; this
-            # one drops the remainder instead, as the single-process loader does.
-            kwargs = trainer.strategy.distributed_sampler_kwargs
-            sampler = DistributedSampler(
-                dataset, **kwargs, shuffle=True, seed=global_seed(), drop_last=True
-            )
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train,
+            # A generator of its own: without one each new iterator draws a seed from the
+            # global random state, and an evaluation would shift the rollouts that follow it
+            # (a resumed run that skips an evaluation would then sample other completions).
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled; drops the last partial batch (docs/method.md section 4)."""
-        return self._loader("train", self.batch_size, train=True)
+        """Shuffled; drops the last partial batch (docs/method.md section 4); resumable in the
+        middle of an epoch (`safegrpo_pl.resumable`), and sharded by rank under DDP."""
+        if not self.datasets:
+            raise RuntimeError("SafeTagDataModule: call setup() before asking for a loader")
+        trainer = self.trainer
+        # The global seed when the run has one (`seed_everything`), as Lightning's own
+        # distributed sampler does; else the data seed. A checkpoint restores the seed it used.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+        sampler = ResumableSampler(
+            self.datasets["train"],
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            seed=seed,
+        )
+        return ResumableLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", self.eval_batch_size)

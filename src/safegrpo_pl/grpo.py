@@ -365,6 +365,9 @@ class LossSettings:
         aggregation: "token-mean" (default), "seq-mean-token-mean" or "seq-mean-token-sum-norm".
         advantage_scale: "group" (the paper), "batch" or "none" (Dr. GRPO).
         advantage_eps: added to the std when scaling advantages.
+        drop_zero_variance: leave the completions of groups whose rewards are all equal out of
+            the loss, so that their tokens no longer count in the token-mean's denominator
+            (their policy term is zero; their KL term goes with them). Off: the paper's loss.
     """
 
     clip_eps_low: float = 0.2
@@ -374,6 +377,7 @@ class LossSettings:
     aggregation: str = "token-mean"
     advantage_scale: str = "group"
     advantage_eps: float = 1e-6
+    drop_zero_variance: bool = False
 
     def __post_init__(self) -> None:
         _check_clip_settings(self.clip_eps_low, self.clip_eps_high, self.dual_clip)

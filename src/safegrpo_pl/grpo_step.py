@@ -36,6 +36,19 @@ def completion_rows(prompts: Sequence[int], group_size: int) -> list[int]:
     return [p * group_size + i for p in prompts for i in range(group_size)]
 
 
+def loss_mask(
+    completion_mask: Tensor, rewards: Tensor, group_size: int, drop_zero_variance: bool
+) -> Tensor:
+    """The (N, T) tokens the loss counts: every completion token, or with `drop_zero_variance`
+    only those of groups whose rewards are not all equal (`LossSettings.drop_zero_variance`)."""
+    if not drop_zero_variance:
+        return completion_mask
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    informative = (grouped != grouped[:, :1]).any(dim=1)  # (B,)
+    keep = informative.repeat_interleave(group_size).to(completion_mask.dtype)  # (N,)
+    return completion_mask * keep[:, None]
+
+
 def repeat_per_completion(values: Sequence[str], group_size: int) -> list[str]:
     """One entry per completion from one per prompt (each repeated G times, in row order)."""
     return [value for value in values for _ in range(group_size)]

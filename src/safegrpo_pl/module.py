@@ -33,6 +33,7 @@ from lightning import LightningModule
 from torch import Tensor
 
 from safegrpo_pl.aggregation import aggregation_normalizer
+from safegrpo_pl.checkpoints import read_extras, write_extras
 from safegrpo_pl.distributed import (
     advantages_over_ranks,
     check_equal_across_ranks,
@@ -48,6 +49,7 @@ from safegrpo_pl.grpo import LossSettings, grpo_loss
 from safegrpo_pl.grpo_step import (
     completion_rows,
     gradient_norm,
+    loss_mask,
     mean_over_steps,
     prediction_rows,
     prompt_chunks,
@@ -58,12 +60,12 @@ from safegrpo_pl.inputs import PromptBatch, PromptEncoder
 from safegrpo_pl.loss_stats import LossStats
 from safegrpo_pl.metrics import build_safety_metrics, loggable_values, metric_inputs
 from safegrpo_pl.model import PolicySettings
+from safegrpo_pl.nonfinite import NonFiniteGuard, nonfinite_names
 from safegrpo_pl.optim import OptimizerPlan
 from safegrpo_pl.policy_runner import PolicyRunner
 from safegrpo_pl.precision import DTYPES, check_trainable_dtype
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
-from safegrpo_pl.rng import collect_rng_states, restore_rng_states
 from safegrpo_pl.sampling import Rollout, SamplingSettings
 from safegrpo_pl.sharding import clip_sharded_gradients, is_sharded, shard_models
 from safegrpo_pl.shards import counted
@@ -103,6 +105,8 @@ class SafeGRPOModule(LightningModule):
         fsdp_compute_dtype: under `ModelParallelStrategy` (FSDP2), the dtype weights are
             gathered in for compute ("bfloat16"), the shards and AdamW keeping the loaded
             dtype (`model.policy.dtype: float32`); null: the loaded dtype.
+        max_consecutive_skips: optimiser steps in a row with a non-finite loss or gradient
+            (each skipped, see `safegrpo_pl.nonfinite`) after which the run stops.
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class SafeGRPOModule(LightningModule):
         reward: RewardConfig = RewardConfig(),  # noqa: B008
         shared_prefix: bool = True,
         fsdp_compute_dtype: str | None = None,
+        max_consecutive_skips: int = 5,
     ) -> None:
         super().__init__()
         if group_size < 2:
@@ -159,6 +164,7 @@ class SafeGRPOModule(LightningModule):
         self.reward_config = reward
         self.shared_prefix = shared_prefix
         self.fsdp_compute_dtype = fsdp_compute_dtype
+        self.guard = NonFiniteGuard(max_consecutive_skips)
         self.policy: Any = None
         self.policy_path: str | None = None  # the folder loaded: the warm-up's, once it ran
         self._reference: list[Any] = []  # a list keeps the frozen copy out of state_dict
@@ -277,12 +283,18 @@ class SafeGRPOModule(LightningModule):
         ref_logp: Tensor | None,
         prompts: Sequence[int],
         fresh: bool = False,
+        mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """One optimiser step on the mini-batch of `prompts` (whole groups), micro-batched.
+
         `fresh`: the weights are still the sampling policy's, so the forward's own log-probs
-        are the old ones (written into `old_logp` for later passes)."""
+        are the old ones (written into `old_logp` for later passes). `mask` (N, T) picks the
+        tokens the loss counts (default: the completions'). The step is skipped, on every rank
+        together, when the loss, the gradients, the advantages or the log-probs are not finite.
+        """
         optimizer = self.optimizers()
-        mini_mask = rollout.completion_mask[completion_rows(prompts, rollout.group_size)]
+        mask = rollout.completion_mask if mask is None else mask
+        mini_mask = mask[completion_rows(prompts, rollout.group_size)]
         # The mini-batch's denominator, shared by its micro-batches: any micro-batch size gives
         # the same gradient (docs/method.md section 4).
         # ... over all ranks: each rank's loss is then its share of the global sum.
@@ -292,39 +304,56 @@ class SafeGRPOModule(LightningModule):
             )
         )
         optimizer.zero_grad()
-        loss_total, merged = None, None
+        loss_total, merged, finite_logp = None, None, True
         micro_size = self.micro_batch_size or len(prompts)
         for start in range(0, len(prompts), micro_size):
             micro = list(prompts[start : start + micro_size])
-            loss, stats = self._micro_step(
-                batch, rollout, advantages, old_logp, ref_logp, micro, normalizer, fresh
+            loss, stats, logp_ok = self._micro_step(
+                batch, rollout, advantages, old_logp, ref_logp, micro, normalizer, fresh, mask
             )
             # micro-batch losses and statistics add up to the mini-batch's
             loss_total = loss if loss_total is None else loss_total + loss
             merged = stats if merged is None else merged.merge(stats)
+            finite_logp = finite_logp and logp_ok
         with self.timer.phase("optimizer"):
-            grad_norm = self._clip_gradients(optimizer)
-            optimizer.step()
-            schedule = self.lr_schedulers()
-            if schedule is not None:
-                schedule.step()  # manual optimisation: Lightning leaves this to us
+            grad_norm = self._clip_gradients(optimizer, clip=False)
+            if self._skip_step(loss_total, grad_norm, advantages, finite_logp):
+                optimizer.zero_grad()
+            else:
+                self._clip_gradients(optimizer, clip=True)
+                optimizer.step()
+                schedule = self.lr_schedulers()
+                if schedule is not None:
+                    schedule.step()  # manual optimisation: Lightning leaves this to us
         loss_total = sum_over_ranks(loss_total).to(loss_total)  # the global mini-batch's loss
         return self._step_figures(loss_total, sync_loss_stats(merged), grad_norm)
 
-    def _clip_gradients(self, optimizer: Any) -> Tensor:
-        """Clip to `max_grad_norm`; returns the global norm before clipping.
+    def _clip_gradients(self, optimizer: Any, *, clip: bool) -> Tensor:
+        """The global gradient norm before clipping; with `clip`, clip to `max_grad_norm`.
 
-        Sharded (FSDP2) gradients are clipped with torch's `clip_grad_norm_`, which reduces the
-        norm over the shards (Lightning's precision plugins refuse to clip them); replicated
-        ones through Lightning, which also unscales mixed-precision gradients first.
+        Sharded (FSDP2) gradients are measured and clipped with torch's `clip_grad_norm_`,
+        which reduces the norm over the shards (Lightning's precision plugins refuse to clip
+        them); replicated ones through Lightning, which also unscales mixed-precision
+        gradients first.
         """
         if is_sharded(self.policy):
-            return clip_sharded_gradients(self.policy.parameters(), self.max_grad_norm)
+            limit = self.max_grad_norm if clip else float("inf")
+            return clip_sharded_gradients(self.policy.parameters(), limit)
         grad_norm = gradient_norm(self.policy.parameters())
-        self.clip_gradients(
-            optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-        )
+        if clip:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+            )
         return grad_norm
+
+    def _skip_step(
+        self, loss: Tensor, grad_norm: Tensor, advantages: Tensor, logp_ok: bool
+    ) -> bool:
+        """Whether something was not finite, on any process (all skip together, so the
+        replicas stay equal); raises after too many such steps in a row."""
+        values = {"loss": loss, "grad_norm": grad_norm, "advantages": advantages}
+        agree = self.trainer.strategy.reduce_boolean_decision if self._trainer else None
+        return self.guard.check(self.global_step + 1, values, logp_ok, agree)
 
     def _micro_step(
         self,
@@ -336,15 +365,18 @@ class SafeGRPOModule(LightningModule):
         micro: list[int],
         normalizer: float,
         fresh: bool = False,
-    ) -> tuple[Tensor, LossStats]:
-        """Forward and backward of one micro-batch; returns its detached loss and statistics."""
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, LossStats, bool]:
+        """Forward and backward of one micro-batch; returns its detached loss and statistics,
+        and whether its log-probs (old and reference too) were finite."""
         rows = completion_rows(micro, rollout.group_size)
-        mask = rollout.completion_mask[rows]
-        width = int(mask.sum(1).max().item()) or 1
-        mask, ids = mask[:, :width], rollout.completion_ids[rows, :width]
+        tokens = rollout.completion_mask[rows]
+        width = int(tokens.sum(1).max().item()) or 1
+        tokens, ids = tokens[:, :width], rollout.completion_ids[rows, :width]
+        loss_tokens = tokens if mask is None else mask[rows, :width]  # a subset of `tokens`
         with self.timer.phase("policy_forward_backward"):
             logp = self.runner.logprobs(
-                self.policy, batch.select(micro), ids, mask, self.sampling.temperature
+                self.policy, batch.select(micro), ids, tokens, self.sampling.temperature
             )
             if old_logp is None or fresh:
                 old = logp.detach()
@@ -358,7 +390,7 @@ class SafeGRPOModule(LightningModule):
                 old,
                 ref,
                 advantages[rows],
-                mask,
+                loss_tokens,
                 **self.loss_settings.kwargs(),
                 kl_coef=self.kl_coef,
                 loss_normalizer=normalizer,
@@ -366,7 +398,10 @@ class SafeGRPOModule(LightningModule):
             )
             # DDP and FSDP average gradients over ranks; the loss is a share of a global sum.
             self.manual_backward(loss * gradient_scale(data_parallel_size(self._trainer)))
-        return loss.detach(), stats
+        counted = loss_tokens.bool()
+        used = [logp.detach(), old] + ([] if ref is None else [ref])
+        logp_ok = not nonfinite_names({str(i): t[counted] for i, t in enumerate(used)})
+        return loss.detach(), stats, logp_ok
 
     @staticmethod
     def _step_figures(loss: Tensor, stats: LossStats, grad_norm: Tensor) -> dict[str, Tensor]:
@@ -385,6 +420,9 @@ class SafeGRPOModule(LightningModule):
             advantages, every_rank = advantages_over_ranks(
                 rewards, self.group_size, self.loss_settings
             )
+        mask = loss_mask(
+            rollout.completion_mask, rewards, self.group_size, self.loss_settings.drop_zero_variance
+        )
         minibatches = prompt_chunks(len(batch), self.mini_batch_size)
         steps = self.num_iterations * len(minibatches)
         check_equal_across_ranks("the number of optimiser steps per rollout batch", steps)
@@ -402,7 +440,9 @@ class SafeGRPOModule(LightningModule):
             for index, prompts in enumerate(minibatches):
                 fresh = iteration == 0 and index == 0
                 step_stats.append(
-                    self.optimise(batch, rollout, advantages, old_logp, ref_logp, prompts, fresh)
+                    self.optimise(
+                        batch, rollout, advantages, old_logp, ref_logp, prompts, fresh, mask
+                    )
                 )
         self._log_train(rollout, parts, every_rank, step_stats, len(batch))
 
@@ -420,6 +460,7 @@ class SafeGRPOModule(LightningModule):
         figures.update(mean_over_steps(step_stats))
         logs: dict[str, Any] = {f"train/{k}": v for k, v in figures.items()}
         logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        logs["train/skipped_steps"] = float(self.guard.skipped)
         seconds = self.timer.pop()
         logs.update({f"time/{k}": v for k, v in seconds.items()})
         logs["time/step_total"] = sum(seconds.values())
@@ -482,20 +523,11 @@ class SafeGRPOModule(LightningModule):
     # -- checkpoints ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the random state (so a resumed run samples what an unbroken one would) and,
-        with LoRA, only the trainable tensors: the frozen base is re-loaded from its path."""
-        checkpoint["rng_states"] = collect_rng_states()
-        if self.sampling_generator is not None:
-            checkpoint["sampling_generator"] = self.sampling_generator.get_state()
-        if self.settings.lora is None:
-            return
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
-        }
+        """Every process's random state, the policy's identity, the skipped-step count, and
+        with LoRA only the adapters (`safegrpo_pl.checkpoints.write_extras`)."""
+        write_extras(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])
-        if "sampling_generator" in checkpoint and self.sampling_generator is not None:
-            self.sampling_generator.set_state(checkpoint["sampling_generator"])
+        """Refuse a checkpoint of another policy or with missing / unexpected weights, then
+        restore the random state (`safegrpo_pl.checkpoints.read_extras`)."""
+        read_extras(self, checkpoint)

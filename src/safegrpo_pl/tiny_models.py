@@ -267,9 +267,12 @@ def build_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer(corpus, vocab_size=spec.vocab_size)
     config = _tiny_config(spec, tokenizer)
-    torch.manual_seed(spec.seed)
     auto = AutoModelForCausalLM if spec.arch == "qwen3_text" else AutoModelForImageTextToText
-    model = auto.from_config(config)
+    # Seeded on a forked stream: a run must sample the same whether the model was built now or
+    # read from the cache, so building leaves the global random state as it found it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = auto.from_config(config)
     eos = [
         tokenizer.convert_tokens_to_ids("<|im_end|>"),
         tokenizer.convert_tokens_to_ids("<|endoftext|>"),

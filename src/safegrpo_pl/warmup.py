@@ -251,7 +251,16 @@ def train_warmup(
         records: the train records (indexable; images decoded on access).
         settings: steps, batch size, learning rate, seed, target probabilities.
     """
-    torch.manual_seed(settings.seed)
+    # Its own random stream: a run must sample the same whether its warm-up was trained now
+    # or read from the cache, so the warm-up leaves the global state as it found it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        return _train_warmup(model, encoder, records, settings)
+
+
+def _train_warmup(
+    model: Any, encoder: PromptEncoder, records: Sequence[SafetyRecord], settings: WarmupSettings
+) -> list[float]:
     rng = random.Random(f"safegrpo-warmup/{settings.seed}")
     pad = encoder.tokenizer.pad_token_id
     pad_id = int(pad if pad is not None else encoder.tokenizer.convert_tokens_to_ids(EOS_TOKEN))
