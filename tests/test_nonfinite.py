@@ -63,7 +63,7 @@ def test_nan_log_probs_skip_the_step_and_are_named(tiny_qwen25vl_path, tmp_path,
 
 
 def test_nan_advantages_are_named(tiny_qwen25vl_path, tmp_path, monkeypatch, caplog):
-    import safegrpo_pl.module as module_file
+    import safegrpo_pl.distributed as module_file  # where the module's advantages come from
 
     original = module_file.group_advantages
     calls = []

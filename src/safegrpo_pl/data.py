@@ -35,7 +35,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.distributed import data_parallel_size
+from safegrpo_pl.distributed import data_parallel_rank, data_parallel_size
 from safegrpo_pl.prompts import DEFAULT_SAFETY_GUIDE
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.resumable import ResumableLoader, ResumableSampler
@@ -331,8 +331,9 @@ class SafeTagDataModule(LightningDataModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
         sampler = ResumableSampler(
             self.datasets["train"],
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
+            # the data-parallel ranks (the strategy's sampler arguments, as Lightning's own)
+            num_replicas=data_parallel_size(trainer),
+            rank=data_parallel_rank(trainer),
             seed=seed,
         )
         return ResumableLoader(

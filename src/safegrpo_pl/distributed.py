@@ -50,6 +50,14 @@ def data_parallel_size(trainer: Any) -> int:
     return int(kwargs.get("num_replicas", 1))
 
 
+def data_parallel_rank(trainer: Any) -> int:
+    """This rank's index among the data-parallel ranks; 0 without a strategy."""
+    if trainer is None:
+        return 0
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("rank", 0))
+
+
 def global_seed() -> int:
     """The seed `seed_everything` (the CLI's `seed_everything:` key) set; 0 when none."""
     return int(os.environ.get("PL_GLOBAL_SEED", "0"))

@@ -52,7 +52,16 @@ class ResumableSampler(DistributedSampler):
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        # drop_last: the remainder that does not split evenly waits for the next epoch's order
+        # rather than being padded with repeated prompts (a prompt is used once per epoch).
+        super().__init__(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=True,
+        )
         self._skip = 0  # samples of this process's share to skip in the next pass only
 
     def skip_next(self, samples: int) -> None:
