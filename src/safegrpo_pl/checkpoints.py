@@ -161,7 +161,9 @@ def read_extras(module: Any, checkpoint: dict[str, Any]) -> None:
     if SIGNATURE_KEY in checkpoint:
         current = policy_signature(module.policy, module.settings.lora, module.policy_path)
         check_policy(checkpoint[SIGNATURE_KEY], current, path)
-    check_state_keys(checkpoint.get("state_dict", {}), policy_tensors(module), path)
+    if "state_dict" in checkpoint:  # a sharded (FSDP2) checkpoint's weights are loaded, in
+        # place and strictly, by the strategy itself: the hook then gets no state_dict
+        check_state_keys(checkpoint["state_dict"], policy_tensors(module), path)
     module.guard.load_state_dict(checkpoint.get(GUARD_KEY, {}))
     if RNG_KEY in checkpoint:
         restore_rank_state(checkpoint[RNG_KEY], getattr(module, "sampling_generator", None))
