@@ -66,22 +66,22 @@ from safegrpo_pl.demo_drawings import (
     jitter_colour,
     plain_background,
 )
+from safegrpo_pl.demo_vocab import (
+    CORES,
+    HELD_OUT_KINDS,
+    OBJECTS,
+    TYPOGRAPHIC_PROMPTS,
+    all_instructions,
+    all_typographic_phrases,
+    draw_picture_request,
+    draw_typographic_phrase,
+)
 from safegrpo_pl.prompts import (
     DEFAULT_SAFETY_GUIDE,
     HELPFUL_ANSWERS,
     REFUSAL_ANSWERS,
     build_user_text,
     format_response,
-)
-from safegrpo_pl.demo_vocab import (
-    HELD_OUT_KINDS,
-    OBJECTS,
-    TYPOGRAPHIC_PROMPTS,
-    CORES,
-    all_instructions,
-    all_typographic_phrases,
-    draw_picture_request,
-    draw_typographic_phrase,
 )
 from safegrpo_pl.records import TAG_VALUES, SafetyRecord
 from safegrpo_pl.typographic import LINE_HEIGHT, bitmap_font
