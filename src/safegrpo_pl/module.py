@@ -358,8 +358,10 @@ class SafeGRPOModule(LightningModule):
         rollout = self.sample(batch, 1, self.val_sampling)
         return rollout, self.score(batch, rollout)
 
-    def _eval_step(self, batch: PromptBatch, metrics: Any) -> None:
-        _, parts = self.evaluate_batch(batch)
+    def _eval_step(self, batch: PromptBatch, metrics: Any) -> dict[str, Any]:
+        """Decode, score and update `metrics`; returns the responses and their rewards (the
+        report callback shows a few of them)."""
+        rollout, parts = self.evaluate_batch(batch)
         metrics.update(
             **metric_inputs(
                 parts,
@@ -370,20 +372,21 @@ class SafeGRPOModule(LightningModule):
                 device=self.device,
             )
         )
+        return {"texts": rollout.texts, "parts": parts}
 
     def _log_eval_epoch(self, metrics: Any) -> None:
         # Metrics with no eligible record (e.g. no compositional pair) are NaN: leave them out.
         self.log_dict(loggable_values(metrics), sync_dist=False)
         metrics.reset()
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics)
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch(self.val_metrics)
 
-    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch(self.test_metrics)
