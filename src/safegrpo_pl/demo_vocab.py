@@ -89,6 +89,12 @@ HELD_OUT_KINDS: tuple[str, ...] = ("unseen-pair", "unseen-wording")
 """The kinds of held-out record, see the module docstring."""
 
 
+CORES_BY_TEXT: dict[str, tuple[str, ...]] = {
+    core: cores for cores in CORES.values() for core in cores
+}
+"""Core -> the cores of its category (to find its index)."""
+
+
 def wording(core: str, frame: str) -> str:
     """The instruction `core` written in `frame` (the bare frame capitalises the core)."""
     text = frame.format(core)
@@ -99,9 +105,9 @@ def _index(category_items: tuple[str, ...], item: str) -> int:
     return category_items.index(item)
 
 
-def pair_held_out(visual: str, obj: str, textual: str, core: str) -> bool:
-    """Whether (object, core) is a held-out combination (never in training)."""
-    del textual  # the square is the same in every textual category
+def pair_held_out(visual: str, obj: str, core: str) -> bool:
+    """Whether (object, core) is a held-out combination (never in training); the square is
+    the same in every textual category."""
     return (_index(OBJECTS[visual], obj) + _index(CORES_BY_TEXT[core], core)) % 3 == 0
 
 
@@ -118,12 +124,6 @@ def typo_held_out(frame: str, safety: str, key: tuple[str, str]) -> bool:
     return TYPOGRAPHIC_FRAMES.index(frame) == k % len(TYPOGRAPHIC_FRAMES)
 
 
-CORES_BY_TEXT: dict[str, tuple[str, ...]] = {
-    core: cores for cores in CORES.values() for core in cores
-}
-"""Core -> the cores of its category (to find its index)."""
-
-
 def draw_picture_request(
     visual: str, textual: str, novelty: str, rng: random.Random
 ) -> tuple[str, str]:
@@ -131,9 +131,9 @@ def draw_picture_request(
     objects, cores = OBJECTS[visual], CORES[textual]
     combos = [(o, c) for o in objects for c in cores]
     if novelty == "unseen-pair":
-        combos = [(o, c) for o, c in combos if pair_held_out(visual, o, textual, c)]
+        combos = [(o, c) for o, c in combos if pair_held_out(visual, o, c)]
     elif novelty != "unseen-wording":  # training: never a held-out combination
-        combos = [(o, c) for o, c in combos if not pair_held_out(visual, o, textual, c)]
+        combos = [(o, c) for o, c in combos if not pair_held_out(visual, o, c)]
     obj, core = rng.choice(combos)
     frames = [f for f in FRAMES if frame_held_out(core, f) == (novelty == "unseen-wording")]
     return obj, wording(core, rng.choice(frames))
