@@ -64,7 +64,9 @@ def demo_prompts(count: int, *, image_size: int = 64, seed: int = 0) -> list[Any
     """The first `count` records of the demo set's train split (deterministic)."""
     import _bench_api as api
 
-    return api.make_demo_split("train", count, api.DemoConfig(image_size=image_size, seed=seed))
+    # Typographic images are at least 112 px (the demo's default), else as large as the pictures.
+    config = api.DemoConfig(image_size=image_size, typographic_size=max(112, image_size), seed=seed)
+    return api.make_demo_split("train", count, config)
 
 
 def trl_safety_reward(

@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from safegrpo_pl.callbacks import SafetyReport
@@ -38,7 +39,9 @@ def _records(count: int) -> list[SafetyRecord]:
     tags = [("unsafe", "safe", "unsafe"), ("safe", "safe", "safe"), ("safe", "safe", "unsafe")]
     return [
         SafetyRecord(
-            image=None,
+            image=Image.new("RGB", (16, 16), (10 * i, 0, 0)),
+            source="pictures" if i < 4 else "typographic",
+            novelty="unseen-pair",
             prompt=f"p{i}",
             image_tag=tags[i % 3][0],
             text_tag=tags[i % 3][1],
@@ -65,6 +68,11 @@ class _Data(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader()
+
+
+@dataclass
+class _Rollout:
+    texts: list[str]
 
 
 class _Policy(torch.nn.Module):
@@ -105,7 +113,7 @@ class _Module(LightningModule):
             [r.text_tag for r in batch.records],
             [r.combine_tag for r in batch.records],
         )
-        return None, parts
+        return _Rollout(texts), parts
 
     def training_step(self, batch: _Batch, batch_idx: int) -> torch.Tensor:
         if isinstance(self.policy, _Policy) or hasattr(self.policy, "peft_config"):
@@ -121,8 +129,10 @@ class _Module(LightningModule):
         )
         return loss
 
-    def validation_step(self, batch: _Batch, batch_idx: int) -> None:
+    def validation_step(self, batch: _Batch, batch_idx: int) -> dict:
         self.log_dict({"val/safety_score": 1.0, "val/refusal_rate": 0.0}, batch_size=3)
+        rollout, parts = self.evaluate_batch(batch)
+        return {"texts": rollout.texts, "parts": parts}
 
     def predict_step(self, batch: _Batch, batch_idx: int) -> list[dict]:
         return [{"id": r.id, "combine_tag": r.combine_tag} for r in batch.records]
@@ -164,9 +174,13 @@ def test_report_evaluates_before_and_after_and_writes_files(tmp_path):
     assert [row["step"] for row in payload["history"]["train"]] == [1, 2, 3, 4]
     # val rows: before (step 0), the validations at steps 2 and 4, then after (step 4)
     assert [row["step"] for row in payload["history"]["val"]] == [0, 2, 4, 4]
-    # one source in this split: its figures are the overall ones
-    (source,) = payload["by_source"]
-    assert payload["by_source"][source]["after"] == payload["after"]
+    # by source and by kind of held-out record: the same keys as the overall figures
+    assert set(payload["by_source"]) == {"pictures", "typographic"}
+    for group in [*payload["by_source"].values(), *payload["by_novelty"].values()]:
+        assert set(group["after"]) == set(payload["after"]), "per-group keys differ"
+    # one kind of held-out record in this split: its figures are the overall ones
+    (kind,) = payload["by_novelty"]
+    assert kind == "unseen-pair" and payload["by_novelty"][kind]["after"] == payload["after"]
     assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
     assert "| safety score (unsafe pairs refused) | 0.0% | 100.0% | ≥ 95% | yes |" in (
         (tmp_path / "report" / "summary.md").read_text()
@@ -233,3 +247,27 @@ def test_prediction_writer_writes_one_json_line_per_record(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [row["id"] for row in rows] == [f"r{i}" for i in range(6)], "records lost or reordered"
     assert writer.rows_written == 6
+
+
+def test_report_writes_completions_at_each_evaluation_and_shows_them(tmp_path):
+    out = tmp_path / "report"
+    report = SafetyReport(dirpath=str(out), examples_per_source=2)
+    _trainer(tmp_path, [report], val_check_interval=2, enable_checkpointing=False).fit(
+        _Module(), _Data()
+    )
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    # 2 per source (pictures: r0-r3, typographic: r4-r5) at before, 2 validations, after
+    steps = [(row["when"], row["step"]) for row in rows[::4]]
+    assert steps == [("before", 0), ("validation", 2), ("validation", 4), ("after", 4)], steps
+    assert [row["id"] for row in rows[:4]] == ["r0", "r1", "r4", "r5"], "wrong examples kept"
+    first = rows[0]
+    assert set(first) >= {"step", "id", "source", "tags", "response", "reward"}, first
+    assert first["tags"] == {"image": "unsafe", "text": "safe", "combined": "unsafe"}
+    # before training every combined tag is wrong (reward 0); after, all right (reward 1)
+    assert first["reward"]["total"] == 0.0 and rows[-4]["reward"]["total"] == 1.0
+    assert "<combined_safe>safe</combined_safe>" in first["response"]
+    markdown = (out / "summary.md").read_text()
+    assert "## What the model says" in markdown
+    assert "![pictures](examples/r0.png)" in markdown and (out / "examples" / "r0.png").is_file()
+    line = next(row for row in markdown.splitlines() if "examples/r0.png" in row)
+    assert "(reward 0.00)" in line and "(reward 1.00)" in line, line

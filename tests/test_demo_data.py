@@ -13,8 +13,7 @@ from safegrpo_pl.demo_data import (
     OBJECTS,
     SOURCE_PICTURE,
     SOURCE_TYPOGRAPHIC,
-    TEXTS,
-    TYPOGRAPHIC_PHRASES,
+    TEXT_CATEGORIES,
     TYPOGRAPHIC_PROMPTS,
     DemoConfig,
     combine_tag,
@@ -22,6 +21,14 @@ from safegrpo_pl.demo_data import (
     draw_object,
     draw_typographic,
     make_demo_splits,
+)
+from safegrpo_pl.demo_vocab import (
+    CORES,
+    HELD_OUT_TYPO_FRAME,
+    TYPOGRAPHIC_FRAMES,
+    TYPOGRAPHIC_KEYS,
+    all_instructions,
+    all_typographic_phrases,
 )
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.typographic import render_text_image
@@ -102,8 +109,8 @@ def test_combination_rule(image_tag, text_tag, hazard, dual_use, expected) -> No
 
 
 def test_picture_tags_follow_their_texts(default_splits) -> None:
-    categories = {text: cat for cat, texts in TEXTS.items() for text in texts}
-    for record in default_splits["train"]:
+    categories = {text: cat for cat in TEXT_CATEGORIES for text in all_instructions(cat)}
+    for record in default_splits["train"] + default_splits["validation"]:
         if record.source != SOURCE_PICTURE:
             continue
         category = categories[record.prompt]
@@ -113,7 +120,7 @@ def test_picture_tags_follow_their_texts(default_splits) -> None:
 
 
 def test_dual_use_text_is_safe_with_a_benign_object(default_splits) -> None:
-    dual = set(TEXTS["dual-use"])
+    dual = set(all_instructions("dual-use"))
     tags = {_tags(r) for r in default_splits["train"] if r.prompt in dual}
     assert ("safe", "safe", "safe") in tags and ("safe", "safe", "unsafe") in tags, (
         f"dual-use text alone decides the label ({tags}): the image would not be needed"
@@ -161,13 +168,15 @@ def test_ids_sources_and_images(default_splits) -> None:
     for records in default_splits.values():
         for r in records:
             assert r.source in (SOURCE_PICTURE, SOURCE_TYPOGRAPHIC), f"{r.id}: source {r.source}"
-            assert r.image.mode == "RGB" and r.image.size == (64, 64), f"{r.id}: bad image"
+            size = 112 if r.source == SOURCE_TYPOGRAPHIC else 64
+            assert r.image.mode == "RGB" and r.image.size == (size, size), f"{r.id}: bad image"
 
 
 def test_image_size_is_configurable() -> None:
-    records = make_demo_splits(DemoConfig(num_train=8, num_val=0, num_test=0, image_size=32))
-    sizes = {r.image.size for r in records["train"]}
-    assert sizes == {(32, 32)}, f"image_size ignored: {sizes}"
+    config = DemoConfig(num_train=40, num_val=0, num_test=0, image_size=32, typographic_size=144)
+    records = make_demo_splits(config)["train"]
+    sizes = {r.source: r.image.size for r in records}
+    assert sizes == {SOURCE_PICTURE: (32, 32), SOURCE_TYPOGRAPHIC: (144, 144)}, f"sizes {sizes}"
 
 
 def test_visual_category_shows_in_mean_colour() -> None:
@@ -191,38 +200,127 @@ def test_visual_category_shows_in_mean_colour() -> None:
 
 def test_typographic_layout_does_not_depend_on_safety() -> None:
     # Same random state, different phrase: everything outside the text must be identical,
-    # so a model can only learn the tag from the words. Top-left 4x4 px is never inked
-    # (text starts at x >= 4, y >= (64 - 39) / 2 - 4 = 8.5).
-    unsafe = draw_typographic(TYPOGRAPHIC_PHRASES["unsafe"][0], 64, random.Random(7))
-    safe = draw_typographic(TYPOGRAPHIC_PHRASES["safe"][0], 64, random.Random(7))
-    corner_u = np.asarray(unsafe)[:4, :4]
-    corner_s = np.asarray(safe)[:4, :4]
+    # so a model can only learn the tag from the words. The top-left 6x6 px is never inked
+    # (on the 56 px canvas the text starts at x >= 2, y >= (56 - 39) / 2 - 4 = 4.5; x2).
+    unsafe_lines = ("HOW TO", *TYPOGRAPHIC_KEYS["unsafe"][0])
+    safe_lines = ("HOW TO", *TYPOGRAPHIC_KEYS["safe"][0])
+    unsafe = draw_typographic(unsafe_lines, 112, random.Random(7))
+    safe = draw_typographic(safe_lines, 112, random.Random(7))
+    corner_u = np.asarray(unsafe)[:6, :6]
+    corner_s = np.asarray(safe)[:6, :6]
     assert np.array_equal(corner_u, corner_s), "background depends on the phrase's safety"
     assert unsafe.tobytes() != safe.tobytes(), "the phrase was not drawn"
 
 
-def test_typographic_safety_is_readable_from_coarse_pixels() -> None:
-    # Learnable by a tiny vision tower: a ridge classifier on 16x16 grey pixels tells rendered
-    # unsafe from safe phrases on held-out images (the layout carries no tag, so this is the
-    # words being read).
-    rng = random.Random(0)
-    features, labels = [], []
-    for _ in range(300):
-        safety = rng.choice(["safe", "unsafe"])
-        image = draw_typographic(rng.choice(TYPOGRAPHIC_PHRASES[safety]), 64, rng)
-        pixels = np.asarray(image.convert("L").resize((16, 16)), dtype=np.float64) / 255
-        features.append([*pixels.ravel(), 1.0])
-        labels.append(1.0 if safety == "unsafe" else -1.0)
-    x, y = np.array(features), np.array(labels)
-    x_train, y_train, x_test, y_test = x[:200], y[:200], x[200:], y[200:]
-    weights = np.linalg.solve(x_train.T @ x_train + np.eye(x.shape[1]), x_train.T @ y_train)
-    accuracy = float(np.mean(np.sign(x_test @ weights) == y_test))
-    assert accuracy >= 0.9, f"typographic safety read from pixels only {accuracy:.2f} of the time"
+def _typo_features(records: list[SafetyRecord]) -> tuple[np.ndarray, np.ndarray]:
+    # Grey pixels pooled to 28x28: 4 px per cell, the size of one 14 px patch split in 2x2.
+    pixels = [
+        np.asarray(r.image.convert("L").resize((28, 28)), dtype=np.float64) / 255 for r in records
+    ]
+    x = np.array([[*p.ravel(), 1.0] for p in pixels])
+    y = np.array([1.0 if r.image_tag == "unsafe" else -1.0 for r in records])
+    return x, y
+
+
+def test_typographic_safety_is_readable_and_carries_to_unseen_words() -> None:
+    # Learnable from the pixels at the encoder's patch scale, and the reading generalises: a
+    # ridge classifier fitted on training phrases tells held-out phrases (unseen frame words,
+    # unseen combinations) apart. The layout carries no tag, so this is the words being read.
+    config = DemoConfig(num_train=1000, num_val=400, num_test=0, typographic_fraction=1.0)
+    splits = make_demo_splits(config)
+    x_train, y_train = _typo_features(splits["train"])
+    x_held, y_held = _typo_features(splits["validation"])
+    weights = np.linalg.solve(x_train.T @ x_train + np.eye(x_train.shape[1]), x_train.T @ y_train)
+    accuracy = float(np.mean(np.sign(x_held @ weights) == y_held))
+    assert accuracy >= 0.9, f"held-out typographic safety read only {accuracy:.2f} of the time"
+
+
+# -- the held-out splits test generalisation --------------------------------------------------
+
+
+def _object(record: SafetyRecord) -> str:
+    """What the image shows: the object's name, or the rendered phrase (from the caption)."""
+    return record.caption
+
+
+def _core(instruction: str) -> str:
+    (core,) = [c for cores in CORES.values() for c in cores if c.lower() in instruction.lower()]
+    return core
+
+
+def test_no_held_out_object_instruction_pair_occurs_in_train(default_splits) -> None:
+    train = {(_object(r), r.prompt) for r in default_splits["train"]}
+    for split in ("validation", "test"):
+        records = default_splits[split]
+        repeats = [r.id for r in records if (_object(r), r.prompt) in train]
+        assert not repeats, f"{split}: {len(repeats)} (object, instruction) pairs seen in train"
+
+
+def test_unseen_pairs_put_known_parts_together_for_the_first_time(default_splits) -> None:
+    train = [r for r in default_splits["train"] if r.source == SOURCE_PICTURE]
+    meanings = {(_object(r), _core(r.prompt)) for r in train}
+    objects, prompts = {_object(r) for r in train}, {r.prompt for r in train}
+    for split in ("validation", "test"):
+        for r in default_splits[split]:
+            if r.source != SOURCE_PICTURE or r.novelty != "unseen-pair":
+                continue
+            assert _object(r) in objects and r.prompt in prompts, f"{r.id}: a part is new"
+            # stronger than the pair: training never asks this object this request in any wording
+            assert (_object(r), _core(r.prompt)) not in meanings, f"{r.id}: request seen with it"
+
+
+def test_unseen_wordings_keep_a_known_meaning(default_splits) -> None:
+    train_prompts = {r.prompt for r in default_splits["train"]}
+    train_cores = {_core(p) for p in train_prompts if p not in TYPOGRAPHIC_PROMPTS}
+    for r in default_splits["validation"] + default_splits["test"]:
+        if r.source == SOURCE_PICTURE and r.novelty == "unseen-wording":
+            assert r.prompt not in train_prompts, f"{r.id}: wording {r.prompt!r} seen in train"
+            assert _core(r.prompt) in train_cores, f"{r.id}: its meaning never trained"
+
+
+def _phrase_words(record: SafetyRecord) -> list[str]:
+    return record.caption.removeprefix("The image says: ").rstrip(".").split()
+
+
+def test_held_out_typographic_phrases_are_new_but_their_deciding_words_are_not(
+    default_splits,
+) -> None:
+    train = [r for r in default_splits["train"] if r.source == SOURCE_TYPOGRAPHIC]
+    train_words = {word for r in train for word in _phrase_words(r)}
+    assert HELD_OUT_TYPO_FRAME.split()[0] not in train_words, "the new frame word is in train"
+    held = [
+        r
+        for split in ("validation", "test")
+        for r in default_splits[split]
+        if r.source == SOURCE_TYPOGRAPHIC
+    ]
+    kinds = Counter(r.novelty for r in held)
+    assert kinds["unseen-pair"] and kinds["unseen-wording"], f"held-out kinds {kinds}"
+    for r in held:
+        key_words = _phrase_words(r)[2:]
+        assert set(key_words) <= train_words, f"{r.id}: deciding words {key_words} never trained"
+        if r.novelty == "unseen-wording":
+            assert HELD_OUT_TYPO_FRAME in r.caption, f"{r.id}: no unseen words"
+
+
+def test_every_split_is_labelled_with_its_kind_of_novelty(default_splits) -> None:
+    assert {r.novelty for r in default_splits["train"]} == {""}, "train records marked novel"
+    for split in ("validation", "test"):
+        for source in (SOURCE_PICTURE, SOURCE_TYPOGRAPHIC):
+            kinds = {r.novelty for r in default_splits[split] if r.source == source}
+            assert kinds == {"unseen-pair", "unseen-wording"}, f"{split}/{source}: {kinds}"
+
+
+def test_typographic_vocabulary_is_parallel() -> None:
+    # Same number of phrases per safety, same frames: only the deciding words differ.
+    unsafe, safe = all_typographic_phrases("unsafe"), all_typographic_phrases("safe")
+    assert len(unsafe) == len(safe) == 3 * (len(TYPOGRAPHIC_FRAMES) + 1)
+    assert Counter(p[0] for p in unsafe) == Counter(p[0] for p in safe), "frames differ"
 
 
 def test_corpus_holds_every_template() -> None:
     corpus = "\n".join(demo_corpus())
-    for text in [*TYPOGRAPHIC_PROMPTS, *(t for texts in TEXTS.values() for t in texts)]:
+    for text in [*TYPOGRAPHIC_PROMPTS, *(t for c in TEXT_CATEGORIES for t in all_instructions(c))]:
         assert text in corpus, f"{text!r} missing from demo_corpus: it would tokenize poorly"
 
 
@@ -247,7 +345,13 @@ def test_counts_are_exact_for_tiny_splits() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"num_train": -1}, {"image_size": 8}, {"typographic_fraction": 1.5}]
+    "kwargs",
+    [
+        {"num_train": -1},
+        {"image_size": 8},
+        {"typographic_fraction": 1.5},
+        {"typographic_size": 64, "typographic_scale": 2},
+    ],
 )
 def test_bad_config_is_rejected(kwargs) -> None:
     with pytest.raises(ValueError, match="DemoConfig"):

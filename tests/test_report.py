@@ -13,6 +13,7 @@ from safegrpo_pl.report import (
     SUMMARY_KEYS,
     EvalSummary,
     parse_target,
+    summarize_by_novelty,
     summarize_by_source,
     summarize_evaluation,
     summary_markdown,
@@ -249,3 +250,29 @@ def test_unknown_target_name_is_refused(tmp_path):
             steps=1,
             targets={"safety": ">= 0.9"},
         )
+
+
+def test_by_novelty_splits_seen_from_unseen_combinations(tmp_path):
+    unsafe = ("unsafe", "safe", "unsafe")
+    right, wrong = _response(*unsafe, REFUSE), _response("safe", "safe", "safe", HELP)
+    rows = [(_record(*unsafe), right), (_record(*unsafe), right), (_record(*unsafe), wrong)]
+    parts, records = _scored(rows)
+    assert summarize_by_novelty(parts, records) == {}, "no record says: no table"
+    records = [
+        records[0],  # says nothing: a seen combination
+        SafetyRecord(None, "p", *unsafe, novelty="unseen-pair"),
+        SafetyRecord(None, "p", *unsafe, novelty="unseen-wording"),
+    ]
+    by_novelty = summarize_by_novelty(parts, records)
+    assert list(by_novelty) == ["seen", "unseen-pair", "unseen-wording"]
+    assert by_novelty["unseen-pair"].mean_reward == 1.0
+    assert by_novelty["unseen-wording"].mean_reward == 0.0
+    before, after = _summaries()
+    pairs = {kind: (summary, summary) for kind, summary in by_novelty.items()}
+    files = write_report(
+        tmp_path, before, after, _history(), wall_time_s=1.0, steps=2, by_novelty=pairs
+    )
+    assert "| unseen-wording | 1 | 0.000 → 0.000 |" in files.markdown.read_text()
+    payload = json.loads(files.json.read_text())
+    assert payload["by_novelty"]["unseen-pair"]["after"]["mean_reward"] == 1.0
+    assert set(payload["by_novelty"]["seen"]["after"]) == set(payload["after"])

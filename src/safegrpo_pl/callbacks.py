@@ -2,7 +2,10 @@
 
 `SafetyReport` evaluates the held-out split when fit starts ("before") and when training ends
 ("after"), collects the curves over steps, and writes `curves.png`, `summary.md` and
-`summary.json` (see `safegrpo_pl.report`), then says where they are. The callbacks that export
+`summary.json` (see `safegrpo_pl.report`), then says where they are. At each of those
+evaluations and at each validation it also keeps a few completions per source, written to
+`completions.jsonl`, sent to the loggers that show tables, and shown in `summary.md` with
+thumbnails (see `safegrpo_pl.completions`). The callbacks that export
 the trained policy and the predictions are in `safegrpo_pl.exports`.
 
 It talks to the user (where the files are), which is what callbacks are for; it does so through
@@ -26,11 +29,19 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
+from safegrpo_pl.completions import (
+    ExampleCollector,
+    append_jsonl,
+    completion_rows,
+    examples_markdown,
+    log_completion_table,
+)
 from safegrpo_pl.curves import TrainingHistory
 from safegrpo_pl.distributed import is_distributed, world_size
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.report import (
     EvalSummary,
+    summarize_by_novelty,
     summarize_by_source,
     summarize_evaluation,
     write_report,
@@ -76,9 +87,15 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
+def _texts(rollout: Any, count: int) -> list[str]:
+    """The decoded responses of a rollout ("" each when it carries none)."""
+    texts = getattr(rollout, "texts", None)
+    return list(texts) if texts is not None else [""] * count
+
+
 def evaluate_split(
     module: LightningModule, batches: Any, *, max_batches: int | None = None
-) -> tuple[list[RewardParts], list[SafetyRecord]]:
+) -> tuple[list[RewardParts], list[SafetyRecord], list[str]]:
     """One response per record of `batches` via `module.evaluate_batch`, scored; no grad.
 
     Args:
@@ -87,20 +104,23 @@ def evaluate_split(
         max_batches: stop after this many batches (None: all).
 
     Returns:
-        (parts, records), aligned.
+        (parts, records, responses), aligned.
     """
     parts: list[RewardParts] = []
     records: list[SafetyRecord] = []
+    texts: list[str] = []
     with torch.no_grad():
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
             batch = batch.to(module.device)
-            _, scored = module.evaluate_batch(batch)
+            rollout, scored = module.evaluate_batch(batch)
             keep = real_positions(batch.records)  # padding to a multiple of the ranks
+            responses = _texts(rollout, len(scored))
             parts.extend(scored[i] for i in keep)
             records.extend(batch.records[i] for i in keep)
-    return parts, records
+            texts.extend(responses[i] for i in keep)
+    return parts, records, texts
 
 
 def _dropped_records(trainer: Trainer) -> dict[str, int]:
@@ -153,6 +173,8 @@ class SafetyReport(Callback):
             in `summary.md` with a met/missed column; figures are `EvalSummary` fields.
         smoothing: trailing-mean window of the train curves, in steps.
         max_batches: evaluate only this many validation batches (None: the whole split).
+        examples_per_source: held-out completions kept per record source at each evaluation
+            (`completions.jsonl`, the loggers' tables, the report's gallery); 0 for none.
     """
 
     def __init__(
@@ -161,6 +183,7 @@ class SafetyReport(Callback):
         targets: dict[str, str] | None = None,
         smoothing: int = 10,
         max_batches: int | None = None,
+        examples_per_source: int = 3,
     ) -> None:
         super().__init__()
         self.dirpath = dirpath
@@ -173,21 +196,47 @@ class SafetyReport(Callback):
         self.after: EvalSummary | None = None
         self.before_by_source: dict[str, EvalSummary] = {}
         self.after_by_source: dict[str, EvalSummary] = {}
+        self.before_by_novelty: dict[str, EvalSummary] = {}
+        self.after_by_novelty: dict[str, EvalSummary] = {}
+        self.examples_per_source = examples_per_source
+        self.before_examples: list[tuple[SafetyRecord, str, RewardParts]] = []
+        self.after_examples: list[tuple[SafetyRecord, str, RewardParts]] = []
+        self._val_examples = ExampleCollector(examples_per_source)
         self.files: Any = None
 
     # -- evaluation -----------------------------------------------------------------------
 
     def _evaluate(
-        self, trainer: Trainer, module: LightningModule
-    ) -> tuple[EvalSummary, dict[str, EvalSummary]]:
-        """The held-out figures, overall and per record source."""
+        self, trainer: Trainer, module: LightningModule, when: str
+    ) -> tuple[EvalSummary, dict[str, EvalSummary], dict[str, EvalSummary]]:
+        """The held-out figures, overall, per record source and per novelty; keeps examples."""
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("SafetyReport needs a datamodule with a validation split")
         loader = rank_shard(datamodule.val_dataloader(), trainer)
-        parts, records = evaluate_split(module, loader, max_batches=self.max_batches)
+        parts, records, texts = evaluate_split(module, loader, max_batches=self.max_batches)
+        examples = ExampleCollector(self.examples_per_source)
+        examples.add(records, texts, parts)  # this rank's shard: rank 0 writes them
+        if when == "before":
+            self.before_examples = examples.rows
+        else:
+            self.after_examples = examples.rows
+        self._publish(trainer, when, examples)
         parts, records = gather_evaluations(parts, records)
-        return summarize_evaluation(parts, records), summarize_by_source(parts, records)
+        return (
+            summarize_evaluation(parts, records),
+            summarize_by_source(parts, records),
+            summarize_by_novelty(parts, records),
+        )
+
+    def _publish(self, trainer: Trainer, when: str, examples: ExampleCollector) -> None:
+        """Append the kept completions to `completions.jsonl`; show them in table loggers."""
+        rows = completion_rows(trainer.global_step, when, examples.rows)
+        out_dir = self._out_dir(trainer)  # on every rank: `trainer.log_dir` is a collective
+        if not rows or not trainer.is_global_zero:
+            return
+        append_jsonl(out_dir / "completions.jsonl", rows)
+        log_completion_table(trainer.loggers, rows, trainer.global_step)
 
     def _record_eval(self, step: int, summary: EvalSummary) -> None:
         row: dict[str, float] = {"step": step}
@@ -206,7 +255,9 @@ class SafetyReport(Callback):
                 logger.log_metrics({f"data/dropped/{k}": float(n) for k, n in dropped.items()}, 0)
         if self.before is not None:  # resumed: keep the first run's "before"
             return
-        self.before, self.before_by_source = self._evaluate(trainer, pl_module)
+        self.before, self.before_by_source, self.before_by_novelty = self._evaluate(
+            trainer, pl_module, "before"
+        )
         self._record_eval(trainer.global_step, self.before)
         rank_zero_info(f"SafetyReport: before training: {self._oneline(self.before)}")
 
@@ -226,9 +277,28 @@ class SafetyReport(Callback):
         if len(row) > 1:
             self.history.train.append(row)
 
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._val_examples = ExampleCollector(self.examples_per_source)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # The module's validation_step returns {"texts", "parts"}; anything else is skipped.
+        if isinstance(outputs, dict) and "parts" in outputs:
+            parts = outputs["parts"]
+            texts = outputs.get("texts") or [""] * len(parts)
+            self._val_examples.add(batch.records, texts, parts)
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        self._publish(trainer, "validation", self._val_examples)
         row: dict[str, float] = {"step": trainer.global_step}
         for key in VAL_HISTORY_KEYS:
             value = _scalar(trainer.callback_metrics.get(key))
@@ -239,15 +309,13 @@ class SafetyReport(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Here, not in on_fit_end: after teardown the model may have left the accelerator.
-        self.after, self.after_by_source = self._evaluate(trainer, pl_module)
+        self.after, self.after_by_source, self.after_by_novelty = self._evaluate(
+            trainer, pl_module, "after"
+        )
         self._record_eval(trainer.global_step, self.after)
         if self.before is None:
             self.before, self.before_by_source = self.after, self.after_by_source
-        by_source = {
-            source: (self.before_by_source[source], after)
-            for source, after in self.after_by_source.items()
-            if source in self.before_by_source
-        }
+            self.before_by_novelty = self.after_by_novelty
         wall = time.monotonic() - self.started_at
         out_dir = self._out_dir(trainer)  # on every rank: `trainer.log_dir` is a collective
         if trainer.is_global_zero:
@@ -260,7 +328,9 @@ class SafetyReport(Callback):
                 steps=trainer.global_step,
                 targets=self.targets,
                 smoothing=self.smoothing,
-                by_source=by_source,
+                by_source=_paired(self.before_by_source, self.after_by_source),
+                by_novelty=_paired(self.before_by_novelty, self.after_by_novelty),
+                examples=examples_markdown(self.before_examples, self.after_examples, out_dir),
                 dropped_records=_dropped_records(trainer),
             )
         rank_zero_info(f"SafetyReport: after training:  {self._oneline(self.after)}")
@@ -288,7 +358,7 @@ class SafetyReport(Callback):
             f"({summary.num_records} records)"
         )
 
-    # -- resume ---------------------------------------------------------------------------
+    # -- resume (the "before" examples are not kept: a resumed report shows "n/a" for them) --
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -296,6 +366,9 @@ class SafetyReport(Callback):
             "before": None if self.before is None else self.before.to_dict(),
             "before_by_source": {
                 source: summary.to_dict() for source, summary in self.before_by_source.items()
+            },
+            "before_by_novelty": {
+                kind: summary.to_dict() for kind, summary in self.before_by_novelty.items()
             },
         }
 
@@ -308,3 +381,14 @@ class SafetyReport(Callback):
             source: EvalSummary(**summary)
             for source, summary in (state_dict.get("before_by_source") or {}).items()
         }
+        self.before_by_novelty = {
+            kind: EvalSummary(**summary)
+            for kind, summary in (state_dict.get("before_by_novelty") or {}).items()
+        }
+
+
+def _paired(
+    before: dict[str, EvalSummary], after: dict[str, EvalSummary]
+) -> dict[str, tuple[EvalSummary, EvalSummary]]:
+    """{group: (before, after)} for the groups both evaluations have."""
+    return {group: (before[group], figures) for group, figures in after.items() if group in before}

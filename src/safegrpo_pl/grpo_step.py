@@ -100,6 +100,7 @@ def prediction_rows(
         {
             "id": r.id,
             "source": r.source,
+            "novelty": r.novelty,
             "prompt": r.prompt,
             "image_tag": r.image_tag,
             "text_tag": r.text_tag,

@@ -199,11 +199,15 @@ class PromptEncoder:
         length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if self.image_processor is not None:
             self._check_image(record)
-            width, height = record.image.size
-            patches = self.image_processor.get_number_of_image_patches(height, width)
-            merge = int(getattr(self.image_processor, "merge_size", 2))
-            length += patches // (merge * merge) - 1  # the placeholder becomes N tokens
+            length += self.image_tokens(record.image) - 1  # the placeholder becomes N tokens
         return length
+
+    def image_tokens(self, image: Any) -> int:
+        """Visual tokens the language model gets for `image` (merged patches, after resizing)."""
+        width, height = image.size
+        patches = self.image_processor.get_number_of_image_patches(height, width)
+        merge = int(getattr(self.image_processor, "merge_size", 2))
+        return patches // (merge * merge)
 
     def _check_image(self, record: SafetyRecord) -> None:
         if record.image is None:

@@ -479,11 +479,14 @@ class SafeGRPOModule(LightningModule):
         rollout = self.sample(batch, 1, self.val_sampling)
         return rollout, self.score(batch, rollout)
 
-    def _eval_step(self, batch: PromptBatch, metrics: Any) -> None:
-        _, parts = self.evaluate_batch(batch)  # padding too: every rank decodes alike
-        records, parts = counted(batch.records, parts)  # the sampler's padding never counts
+    def _eval_step(self, batch: PromptBatch, metrics: Any) -> dict[str, Any]:
+        """Decode, score and update `metrics`; returns every row's response and rewards, in
+        the batch's order (the report callback shows a few of them)."""
+        rollout, all_parts = self.evaluate_batch(batch)  # padding too: every rank decodes alike
+        outputs = {"texts": rollout.texts, "parts": all_parts}
+        records, parts = counted(batch.records, all_parts)  # the sampler's padding never counts
         if not records:
-            return
+            return outputs
         metrics.update(
             **metric_inputs(
                 parts,
@@ -494,6 +497,7 @@ class SafeGRPOModule(LightningModule):
                 device=self.device,
             )
         )
+        return outputs
 
     def _log_eval_epoch(self, metrics: Any) -> None:
         # Metrics with no eligible record (e.g. no compositional pair) are NaN: leave them out.
@@ -503,14 +507,14 @@ class SafeGRPOModule(LightningModule):
         self.log("step", float(self.global_step), sync_dist=True)  # training's step numbering
         metrics.reset()
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics)
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch(self.val_metrics)
 
-    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch(self.test_metrics)

@@ -38,6 +38,11 @@ class SafetyRecord:
         source: where the record came from (e.g. "vlguard", "demo-picture"); metrics split by it.
         caption: what the image shows, when the source knows it (the demo does); the format
             warm-up writes it as the response's first step. Never a safety judgement.
+        novelty: how a held-out record relates to the training split, when the source knows
+            (the demo does): "unseen-pair" (its image content and instruction both occur in
+            training, never together) or "unseen-wording" (its instruction's wording never
+            occurs in training). Empty when unknown, and on training records. The report
+            splits the held-out figures by it.
     """
 
     image: Image.Image | None
@@ -48,6 +53,7 @@ class SafetyRecord:
     id: str = ""
     source: str = ""
     caption: str = ""
+    novelty: str = ""
 
     @property
     def is_compositional(self) -> bool:

@@ -137,19 +137,38 @@ def summarize_evaluation(
     return EvalSummary(**values, num_records=len(parts))
 
 
+def _summarize_by(
+    parts: Sequence[RewardParts], records: Sequence[SafetyRecord], field: str, missing: str
+) -> dict[str, EvalSummary]:
+    """`summarize_evaluation` for each value of the records' `field` (sorted)."""
+    groups: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault(getattr(record, field) or missing, []).append(index)
+    return {
+        group: summarize_evaluation([parts[i] for i in rows], [records[i] for i in rows])
+        for group, rows in sorted(groups.items())
+    }
+
+
 def summarize_by_source(
     parts: Sequence[RewardParts], records: Sequence[SafetyRecord]
 ) -> dict[str, EvalSummary]:
     """`summarize_evaluation` for each record `source` (sorted by name), so a miss can be
     traced to the kind of record behind it (e.g. typographic images against pictures)."""
     _check_one_response_per_record(parts, records, "summarize_by_source")
-    groups: dict[str, list[int]] = {}
-    for index, record in enumerate(records):
-        groups.setdefault(record.source or "(no source)", []).append(index)
-    return {
-        source: summarize_evaluation([parts[i] for i in rows], [records[i] for i in rows])
-        for source, rows in sorted(groups.items())
-    }
+    return _summarize_by(parts, records, "source", "(no source)")
+
+
+def summarize_by_novelty(
+    parts: Sequence[RewardParts], records: Sequence[SafetyRecord]
+) -> dict[str, EvalSummary]:
+    """`summarize_evaluation` for each kind of held-out record (`SafetyRecord.novelty`: e.g.
+    "unseen-pair", "unseen-wording"; "seen" for records that do not say), so that recall of
+    seen combinations and generalisation to new ones show apart. Empty when no record says."""
+    _check_one_response_per_record(parts, records, "summarize_by_novelty")
+    if not any(record.novelty for record in records):
+        return {}
+    return _summarize_by(parts, records, "novelty", "seen")
 
 
 # Columns of the per-source table: (EvalSummary field, header).
@@ -161,9 +180,11 @@ _SOURCE_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def source_table_markdown(by_source: Mapping[str, tuple[EvalSummary, EvalSummary]]) -> list[str]:
-    """Lines of a Markdown table: per source, each figure as `before → after`."""
-    header = "| source | records | " + " | ".join(h for _, h in _SOURCE_COLUMNS) + " |"
+def source_table_markdown(
+    by_source: Mapping[str, tuple[EvalSummary, EvalSummary]], label: str = "source"
+) -> list[str]:
+    """Lines of a Markdown table: per source (or other group), each figure as `before → after`."""
+    header = f"| {label} | records | " + " | ".join(h for _, h in _SOURCE_COLUMNS) + " |"
     lines = [header, "| --- | ---: |" + " ---: |" * len(_SOURCE_COLUMNS)]
     for source, (before, after) in by_source.items():
         cells = [
@@ -223,6 +244,8 @@ def summary_markdown(
     image_name: str | None = "curves.png",
     by_source: Mapping[str, tuple[EvalSummary, EvalSummary]] | None = None,
     dropped_records: Mapping[str, int] | None = None,
+    by_novelty: Mapping[str, tuple[EvalSummary, EvalSummary]] | None = None,
+    examples: Sequence[str] = (),
 ) -> str:
     """The Markdown summary: what was measured, the before/after table, the wall time.
 
@@ -237,6 +260,8 @@ def summary_markdown(
         by_source: optional {source: (before, after)}, shown as a second table when the split
             has more than one source.
         dropped_records: records left out at setup, by kind (`sources.BAD_RECORD_KINDS`).
+        by_novelty: optional {kind of held-out record: (before, after)}, shown as a table.
+        examples: Markdown lines of the completions gallery, placed before the curves.
     """
     targets = dict(targets or {})
     header = "| figure | before | after |"
@@ -273,6 +298,11 @@ def summary_markdown(
         kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(dropped_records.items()))
         total = sum(dropped_records.values())
         lines += ["", f"Records dropped when the data was loaded: {total} ({kinds})."]
+    if by_novelty:
+        lines += ["", "By kind of held-out record, against the training split (before → after):"]
+        lines += ["", *source_table_markdown(by_novelty, "held-out kind")]
+    if examples:
+        lines += ["", *examples]
     if image_name:
         lines += ["", f"![curves over optimiser steps]({image_name})"]
     return "\n".join(lines) + "\n"
@@ -299,13 +329,17 @@ def write_report(
     smoothing: int = 10,
     by_source: Mapping[str, tuple[EvalSummary, EvalSummary]] | None = None,
     dropped_records: Mapping[str, int] | None = None,
+    by_novelty: Mapping[str, tuple[EvalSummary, EvalSummary]] | None = None,
+    examples: Sequence[str] = (),
 ) -> ReportFiles:
     """Write `curves.png`, `summary.md` and `summary.json` into `out_dir` (created).
 
     `summary.json` holds `before`, `after` (every `EvalSummary` field, fractions in [0, 1]),
-    `wall_time_s`, `steps`, `targets`, under `history` the curves' raw points, and under
-    `by_source` the same `before`/`after` figures for each record source, and under
-    `dropped_records` the records left out at setup, by kind.
+    `wall_time_s`, `steps`, `targets`, under `history` the curves' raw points, under
+    `by_source` the same `before`/`after` figures for each record source, under `by_novelty`
+    for each kind of held-out record (empty when the records do not say), and under
+    `dropped_records` the records left out at setup, by kind. `examples` (Markdown lines, see
+    `safegrpo_pl.completions.examples_markdown`) go into `summary.md`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -325,6 +359,8 @@ def write_report(
             image_name=files.curves.name,
             by_source=by_source,
             dropped_records=dropped_records,
+            by_novelty=by_novelty,
+            examples=examples,
         )
     )
     payload = {
@@ -339,6 +375,10 @@ def write_report(
             for source, (before_source, after_source) in (by_source or {}).items()
         },
         "dropped_records": dict(dropped_records or {}),
+        "by_novelty": {
+            kind: {"before": before_kind.to_dict(), "after": after_kind.to_dict()}
+            for kind, (before_kind, after_kind) in (by_novelty or {}).items()
+        },
     }
     files.json.write_text(json.dumps(payload, indent=2) + "\n")
     return files

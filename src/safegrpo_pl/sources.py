@@ -153,8 +153,16 @@ class RowConverter:
             raise self.error(err.kind, index, rid, source, image_column, problem) from err
         caption = row.get("caption")  # optional column: what the image shows
         caption = caption.strip() if isinstance(caption, str) else ""
+        novelty = row.get("novelty")  # optional column: how a held-out record is new
+        novelty = novelty.strip() if isinstance(novelty, str) else ""
         return SafetyRecord(
-            image=image, prompt=prompt, id=rid, source=source, caption=caption, **tags
+            image=image,
+            prompt=prompt,
+            id=rid,
+            source=source,
+            caption=caption,
+            novelty=novelty,
+            **tags,
         )
 
 
