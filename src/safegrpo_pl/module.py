@@ -32,23 +32,15 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
-from safegrpo_pl.aggregation import aggregation_normalizer
 from safegrpo_pl.checkpoints import read_extras, write_extras
 from safegrpo_pl.distributed import (
     advantages_over_ranks,
     check_equal_across_ranks,
-    data_parallel_size,
-    global_normalizer,
     global_seed,
-    gradient_scale,
     sampling_generator,
-    sum_over_ranks,
-    sync_loss_stats,
 )
-from safegrpo_pl.grpo import LossSettings, grpo_loss
+from safegrpo_pl.grpo import LossSettings
 from safegrpo_pl.grpo_step import (
-    completion_rows,
-    gradient_norm,
     loss_mask,
     mean_over_steps,
     prediction_rows,
@@ -57,17 +49,17 @@ from safegrpo_pl.grpo_step import (
     rollout_figures,
 )
 from safegrpo_pl.inputs import PromptBatch, PromptEncoder
-from safegrpo_pl.loss_stats import LossStats
 from safegrpo_pl.metrics import build_safety_metrics, loggable_values, metric_inputs
 from safegrpo_pl.model import PolicySettings
-from safegrpo_pl.nonfinite import NonFiniteGuard, nonfinite_names
+from safegrpo_pl.nonfinite import NonFiniteGuard
 from safegrpo_pl.optim import OptimizerPlan
 from safegrpo_pl.policy_runner import PolicyRunner
+from safegrpo_pl.policy_update import PolicyUpdate
 from safegrpo_pl.precision import DTYPES, check_trainable_dtype
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
 from safegrpo_pl.sampling import Rollout, SamplingSettings
-from safegrpo_pl.sharding import clip_sharded_gradients, is_sharded, shard_models
+from safegrpo_pl.sharding import shard_models
 from safegrpo_pl.shards import counted
 from safegrpo_pl.timing import StepTimer
 from safegrpo_pl.warmup import WarmupSettings, already_warmed_up, warmed_up_path
@@ -75,7 +67,7 @@ from safegrpo_pl.warmup import WarmupSettings, already_warmed_up, warmed_up_path
 log = logging.getLogger(__name__)
 
 
-class SafeGRPOModule(LightningModule):
+class SafeGRPOModule(PolicyUpdate, LightningModule):
     """SafeGRPO: group-relative policy optimisation with rule-based safety rewards.
 
     Args:
@@ -273,141 +265,6 @@ class SafeGRPOModule(LightningModule):
         return self.runner.frozen_logprobs(
             batch, rollout, reference=reference, temperature=temperature, skip=skip
         )
-
-    def optimise(
-        self,
-        batch: PromptBatch,
-        rollout: Rollout,
-        advantages: Tensor,
-        old_logp: Tensor | None,
-        ref_logp: Tensor | None,
-        prompts: Sequence[int],
-        fresh: bool = False,
-        mask: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """One optimiser step on the mini-batch of `prompts` (whole groups), micro-batched.
-
-        `fresh`: the weights are still the sampling policy's, so the forward's own log-probs
-        are the old ones (written into `old_logp` for later passes). `mask` (N, T) picks the
-        tokens the loss counts (default: the completions'). The step is skipped, on every rank
-        together, when the loss, the gradients, the advantages or the log-probs are not finite.
-        """
-        optimizer = self.optimizers()
-        mask = rollout.completion_mask if mask is None else mask
-        mini_mask = mask[completion_rows(prompts, rollout.group_size)]
-        # The mini-batch's denominator, shared by its micro-batches: any micro-batch size gives
-        # the same gradient (docs/method.md section 4).
-        # ... over all ranks: each rank's loss is then its share of the global sum.
-        normalizer = global_normalizer(
-            aggregation_normalizer(
-                self.loss_settings.aggregation, mini_mask, self.sampling.max_new_tokens
-            )
-        )
-        optimizer.zero_grad()
-        loss_total, merged, finite_logp = None, None, True
-        micro_size = self.micro_batch_size or len(prompts)
-        for start in range(0, len(prompts), micro_size):
-            micro = list(prompts[start : start + micro_size])
-            loss, stats, logp_ok = self._micro_step(
-                batch, rollout, advantages, old_logp, ref_logp, micro, normalizer, fresh, mask
-            )
-            # micro-batch losses and statistics add up to the mini-batch's
-            loss_total = loss if loss_total is None else loss_total + loss
-            merged = stats if merged is None else merged.merge(stats)
-            finite_logp = finite_logp and logp_ok
-        with self.timer.phase("optimizer"):
-            grad_norm = self._clip_gradients(optimizer, clip=False)
-            if self._skip_step(loss_total, grad_norm, advantages, finite_logp):
-                optimizer.zero_grad()
-            else:
-                self._clip_gradients(optimizer, clip=True)
-                optimizer.step()
-                schedule = self.lr_schedulers()
-                if schedule is not None:
-                    schedule.step()  # manual optimisation: Lightning leaves this to us
-        loss_total = sum_over_ranks(loss_total).to(loss_total)  # the global mini-batch's loss
-        return self._step_figures(loss_total, sync_loss_stats(merged), grad_norm)
-
-    def _clip_gradients(self, optimizer: Any, *, clip: bool) -> Tensor:
-        """The global gradient norm before clipping; with `clip`, clip to `max_grad_norm`.
-
-        Sharded (FSDP2) gradients are measured and clipped with torch's `clip_grad_norm_`,
-        which reduces the norm over the shards (Lightning's precision plugins refuse to clip
-        them); replicated ones through Lightning, which also unscales mixed-precision
-        gradients first.
-        """
-        if is_sharded(self.policy):
-            limit = self.max_grad_norm if clip else float("inf")
-            return clip_sharded_gradients(self.policy.parameters(), limit)
-        grad_norm = gradient_norm(self.policy.parameters())
-        if clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-            )
-        return grad_norm
-
-    def _skip_step(
-        self, loss: Tensor, grad_norm: Tensor, advantages: Tensor, logp_ok: bool
-    ) -> bool:
-        """Whether something was not finite, on any process (all skip together, so the
-        replicas stay equal); raises after too many such steps in a row."""
-        values = {"loss": loss, "grad_norm": grad_norm, "advantages": advantages}
-        agree = self.trainer.strategy.reduce_boolean_decision if self._trainer else None
-        return self.guard.check(self.global_step + 1, values, logp_ok, agree)
-
-    def _micro_step(
-        self,
-        batch: PromptBatch,
-        rollout: Rollout,
-        advantages: Tensor,
-        old_logp: Tensor | None,
-        ref_logp: Tensor | None,
-        micro: list[int],
-        normalizer: float,
-        fresh: bool = False,
-        mask: Tensor | None = None,
-    ) -> tuple[Tensor, LossStats, bool]:
-        """Forward and backward of one micro-batch; returns its detached loss and statistics,
-        and whether its log-probs (old and reference too) were finite."""
-        rows = completion_rows(micro, rollout.group_size)
-        tokens = rollout.completion_mask[rows]
-        width = int(tokens.sum(1).max().item()) or 1
-        tokens, ids = tokens[:, :width], rollout.completion_ids[rows, :width]
-        loss_tokens = tokens if mask is None else mask[rows, :width]  # a subset of `tokens`
-        with self.timer.phase("policy_forward_backward"):
-            logp = self.runner.logprobs(
-                self.policy, batch.select(micro), ids, tokens, self.sampling.temperature
-            )
-            if old_logp is None or fresh:
-                old = logp.detach()
-                if old_logp is not None:
-                    old_logp[rows, :width] = old
-            else:
-                old = old_logp[rows, :width]
-            ref = None if ref_logp is None else ref_logp[rows, :width]
-            loss, stats = grpo_loss(
-                logp,
-                old,
-                ref,
-                advantages[rows],
-                loss_tokens,
-                **self.loss_settings.kwargs(),
-                kl_coef=self.kl_coef,
-                loss_normalizer=normalizer,
-                max_completion_length=self.sampling.max_new_tokens,
-            )
-            # DDP and FSDP average gradients over ranks; the loss is a share of a global sum.
-            self.manual_backward(loss * gradient_scale(data_parallel_size(self._trainer)))
-        counted = loss_tokens.bool()
-        used = [logp.detach(), old] + ([] if ref is None else [ref])
-        logp_ok = not nonfinite_names({str(i): t[counted] for i, t in enumerate(used)})
-        return loss.detach(), stats, logp_ok
-
-    @staticmethod
-    def _step_figures(loss: Tensor, stats: LossStats, grad_norm: Tensor) -> dict[str, Tensor]:
-        figures = {"loss": loss, **stats.as_dict(), "grad_norm": grad_norm}
-        figures.pop("num_tokens")
-        return figures
 
     # -- Lightning hooks ------------------------------------------------------------------
 
