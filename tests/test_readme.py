@@ -97,6 +97,7 @@ def _readme_commands() -> list[str]:
     """Every `.venv/bin/python ...` line in the README's bash blocks, without comments."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README, re.DOTALL):
+        block = block.replace("\\\n", " ")  # a command continued on the next line
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
             if line.startswith(".venv/bin/python -m safegrpo_pl"):
