@@ -7,15 +7,14 @@ the test, never block the suite. Lightning's launcher starts rank 1 in the same 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import run_in_own_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_run.py"
@@ -34,25 +33,11 @@ def run_ranks(out: Path, model: Path, *args: str, timeout: float = TIMEOUT_S) ->
 def run_killable(args: list[str], timeout: float = TIMEOUT_S) -> str:
     """`python ARGS` in a session of its own; kill the whole group after `timeout`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, *args]
-    proc = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
     try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(args)} hung for {timeout} s and was killed:\n{output[-4000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # a rank a crashed launcher left
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{output[-6000:]}"
+        returncode, output = run_in_own_group([sys.executable, *args], env, timeout)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"{' '.join(args)} hung for {timeout} s and was killed:\n{hung.output[-4000:]}")
+    assert returncode == 0, f"run failed ({returncode}):\n{output[-6000:]}"
     return output
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import run_in_own_group
 
 pytestmark = pytest.mark.slow
 
@@ -89,21 +90,8 @@ def run_cli(
     paths = [str(here.parent / "src"), str(here), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     command = [sys.executable, "-m", "safegrpo_pl", "fit", "--config", str(config), *extra]
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except BaseException:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(command, process.returncode, output, "")
+    returncode, output = run_in_own_group(command, env, timeout)
+    return subprocess.CompletedProcess(command, returncode, output, "")
 
 
 def _free_port() -> int:
