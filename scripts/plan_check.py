@@ -38,7 +38,8 @@ from torch._C._profiler import _EventType
 from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.model import LoraSettings, PolicySettings
 from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.plan import RunShape, estimate, model_dims
+from safegrpo_pl.plan import RunShape, estimate
+from safegrpo_pl.plan_dims import model_dims
 from safegrpo_pl.sampling import SamplingSettings
 
 MIB = 2**20

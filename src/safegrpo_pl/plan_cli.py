@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from safegrpo_pl.plan import GIB, MemoryPlan, ModelDims, RunShape, estimate, model_dims
+from safegrpo_pl.plan import GIB, MemoryPlan, RunShape, estimate
+from safegrpo_pl.plan_dims import ModelDims, model_dims
 
 log = logging.getLogger(__name__)
 
