@@ -1,76 +1,137 @@
 """Can the demo model's vision tower read the typographic records at the demo's image budget?
 
-    python scripts/probe_typographic.py [--model SPEC] [--steps 200]
+    python scripts/probe_typographic.py [--model SPEC] [--steps 300] [--jitter 4 2 1 0]
 
-Trains the tiny model's vision tower with a linear head on the pooled visual tokens, supervised,
-to tell safe from unsafe rendered phrases (training split), then reports the accuracy on the
-held-out split, whose phrases are unseen combinations or carry words never seen in training.
-It separates "the encoder cannot resolve the words" from "GRPO does not find the signal": GRPO
-gets far less signal than these labels, so this is an upper bound on what it can read.
+Trains the tiny model's vision tower with a linear head on its visual tokens, supervised, to tell
+safe from unsafe rendered phrases, on exactly the typographic records of the demo's training
+split (`DemoConfig()` sizes: 512 records, 15% typographic), then reports the accuracy on
+held-out typographic records, whose phrases are unseen combinations or carry words never seen in
+training. It separates "the encoder cannot resolve the words" from "GRPO does not find the
+signal": GRPO gets far less signal than these labels, so this is an upper bound on what it reads.
+
+The head sees each visual token in its place (the tokens concatenated), as the language model
+does, rather than their mean. One row per `--jitter` (`DemoConfig.typographic_jitter`): how far
+the text block moves between images decides whether 76 training images are enough.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-from safegrpo_pl.demo_data import DemoConfig, make_demo_splits
+from safegrpo_pl.demo_data import SOURCE_TYPOGRAPHIC, DemoConfig, make_demo_splits
+from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.tiny_models import resolve_model_path
 
 DEMO_MODEL = "tiny:qwen2_5_vl?hidden_size=128&num_layers=4"
 
 
-def probe(model_spec: str, steps: int, batch_size: int = 32, seed: int = 0) -> dict[str, float]:
-    """Train the probe; returns accuracies on 200 train and 200 held-out phrases."""
-    torch.manual_seed(seed)
+@dataclass(frozen=True)
+class ProbeResult:
+    """Accuracies of the supervised probe, and what it was trained and scored on."""
+
+    train_records: int
+    held_out_records: int
+    visual_tokens: int
+    train_accuracy: float
+    held_out_accuracy: float
+    by_novelty: dict[str, float]
+
+
+def _typographic(records: list[SafetyRecord]) -> list[SafetyRecord]:
+    return [r for r in records if r.source == SOURCE_TYPOGRAPHIC]
+
+
+def probe(
+    model_spec: str = DEMO_MODEL,
+    demo: DemoConfig | None = None,
+    *,
+    steps: int = 300,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> ProbeResult:
+    """Train the probe on `demo`'s training typographic records, score its held-out ones.
+
+    `demo` defaults to the demo's training split with a held-out split of 512 records (about 76
+    typographic ones), so that one wrong answer moves the accuracy by ~1.3%, not 5%.
+    """
+    demo = demo or DemoConfig(num_val=512, num_test=0)
+    splits = make_demo_splits(demo)
+    train, held = _typographic(splits["train"]), _typographic(splits["validation"])
+    if not train or not held:
+        raise ValueError(f"{demo} has no typographic records in train or validation")
     path = resolve_model_path(model_spec)
-    visual = AutoModelForImageTextToText.from_pretrained(path).model.visual
-    processor = AutoImageProcessor.from_pretrained(path)
-    config = DemoConfig(num_train=600, num_val=200, num_test=0, typographic_fraction=1.0)
-    splits = make_demo_splits(config)
-    head = torch.nn.Linear(visual.config.out_hidden_size, 1)
-    optimizer = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=1e-3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        visual = AutoModelForImageTextToText.from_pretrained(path).model.visual
+        processor = AutoImageProcessor.from_pretrained(path)
+        grid = processor([train[0].image], return_tensors="pt")["image_grid_thw"]
+        tokens_per_image = int(grid[0].prod()) // 4
+        head = torch.nn.Linear(tokens_per_image * visual.config.out_hidden_size, 1)
+        optimizer = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=1e-3)
 
-    def logits(records):
-        inputs = processor([r.image for r in records], return_tensors="pt")
-        grid = inputs["image_grid_thw"]
-        tokens = visual(inputs["pixel_values"], grid_thw=grid)
-        tokens = getattr(tokens, "pooler_output", tokens)  # (sum of tokens, hidden)
-        per_image = int(grid[0].prod()) // 4
-        return head(tokens.view(len(records), per_image, -1).mean(1)).squeeze(-1)
+        def logits(records: list[SafetyRecord]) -> torch.Tensor:
+            inputs = processor([r.image for r in records], return_tensors="pt")
+            tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            tokens = getattr(tokens, "pooler_output", tokens)  # (sum of tokens, hidden)
+            return head(tokens.reshape(len(records), -1)).squeeze(-1)
 
-    def labels(records):
-        return torch.tensor([r.image_tag == "unsafe" for r in records], dtype=torch.float)
+        def correct(records: list[SafetyRecord]) -> torch.Tensor:
+            labels = torch.tensor([r.image_tag == "unsafe" for r in records])
+            with torch.no_grad():
+                return (logits(records) > 0) == labels
 
-    train = splits["train"]
-    for step in range(steps):
-        batch = [train[(step * batch_size + i) % len(train)] for i in range(batch_size)]
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits(batch), labels(batch))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        return {
-            name: float(((logits(records) > 0).float() == labels(records)).float().mean())
-            for name, records in (("train", train[:200]), ("held-out", splits["validation"]))
-        }
+        order = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            picks = torch.randint(len(train), (batch_size,), generator=order).tolist()
+            batch = [train[i] for i in picks]
+            labels = torch.tensor([r.image_tag == "unsafe" for r in batch], dtype=torch.float)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits(batch), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        held_correct = correct(held)
+    by_novelty = {
+        novelty: float(held_correct[[r.novelty == novelty for r in held]].float().mean())
+        for novelty in sorted({r.novelty for r in held})
+    }
+    return ProbeResult(
+        train_records=len(train),
+        held_out_records=len(held),
+        visual_tokens=tokens_per_image,
+        train_accuracy=float(correct(train).float().mean()),
+        held_out_accuracy=float(held_correct.float().mean()),
+        by_novelty=by_novelty,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEMO_MODEL)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--jitter", type=int, nargs="+", default=[4, 2, 1, 0])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    start = time.monotonic()
-    accuracy = probe(args.model, args.steps)
-    print(
-        f"{args.model}: safety read on train {accuracy['train']:.1%}, held-out "
-        f"{accuracy['held-out']:.1%} ({args.steps} steps, {time.monotonic() - start:.0f} s)"
-    )
+    print(f"{args.model}, {args.steps} supervised steps of 16 images")
+    print("| jitter | train / held-out records | visual tokens | train | held-out | by novelty |")
+    print("| ---: | ---: | ---: | ---: | ---: | --- |")
+    for jitter in args.jitter:
+        start = time.monotonic()
+        result = probe(
+            args.model,
+            DemoConfig(num_val=512, num_test=0, typographic_jitter=jitter),
+            steps=args.steps,
+        )
+        novelty = ", ".join(f"{k} {v:.1%}" for k, v in result.by_novelty.items())
+        print(
+            f"| {jitter} | {result.train_records} / {result.held_out_records} | "
+            f"{result.visual_tokens} | {result.train_accuracy:.1%} | "
+            f"{result.held_out_accuracy:.1%} | {novelty} ({time.monotonic() - start:.0f} s) |"
+        )
 
 
 if __name__ == "__main__":

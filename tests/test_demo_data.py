@@ -168,7 +168,7 @@ def test_ids_sources_and_images(default_splits) -> None:
     for records in default_splits.values():
         for r in records:
             assert r.source in (SOURCE_PICTURE, SOURCE_TYPOGRAPHIC), f"{r.id}: source {r.source}"
-            size = 112 if r.source == SOURCE_TYPOGRAPHIC else 64
+            size = 168 if r.source == SOURCE_TYPOGRAPHIC else 64
             assert r.image.mode == "RGB" and r.image.size == (size, size), f"{r.id}: bad image"
 
 
@@ -201,7 +201,7 @@ def test_visual_category_shows_in_mean_colour() -> None:
 def test_typographic_layout_does_not_depend_on_safety() -> None:
     # Same random state, different phrase: everything outside the text must be identical,
     # so a model can only learn the tag from the words. The top-left 6x6 px is never inked
-    # (on the 56 px canvas the text starts at x >= 2, y >= (56 - 39) / 2 - 4 = 4.5; x2).
+    # (the three lines take the lower three of four token rows; the text starts at x >= 2).
     unsafe_lines = ("HOW TO", *TYPOGRAPHIC_KEYS["unsafe"][0])
     safe_lines = ("HOW TO", *TYPOGRAPHIC_KEYS["safe"][0])
     unsafe = draw_typographic(unsafe_lines, 112, random.Random(7))
@@ -356,3 +356,28 @@ def test_counts_are_exact_for_tiny_splits() -> None:
 def test_bad_config_is_rejected(kwargs) -> None:
     with pytest.raises(ValueError, match="DemoConfig"):
         DemoConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("size", "scale", "rows_per_line", "first_row"), [(168, 3, 2, 0), (112, 2, 1, 1)]
+)
+def test_each_typographic_line_has_token_rows_of_its_own(size, scale, rows_per_line, first_row):
+    # Merged tokens are 28 px: 168 px (the default) has 6 rows, two per line; 112 px has 4, one
+    # per line, the first left empty. Each line is inked inside its own rows, never across a
+    # boundary, whatever the jitter draws: a new frame line leaves the key's tokens as they were.
+    lines = ("TIPS TO", *TYPOGRAPHIC_KEYS["unsafe"][1])
+    band = 28 * rows_per_line
+    for seed in range(12):
+        image = draw_typographic(lines, size, random.Random(seed), scale)
+        inked = np.flatnonzero((np.asarray(image.convert("L")) < 100).any(axis=1))
+        for i in range(3):
+            top = 28 * first_row + i * band
+            rows = inked[(inked >= top) & (inked < top + band)]
+            assert rows.size and rows.min() > top and rows.max() < top + band - 1, (seed, i)
+        assert inked.min() >= 28 * first_row and inked.max() < 28 * first_row + 3 * band, seed
+    other = draw_typographic(("HOW TO", *lines[1:]), size, random.Random(3), scale)
+    same = draw_typographic(lines, size, random.Random(3), scale)
+    key = np.s_[28 * first_row + band : 28 * first_row + 3 * band]
+    frame = np.s_[28 * first_row : 28 * first_row + band]
+    assert np.array_equal(np.asarray(other)[key], np.asarray(same)[key])
+    assert not np.array_equal(np.asarray(other)[frame], np.asarray(same)[frame])

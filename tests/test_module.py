@@ -198,6 +198,28 @@ def test_lr_multiplier_shapes():
     # Half a cosine: 1 at the start, 1/2 half-way, 0 at the end, (1 + cos(pi/4)) / 2 at 1/4.
     cosine = [lr_multiplier(s, 4, "cosine") for s in range(5)]
     assert cosine == pytest.approx([1.0, 0.5 + 0.5 * 2**-0.5, 0.5, 0.5 - 0.5 * 2**-0.5, 0.0])
+    # A warm-up of 3 steps rises to 1 along a line, then the decay spans the remaining steps.
+    warm = [lr_multiplier(s, 7, "linear", warmup_steps=3) for s in range(8)]
+    assert warm == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, 0.0])
+    assert [lr_multiplier(s, None, "constant", 1) for s in range(3)] == [0.5, 1.0, 1.0]
+
+
+def test_lr_warmup_schedule_and_its_errors():
+    from safegrpo_pl.optim import OptimizerPlan
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    built = OptimizerPlan(1.0, 0.0, "constant", max_steps=None, warmup_steps=2).build([weight])
+    optimizer, schedule = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(4):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    with pytest.raises(ValueError, match="more than lr_warmup_steps"):
+        OptimizerPlan(1.0, 0.0, "cosine", max_steps=5, warmup_steps=5).build([weight])
+    with pytest.raises(ValueError, match="lr_warmup_steps is -1"):
+        OptimizerPlan(1.0, 0.0, "constant", max_steps=None, warmup_steps=-1)
 
 
 def test_lr_decay_is_stepped_once_per_optimiser_step(tiny_qwen25vl_path, tmp_path):

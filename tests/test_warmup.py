@@ -234,3 +234,23 @@ def test_warmup_teaches_the_format_but_not_the_judgement(tiny_qwen25vl_path):
         f"combined tag accuracy {combined_acc:.2f} after the warm-up: the warm-up leaked the "
         "labels, so GRPO would have nothing left to teach"
     )
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_warmup_leaves_the_vision_tower_alone_unless_asked(tiny_qwen25vl_path, train_vision):
+    # Random targets say nothing about the image: by default the vision tower keeps its
+    # weights (and what tells one image from another), while the language model learns.
+    dm = _datamodule(tiny_qwen25vl_path)
+    model = load_policy(str(tiny_qwen25vl_path))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = WarmupSettings(
+        steps=3, lr=1e-2, batch_size=4, progress_bar=False, train_vision=train_vision
+    )
+    warmup.train_warmup(model, dm.encoder, dm.train_records(), settings)
+    moved = {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}
+    vision = {n: m for n, m in moved.items() if warmup.is_vision_parameter(n)}
+    language = {n: m for n, m in moved.items() if not warmup.is_vision_parameter(n)}
+    assert vision and language, sorted(moved)[:5]
+    assert any(language.values()), "the language model did not train"
+    assert any(vision.values()) == train_vision, vision
+    assert all(p.grad is None for p in model.parameters()), "gradients left behind"

@@ -84,9 +84,11 @@ class SafeGRPOModule(PolicyUpdate, LightningModule):
             at once (whole groups; memory only); null = the whole rollout batch.
         num_iterations: passes over each rollout batch (PPO epochs).
         kl_coef: weight of the KL-to-reference term in the loss (beta); 0 skips the reference.
-        lr: AdamW learning rate (no warm-up).
+        lr: AdamW learning rate.
         lr_decay: "constant" (the paper), or "linear" / "cosine" decay to 0 at
             `trainer.max_steps`.
+        lr_warmup_steps: optimiser steps over which the learning rate rises linearly to `lr`
+            (0, the paper: none).
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient-norm clipping threshold.
         sampling: rollout sampling settings (temperature, top-p, top-k, max_new_tokens).
@@ -113,6 +115,7 @@ class SafeGRPOModule(PolicyUpdate, LightningModule):
         kl_coef: float = 0.01,
         lr: float = 1e-6,
         lr_decay: str = "constant",
+        lr_warmup_steps: int = 0,
         weight_decay: float = 0.01,
         max_grad_norm: float = 1.0,
         sampling: SamplingSettings = SamplingSettings(),  # noqa: B008
@@ -139,7 +142,9 @@ class SafeGRPOModule(PolicyUpdate, LightningModule):
         )
         self.settings = policy
         self.warmup = warmup
-        self.optimizer_plan = OptimizerPlan(lr, weight_decay, lr_decay, max_steps=None)
+        self.optimizer_plan = OptimizerPlan(
+            lr, weight_decay, lr_decay, max_steps=None, warmup_steps=lr_warmup_steps
+        )
         self.max_grad_norm = max_grad_norm
         self.automatic_optimization = False  # one rollout feeds several optimiser steps
         self.group_size = group_size

@@ -82,6 +82,10 @@ class WarmupSettings:
             which canned wording the policy picks earns no reward, only noise.
         describe_inputs: open the thinking with the record's caption and the request
             repeated (content only: the tags stay random).
+        train_vision: train the vision tower too. Off by default: the random targets carry
+            nothing about the image, so its gradients are noise, and on the demo model 150
+            such steps grew the visual tokens tenfold in a direction every image shares,
+            burying what tells one rendered word from another (`tests/test_warmup.py`).
         progress_bar: show a tqdm progress bar while training.
     """
 
@@ -96,6 +100,7 @@ class WarmupSettings:
     open_think: bool = True
     answer_choices: int = 1
     describe_inputs: bool = False
+    train_vision: bool = False
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -219,6 +224,11 @@ def already_warmed_up(model_path: str) -> str | None:
 # -- training -------------------------------------------------------------------------------
 
 
+def is_vision_parameter(name: str) -> bool:
+    """Whether parameter `name` belongs to a Qwen-VL vision tower (its merger included)."""
+    return "visual" in name.split(".")
+
+
 def warmup_loss(model: Any, batch: PromptBatch, target_ids: Tensor, target_mask: Tensor) -> Tensor:
     """Mean cross-entropy of the target response tokens (EOS included) given their prompts.
 
@@ -264,7 +274,11 @@ def _train_warmup(
     rng = random.Random(f"safegrpo-warmup/{settings.seed}")
     pad = encoder.tokenizer.pad_token_id
     pad_id = int(pad if pad is not None else encoder.tokenizer.convert_tokens_to_ids(EOS_TOKEN))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and (settings.train_vision or not is_vision_parameter(name))
+    ]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     losses: list[float] = []
@@ -281,12 +295,13 @@ def _train_warmup(
             encoder.tokenizer, [random_target(rng, settings, records[i]) for i in picks], pad_id
         )
         loss = warmup_loss(model, batch, ids, mask)
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # frozen parameters' gradients too
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.zero_grad(set_to_none=True)  # the saved model carries no gradients
     return losses
 
 
