@@ -1,6 +1,7 @@
 """Can the demo model's vision tower read the typographic records at the demo's image budget?
 
     python scripts/probe_typographic.py [--model SPEC] [--steps 300] [--jitter 4 2 1 0]
+    python scripts/probe_typographic.py --spread MODEL_DIR [MODEL_DIR ...]
 
 Trains the tiny model's vision tower with a linear head on its visual tokens, supervised, to tell
 safe from unsafe rendered phrases, on exactly the typographic records of the demo's training
@@ -8,6 +9,11 @@ split (`DemoConfig()` sizes: 512 records, 15% typographic), then reports the acc
 held-out typographic records, whose phrases are unseen combinations or carry words never seen in
 training. It separates "the encoder cannot resolve the words" from "GRPO does not find the
 signal": GRPO gets far less signal than these labels, so this is an upper bound on what it reads.
+
+`--spread` measures, without training, what a model's visual tokens carry: their mean norm,
+and the share of the mean visual token's variance over the training typographic images that
+lies between phrases (the rest is within a phrase: noise, shades, jitter). A warm-up that trains
+the vision tower on random targets can be compared with one that does not.
 
 The head sees each visual token in its place (the tokens concatenated), as the language model
 does, rather than their mean. One row per `--jitter` (`DemoConfig.typographic_jitter`): how far
@@ -109,13 +115,47 @@ def probe(
     )
 
 
+def phrase_spread(model_path: str, demo: DemoConfig | None = None) -> dict[str, float]:
+    """Mean visual-token norm, and the between-phrase variance of the mean visual token as a
+    share of its mean squared norm, over `demo`'s training typographic images."""
+    records = _typographic(make_demo_splits(demo or DemoConfig(num_val=0, num_test=0))["train"])
+    model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
+    processor = AutoImageProcessor.from_pretrained(model_path)
+    inputs = processor([r.image for r in records], return_tensors="pt")
+    with torch.no_grad():
+        tokens = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    tokens = getattr(tokens, "pooler_output", tokens)  # (sum of tokens, hidden)
+    tokens = tokens.reshape(len(records), int(inputs["image_grid_thw"][0].prod()) // 4, -1)
+    means = tokens.mean(1)  # (records, hidden)
+    phrases: dict[str, list[torch.Tensor]] = {}
+    for record, mean in zip(records, means, strict=True):
+        phrases.setdefault(record.caption, []).append(mean)
+    centres = torch.stack([torch.stack(v).mean(0) for v in phrases.values()])
+    between = float(centres.var(0, unbiased=False).sum())
+    return {
+        "token_norm": float(tokens.norm(dim=-1).mean()),
+        "between_phrase_share": between / float(means.pow(2).sum(-1).mean()),
+        "phrases": float(len(phrases)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEMO_MODEL)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--jitter", type=int, nargs="+", default=[4, 2, 1, 0])
+    parser.add_argument("--spread", nargs="+", metavar="MODEL_DIR", help="measure these models")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.spread:
+        for path in args.spread:
+            spread = phrase_spread(resolve_model_path(path))
+            print(
+                f"{path}: visual token norm {spread['token_norm']:.3f}, between-phrase share of "
+                f"the mean token {spread['between_phrase_share']:.3%} "
+                f"({spread['phrases']:.0f} phrases)"
+            )
+        return
     print(f"{args.model}, {args.steps} supervised steps of 16 images")
     print("| jitter | train / held-out records | visual tokens | train | held-out | by novelty |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")
