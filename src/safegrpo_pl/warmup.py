@@ -84,8 +84,9 @@ class WarmupSettings:
             repeated (content only: the tags stay random).
         train_vision: train the vision tower too. Off by default: the random targets carry
             nothing about the image, so its gradients are noise, and on the demo model 150
-            such steps grew the visual tokens tenfold in a direction every image shares,
-            burying what tells one rendered word from another (`tests/test_warmup.py`).
+            such steps grew the visual tokens eightfold in a direction every image shares,
+            burying what tells one rendered phrase from another (measured by
+            `scripts/probe_typographic.py --spread`).
         progress_bar: show a tqdm progress bar while training.
     """
 
