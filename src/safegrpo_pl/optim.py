@@ -18,7 +18,8 @@ def lr_multiplier(step: int, total: int | None, kind: str, warmup_steps: int = 0
 
     First `warmup_steps` steps rising along a line to 1 (step `i` at `(i + 1) / (warmup + 1)`),
     then 1 for "constant", 1 -> 0 along a line ("linear") or half a cosine ("cosine") over the
-    remaining steps. The warm-up keeps AdamW's first steps, which move every weight by about
+    remaining steps (a run shorter than its warm-up never reaches the full rate: a short check
+    run of a config keeps the config's schedule). The warm-up keeps AdamW's first steps, which move every weight by about
     the full learning rate whatever the gradient's size, from undoing what a model already
     writes; the decay lets a short run on a random-weight model (the demo) settle instead of
     ending on a large, noisy update.
@@ -60,11 +61,10 @@ class OptimizerPlan:
         if self.lr_decay == "constant" and self.warmup_steps == 0:
             return optimizer
         total, kind, warmup = self.max_steps, self.lr_decay, self.warmup_steps
-        if kind != "constant" and (total is None or total <= warmup):
+        if kind != "constant" and (total is None or total < 1):
             raise ValueError(
-                f"lr_decay={kind!r} decays to 0 at trainer.max_steps, which is "
-                f"{'not set' if total is None else f'{total}'}; it must be more than "
-                f"lr_warmup_steps ({warmup}) (set --trainer.max_steps, or use lr_decay: constant)"
+                f"lr_decay={kind!r} decays to 0 at trainer.max_steps, which is not set "
+                "(set --trainer.max_steps, or use lr_decay: constant)"
             )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, total, kind, warmup)
