@@ -254,3 +254,15 @@ def test_warmup_leaves_the_vision_tower_alone_unless_asked(tiny_qwen25vl_path, t
     assert any(language.values()), "the language model did not train"
     assert any(vision.values()) == train_vision, vision
     assert all(p.grad is None for p in model.parameters()), "gradients left behind"
+
+
+def test_warmup_cache_key_follows_the_demo_drawing_version(tiny_qwen25vl_path, monkeypatch):
+    # The same DemoConfig drawn by newer drawing code is another training set: a warm-up
+    # cached for the old images must not be reused.
+    from safegrpo_pl import data
+
+    dm = _datamodule(tiny_qwen25vl_path)
+    before = dm.warmup_key()
+    monkeypatch.setattr(data, "DRAWING_VERSION", data.DRAWING_VERSION + 1)
+    assert dm.warmup_key() != before
+    assert dm.warmup_key()["demo"]["drawing_version"] == before["demo"]["drawing_version"] + 1

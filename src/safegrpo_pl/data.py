@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from safegrpo_pl.demo_data import DemoConfig
+from safegrpo_pl.demo_data import DRAWING_VERSION, DemoConfig
 from safegrpo_pl.distributed import data_parallel_rank, data_parallel_size
 from safegrpo_pl.prompts import DEFAULT_SAFETY_GUIDE
 from safegrpo_pl.records import SafetyRecord
@@ -271,12 +271,14 @@ class SafeTagDataModule(LightningDataModule):
     def warmup_key(self) -> dict[str, Any]:
         """What identifies the training set for the warm-up's cache, without decoding images.
 
-        The dataset's name, the demo set's config (when it is the demo), the guide, the record
-        cap, the seed and the number of train records: any change trains another warm-up.
+        The dataset's name, the demo set's config and drawing version (when it is the demo),
+        the guide, the record cap, the seed and the number of train records: any change trains
+        another warm-up.
         """
+        demo = {**dataclasses.asdict(self.demo), "drawing_version": DRAWING_VERSION}
         return {
             "dataset": str(self.dataset),
-            "demo": dataclasses.asdict(self.demo) if self.dataset == "demo" else None,
+            "demo": demo if self.dataset == "demo" else None,
             "guide": self.guide,
             "max_records": self.max_records,
             "seed": self.seed,

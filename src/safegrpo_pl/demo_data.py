@@ -120,6 +120,8 @@ _PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
     "benign": ((50, 160, 70), (60, 110, 210), (150, 215, 120)),
 }
 _MAX_REDRAWS = 100
+DRAWING_VERSION = 2
+"""Bump when the same `DemoConfig` draws different images (it keys the warm-up's cache)."""
 TOKEN_ROW = 28
 """Side of one merged visual token of the tiny Qwen2.5-VL, in image pixels (2 x 14 px patches)."""
 
