@@ -54,7 +54,7 @@ from safegrpo_pl.model import PolicySettings
 from safegrpo_pl.nonfinite import NonFiniteGuard
 from safegrpo_pl.optim import OptimizerPlan
 from safegrpo_pl.policy_runner import PolicyRunner
-from safegrpo_pl.policy_update import PolicyUpdate
+from safegrpo_pl.policy_update import PolicyUpdate, ScoredRollout
 from safegrpo_pl.precision import DTYPES, check_trainable_dtype
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardConfig, RewardParts, score_completions
@@ -297,15 +297,12 @@ class SafeGRPOModule(PolicyUpdate, LightningModule):
         if self.kl_coef > 0:
             with self.timer.phase("ref_logprobs"):
                 ref_logp = self.frozen_logprobs(batch, rollout, reference=True)
+        scored = ScoredRollout(batch, rollout, advantages, old_logp, ref_logp, mask)
         step_stats: list[dict[str, Tensor]] = []
         for iteration in range(self.num_iterations):
             for index, prompts in enumerate(minibatches):
                 fresh = iteration == 0 and index == 0
-                step_stats.append(
-                    self.optimise(
-                        batch, rollout, advantages, old_logp, ref_logp, prompts, fresh, mask
-                    )
-                )
+                step_stats.append(self.optimise(scored, prompts, fresh))
         self._log_train(rollout, parts, every_rank, step_stats, len(batch))
 
     def _log_train(

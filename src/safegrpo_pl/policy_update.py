@@ -13,6 +13,7 @@ whose loss, gradients, advantages or log-probs are not finite is skipped on ever
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -34,29 +35,44 @@ from safegrpo_pl.sampling import Rollout
 from safegrpo_pl.sharding import clip_sharded_gradients, is_sharded
 
 
+@dataclass
+class ScoredRollout:
+    """A rollout batch with what every optimiser step over it reads.
+
+    Attributes:
+        batch: the B prompts.
+        rollout: their N = B * G completions.
+        advantages: (N,) one per completion.
+        old_logp: (N, T) the sampling policy's log-probs, or None when the first step's own
+            forward provides them (one step per rollout); filled in by that step otherwise.
+        ref_logp: (N, T) the reference's log-probs, or None without a KL term.
+        mask: (N, T) the tokens the loss counts; None: the completions'.
+    """
+
+    batch: PromptBatch
+    rollout: Rollout
+    advantages: Tensor
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+    mask: Tensor | None = None
+
+
 class PolicyUpdate:
     """The optimiser step of `SafeGRPOModule` (see the module docstring)."""
 
     def optimise(
-        self,
-        batch: PromptBatch,
-        rollout: Rollout,
-        advantages: Tensor,
-        old_logp: Tensor | None,
-        ref_logp: Tensor | None,
-        prompts: Sequence[int],
-        fresh: bool = False,
-        mask: Tensor | None = None,
+        self, scored: ScoredRollout, prompts: Sequence[int], fresh: bool = False
     ) -> dict[str, Tensor]:
         """One optimiser step on the mini-batch of `prompts` (whole groups), micro-batched.
 
         `fresh`: the weights are still the sampling policy's, so the forward's own log-probs
-        are the old ones (written into `old_logp` for later passes). `mask` (N, T) picks the
-        tokens the loss counts (default: the completions'). The step is skipped, on every rank
-        together, when the loss, the gradients, the advantages or the log-probs are not finite.
+        are the old ones (written into `scored.old_logp` for later passes). The step is
+        skipped, on every rank together, when the loss, the gradients, the advantages or the
+        log-probs are not finite.
         """
         optimizer = self.optimizers()
-        mask = rollout.completion_mask if mask is None else mask
+        rollout = scored.rollout
+        mask = rollout.completion_mask if scored.mask is None else scored.mask
         mini_mask = mask[completion_rows(prompts, rollout.group_size)]
         # The mini-batch's denominator, shared by its micro-batches: any micro-batch size gives
         # the same gradient (docs/method.md section 4).
@@ -71,16 +87,14 @@ class PolicyUpdate:
         micro_size = self.micro_batch_size or len(prompts)
         for start in range(0, len(prompts), micro_size):
             micro = list(prompts[start : start + micro_size])
-            loss, stats, logp_ok = self._micro_step(
-                batch, rollout, advantages, old_logp, ref_logp, micro, normalizer, fresh, mask
-            )
+            loss, stats, logp_ok = self._micro_step(scored, micro, normalizer, fresh)
             # micro-batch losses and statistics add up to the mini-batch's
             loss_total = loss if loss_total is None else loss_total + loss
             merged = stats if merged is None else merged.merge(stats)
             finite_logp = finite_logp and logp_ok
         with self.timer.phase("optimizer"):
             grad_norm = self._clip_gradients(optimizer, clip=False)
-            if self._skip_step(loss_total, grad_norm, advantages, finite_logp):
+            if self._skip_step(loss_total, grad_norm, scored.advantages, finite_logp):
                 optimizer.zero_grad()
             else:
                 self._clip_gradients(optimizer, clip=True)
@@ -119,19 +133,16 @@ class PolicyUpdate:
         return self.guard.check(self.global_step + 1, values, logp_ok, agree)
 
     def _micro_step(
-        self,
-        batch: PromptBatch,
-        rollout: Rollout,
-        advantages: Tensor,
-        old_logp: Tensor | None,
-        ref_logp: Tensor | None,
-        micro: list[int],
-        normalizer: float,
-        fresh: bool = False,
-        mask: Tensor | None = None,
+        self, scored: ScoredRollout, micro: list[int], normalizer: float, fresh: bool = False
     ) -> tuple[Tensor, LossStats, bool]:
         """Forward and backward of one micro-batch; returns its detached loss and statistics,
         and whether its log-probs (old and reference too) were finite."""
+        rollout, old_logp, ref_logp, mask = (
+            scored.rollout,
+            scored.old_logp,
+            scored.ref_logp,
+            scored.mask,
+        )
         rows = completion_rows(micro, rollout.group_size)
         tokens = rollout.completion_mask[rows]
         width = int(tokens.sum(1).max().item()) or 1
@@ -139,7 +150,7 @@ class PolicyUpdate:
         loss_tokens = tokens if mask is None else mask[rows, :width]  # a subset of `tokens`
         with self.timer.phase("policy_forward_backward"):
             logp = self.runner.logprobs(
-                self.policy, batch.select(micro), ids, tokens, self.sampling.temperature
+                self.policy, scored.batch.select(micro), ids, tokens, self.sampling.temperature
             )
             if old_logp is None or fresh:
                 old = logp.detach()
@@ -152,7 +163,7 @@ class PolicyUpdate:
                 logp,
                 old,
                 ref,
-                advantages[rows],
+                scored.advantages[rows],
                 loss_tokens,
                 **self.loss_settings.kwargs(),
                 kl_coef=self.kl_coef,
