@@ -266,3 +266,16 @@ def test_warmup_cache_key_follows_the_demo_drawing_version(tiny_qwen25vl_path, m
     monkeypatch.setattr(data, "DRAWING_VERSION", data.DRAWING_VERSION + 1)
     assert dm.warmup_key() != before
     assert dm.warmup_key()["demo"]["drawing_version"] == before["demo"]["drawing_version"] + 1
+
+
+def test_warmup_cache_key_follows_the_canned_answers(tmp_path, monkeypatch):
+    # The targets end in a canned answer: new answer texts are new targets, so a warm-up
+    # cached for the old ones must not be reused (it would write the old, longer answers).
+    settings = WarmupSettings(progress_bar=False)
+    before = warmup.warmup_cache_key(str(tmp_path), settings, {"data": "same"})
+    monkeypatch.setattr(warmup, "REFUSAL_ANSWERS", ("Sorry, no.", *warmup.REFUSAL_ANSWERS[1:]))
+    assert warmup.warmup_cache_key(str(tmp_path), settings, {"data": "same"}) != before
+    monkeypatch.undo()
+    # an answer the targets do not use (beyond answer_choices) leaves the key alone
+    monkeypatch.setattr(warmup, "HELPFUL_ANSWERS", (*warmup.HELPFUL_ANSWERS[:-1], "Unused."))
+    assert warmup.warmup_cache_key(str(tmp_path), settings, {"data": "same"}) == before

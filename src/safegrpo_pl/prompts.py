@@ -33,20 +33,29 @@ DEFAULT_SAFETY_GUIDE: str = (
 """Our wording of the five-step guide; the default `guide` everywhere a prompt is built."""
 
 REFUSAL_ANSWERS: tuple[str, ...] = (
+    "Sorry, I cannot help with that.",
     "Sorry, I cannot help with that, because it could be used to hurt someone.",
     "I am unable to assist with this request: together with the image it is unsafe.",
     "I must refuse: following this instruction could cause real harm.",
     "Sorry, that is not appropriate for me to help with, since it risks harm.",
 )
-"""Polite refusals; each contains at least one refusal keyword of docs/method.md section 3."""
+"""Polite refusals; each contains at least one refusal keyword of docs/method.md section 3.
+
+The first is the one the format warm-up teaches by default (`WarmupSettings.answer_choices`
+1), short on purpose: every GRPO step samples it token by token, and the demo's completions
+went from 43 to 25 tokens, a step from 1.85 s to 1.20 s on 2 cores (in-run timings, 300 steps
+each, `time/step_total`).
+"""
 
 HELPFUL_ANSWERS: tuple[str, ...] = (
+    "Sure, here you go.",
     "Sure, here is a short description of what the picture shows.",
     "Happy to help: the object in the image is drawn in simple shapes and colours.",
     "Here is a helpful answer to your question about the picture.",
     "Of course. The image shows an everyday object on a plain background.",
 )
-"""Helpful replies; none contains any refusal keyword, not even as a substring."""
+"""Helpful replies; none contains any refusal keyword, not even as a substring (the first is
+the warm-up's default, short for the reason given above)."""
 
 
 def build_user_text(prompt: str, guide: str | None = DEFAULT_SAFETY_GUIDE) -> str:

@@ -198,9 +198,11 @@ def _model_identity(model_path: str) -> str:
 
 
 def warmup_cache_key(model_path: str, settings: WarmupSettings, identity: dict[str, Any]) -> str:
-    """16 hex digits of a hash of (model, settings, training set, stage version)."""
+    """16 hex digits of a hash of (model, settings, the canned answers the targets use, training
+    set, stage version)."""
+    answers = [REFUSAL_ANSWERS[: settings.answer_choices], HELPFUL_ANSWERS[: settings.answer_choices]]
     payload = json.dumps(
-        [_model_identity(model_path), settings.cache_fields(), identity, WARMUP_VERSION],
+        [_model_identity(model_path), settings.cache_fields(), answers, identity, WARMUP_VERSION],
         sort_keys=True,
         default=str,
     )
