@@ -19,9 +19,9 @@ def lr_multiplier(step: int, total: int | None, kind: str, warmup_steps: int = 0
     First `warmup_steps` steps rising along a line to 1 (step `i` at `(i + 1) / (warmup + 1)`),
     then 1 for "constant", 1 -> 0 along a line ("linear") or half a cosine ("cosine") over the
     remaining steps (a run shorter than its warm-up never reaches the full rate: a short check
-    run of a config keeps the config's schedule). The warm-up keeps AdamW's first steps, which move every weight by about
-    the full learning rate whatever the gradient's size, from undoing what a model already
-    writes; the decay lets a short run on a random-weight model (the demo) settle instead of
+    run of a config keeps the config's schedule). The warm-up keeps AdamW's first steps, which
+    move every weight by about the full learning rate whatever the gradient's size, from
+    undoing what a model already writes; the decay lets a short run on a random-weight model (the demo) settle instead of
     ending on a large, noisy update.
     """
     if step < warmup_steps:

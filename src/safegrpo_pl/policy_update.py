@@ -56,6 +56,11 @@ class ScoredRollout:
     ref_logp: Tensor | None = None
     mask: Tensor | None = None
 
+    @property
+    def loss_mask(self) -> Tensor:
+        """(N, T) the tokens the loss counts: `mask`, or every completion token."""
+        return self.rollout.completion_mask if self.mask is None else self.mask
+
 
 class PolicyUpdate:
     """The optimiser step of `SafeGRPOModule` (see the module docstring)."""
@@ -71,9 +76,7 @@ class PolicyUpdate:
         log-probs are not finite.
         """
         optimizer = self.optimizers()
-        rollout = scored.rollout
-        mask = rollout.completion_mask if scored.mask is None else scored.mask
-        mini_mask = mask[completion_rows(prompts, rollout.group_size)]
+        mini_mask = scored.loss_mask[completion_rows(prompts, scored.rollout.group_size)]
         # The mini-batch's denominator, shared by its micro-batches: any micro-batch size gives
         # the same gradient (docs/method.md section 4).
         # ... over all ranks: each rank's loss is then its share of the global sum.
@@ -137,17 +140,12 @@ class PolicyUpdate:
     ) -> tuple[Tensor, LossStats, bool]:
         """Forward and backward of one micro-batch; returns its detached loss and statistics,
         and whether its log-probs (old and reference too) were finite."""
-        rollout, old_logp, ref_logp, mask = (
-            scored.rollout,
-            scored.old_logp,
-            scored.ref_logp,
-            scored.mask,
-        )
+        rollout, old_logp, ref_logp = scored.rollout, scored.old_logp, scored.ref_logp
         rows = completion_rows(micro, rollout.group_size)
         tokens = rollout.completion_mask[rows]
         width = int(tokens.sum(1).max().item()) or 1
         tokens, ids = tokens[:, :width], rollout.completion_ids[rows, :width]
-        loss_tokens = tokens if mask is None else mask[rows, :width]  # a subset of `tokens`
+        loss_tokens = scored.loss_mask[rows, :width]  # a subset of `tokens`
         with self.timer.phase("policy_forward_backward"):
             logp = self.runner.logprobs(
                 self.policy, scored.batch.select(micro), ids, tokens, self.sampling.temperature

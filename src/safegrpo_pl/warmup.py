@@ -122,10 +122,16 @@ class WarmupSettings:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"WarmupSettings.{name} is {value}; expected a probability")
 
+    def canned_answers(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(refusals, helpful replies) the targets draw their answer from."""
+        return REFUSAL_ANSWERS[: self.answer_choices], HELPFUL_ANSWERS[: self.answer_choices]
+
     def cache_fields(self) -> dict[str, Any]:
-        """The settings that change the trained weights (the progress bar does not)."""
+        """What changes the trained weights: the settings (not the progress bar) and the texts
+        of the canned answers they pick (new answer texts are new targets)."""
         fields = asdict(self)
         fields.pop("progress_bar")
+        fields["canned_answers"] = self.canned_answers()
         return fields
 
 
@@ -154,8 +160,8 @@ def random_target(
     """
     tags = ["unsafe" if rng.random() < settings.unsafe_prob else "safe" for _ in range(3)]
     refuse = rng.random() < settings.refusal_prob
-    answers = REFUSAL_ANSWERS if refuse else HELPFUL_ANSWERS
-    answer = rng.choice(answers[: settings.answer_choices])
+    refusals, helpful = settings.canned_answers()
+    answer = rng.choice(refusals if refuse else helpful)
     caption = describe_inputs(record) if record is not None and settings.describe_inputs else ""
     return format_response(
         visual=tags[0],
@@ -198,11 +204,10 @@ def _model_identity(model_path: str) -> str:
 
 
 def warmup_cache_key(model_path: str, settings: WarmupSettings, identity: dict[str, Any]) -> str:
-    """16 hex digits of a hash of (model, settings, the canned answers the targets use, training
-    set, stage version)."""
-    answers = [REFUSAL_ANSWERS[: settings.answer_choices], HELPFUL_ANSWERS[: settings.answer_choices]]
+    """16 hex digits of a hash of (model, settings and their canned answers, training set,
+    stage version)."""
     payload = json.dumps(
-        [_model_identity(model_path), settings.cache_fields(), answers, identity, WARMUP_VERSION],
+        [_model_identity(model_path), settings.cache_fields(), identity, WARMUP_VERSION],
         sort_keys=True,
         default=str,
     )
