@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -90,19 +89,6 @@ def test_validation_split_does_not_depend_on_train_size() -> None:
     assert [_fingerprint(r) for r in small] == [_fingerprint(r) for r in large], (
         "changing num_train changed the validation split: splits share a random stream"
     )
-
-
-def test_train_typographic_fraction_changes_the_train_mix_alone() -> None:
-    base = DemoConfig(num_train=80, num_val=40, num_test=20)
-    more = replace(base, train_typographic_fraction=0.25)
-    plain, richer = make_demo_splits(base), make_demo_splits(more)
-
-    def typographic(records) -> int:
-        return sum(r.source == SOURCE_TYPOGRAPHIC for r in records)
-
-    assert typographic(plain["train"]) == 12 and typographic(richer["train"]) == 20
-    for split in ("validation", "test"):  # the held-out mix (and records) stay as reported
-        assert [_fingerprint(r) for r in richer[split]] == [_fingerprint(r) for r in plain[split]]
 
 
 @pytest.mark.parametrize(
@@ -364,7 +350,6 @@ def test_counts_are_exact_for_tiny_splits() -> None:
         {"num_train": -1},
         {"image_size": 8},
         {"typographic_fraction": 1.5},
-        {"train_typographic_fraction": -0.1},
         {"typographic_size": 64, "typographic_scale": 2},
     ],
 )
