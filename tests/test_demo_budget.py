@@ -49,7 +49,7 @@ import probe_typographic  # noqa: E402
 
 
 def test_typographic_words_are_readable_from_the_demo_training_split() -> None:
-    # The supervised probe on exactly the demo's 76 training typographic images: with the text
+    # The supervised probe on the 76 typographic images of the default 512 records: with the text
     # block kept in place (jitter 1, the default) the vision tower reads held-out phrases (new
     # combinations, new frame words); moved by up to 4 font pixels it fits the training images
     # but does not carry the reading over. This is why the demo renders with jitter 1.

@@ -25,8 +25,8 @@ Two kinds of record:
   the tiny Qwen2.5-VL 36 image tokens of 28x28 px; each line has two rows of tokens of its own
   (`tests/test_demo_budget.py` measures it with the model's image processor). The text block
   moves by at most one font pixel (`typographic_jitter`), so a word falls on nearly the same
-  patches in every image: 76 training images are then enough to read held-out ones
-  (`scripts/probe_typographic.py`); at four pixels they are not. At 112 px (glyphs enlarged
+  patches in every image: a tower trained on the 76 typographic images of 512 training records
+  then reads held-out ones (`scripts/probe_typographic.py`); at four pixels it does not. At 112 px (glyphs enlarged
   twice, 16 tokens) the demo's GRPO run did not learn these records at all; at 168 px it does
   (the README's demo section has the figures).
 
