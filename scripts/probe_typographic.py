@@ -86,11 +86,22 @@ def probe(
         trained = [*visual.parameters(), *head.parameters()] if train_tower else head.parameters()
         optimizer = torch.optim.AdamW(trained, lr=1e-3)
 
-        def logits(records: list[SafetyRecord]) -> torch.Tensor:
+        def features(records: list[SafetyRecord]) -> torch.Tensor:
             inputs = processor([r.image for r in records], return_tensors="pt")
             tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
             tokens = getattr(tokens, "pooler_output", tokens)  # (sum of tokens, hidden)
-            return head(tokens.reshape(len(records), -1)).squeeze(-1)
+            return tokens.reshape(len(records), -1)
+
+        fixed: dict[str, torch.Tensor] = {}  # a fixed tower's features, each image encoded once
+
+        def logits(records: list[SafetyRecord]) -> torch.Tensor:
+            if train_tower:
+                return head(features(records)).squeeze(-1)
+            new = [r for r in records if r.id not in fixed]
+            if new:
+                with torch.no_grad():
+                    fixed.update(zip([r.id for r in new], features(new), strict=True))
+            return head(torch.stack([fixed[r.id] for r in records])).squeeze(-1)
 
         def correct(records: list[SafetyRecord]) -> torch.Tensor:
             labels = torch.tensor([r.image_tag == "unsafe" for r in records])

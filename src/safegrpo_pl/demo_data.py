@@ -26,9 +26,9 @@ Two kinds of record:
   (`tests/test_demo_budget.py` measures it with the model's image processor). The text block
   moves by at most one font pixel (`typographic_jitter`), so a word falls on nearly the same
   patches in every image: a tower trained on the 76 typographic images of 512 training records
-  then reads held-out ones (`scripts/probe_typographic.py`); at four pixels it does not. At 112 px (glyphs enlarged
-  twice, 16 tokens) the demo's GRPO run did not learn these records at all; at 168 px it does
-  (the README's demo section has the figures).
+  then reads held-out ones (`scripts/probe_typographic.py`); at four pixels it does not. At
+  112 px (glyphs enlarged twice, 16 tokens) the demo's GRPO run did not learn these records at
+  all; at 168 px it does (the README's demo section has the figures).
 
 **Splits** (the vocabularies and which combinations each split may use are in
 `safegrpo_pl.demo_vocab`): train uses only training combinations. Validation and test use only

@@ -21,8 +21,8 @@ def lr_multiplier(step: int, total: int | None, kind: str, warmup_steps: int = 0
     remaining steps (a run shorter than its warm-up never reaches the full rate: a short check
     run of a config keeps the config's schedule). The warm-up keeps AdamW's first steps, which
     move every weight by about the full learning rate whatever the gradient's size, from
-    undoing what a model already writes; the decay lets a short run on a random-weight model (the demo) settle instead of
-    ending on a large, noisy update.
+    undoing what a model already writes; the decay lets a short run on a random-weight model
+    (the demo) settle instead of ending on a large, noisy update.
     """
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
