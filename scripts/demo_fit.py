@@ -1,11 +1,11 @@
 """Does a trained demo model miss held-out records only, or its own training records too?
 
-    python scripts/demo_fit.py MODEL_DIR [MODEL_DIR ...] [--num-train 2048] [--limit 120]
-        [--num-held-out 128]
+    python scripts/demo_fit.py MODEL_DIR [MODEL_DIR ...] [--config configs/tiny.yaml]
+        [--limit 120]
 
 MODEL_DIR is a fit's exported model (`runs/tiny/logs/version_0/checkpoints/model`). For each
-split of the demo set (drawn with the sizes of configs/tiny.yaml, as the fit's was) and each
-source, decodes greedily, as validation does, and prints how often the model's behaviour is
+split of the demo set (drawn as the fit's config, `data.demo`, draws it) and each source,
+decodes greedily with the decoder validation uses, and prints how often the model's behaviour is
 right (refuses exactly the unsafe pairs), split by the held-out kind of the record. A model that
 gets its training images right and misses held-out ones has not generalised; one that misses
 both has not fitted, and more or better signal, not other held-out data, is what it lacks.
@@ -16,14 +16,17 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText
+import yaml
 
 from safegrpo_pl.demo_data import DemoConfig, make_demo_splits
 from safegrpo_pl.inputs import PromptEncoder
+from safegrpo_pl.model import eos_token_ids, load_policy, vision_token_ids
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardParts, score_completions
+from safegrpo_pl.sampling import SamplingSettings, sample_groups
 
 Tally = dict[tuple[str, str, str], tuple[int, int]]
 """(split, source, novelty or "train") -> (records whose behaviour is right, records)."""
@@ -40,45 +43,63 @@ def tally(split: str, records: Sequence[SafetyRecord], parts: Sequence[RewardPar
     return {key: (right[key], total[key]) for key in sorted(total)}
 
 
-@torch.no_grad()
-def greedy_parts(model_dir: str, records: Sequence[SafetyRecord]) -> list[RewardParts]:
-    """Decode `records` greedily with the model in `model_dir` and score the completions."""
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    encoder = PromptEncoder.from_pretrained(model_dir, guide=None)
-    batch = encoder.encode(list(records))
-    out = model.generate(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        **batch.model_kwargs,
-        max_new_tokens=64,
-        do_sample=False,
-    )
-    texts = encoder.tokenizer.batch_decode(
-        out[:, batch.input_ids.shape[1] :], skip_special_tokens=True
-    )
-    return score_completions(texts, batch.image_tags, batch.text_tags, batch.combine_tags)
+class GreedyDecoder:
+    """A trained model loaded once, decoding greedily with the decoder validation uses."""
+
+    def __init__(self, model_dir: str, max_new_tokens: int = 64) -> None:
+        self.encoder = PromptEncoder.from_pretrained(model_dir, guide=None)
+        self.model = load_policy(model_dir).eval()
+        tokenizer = self.encoder.tokenizer
+        self.eos = eos_token_ids(tokenizer, getattr(self.model, "generation_config", None))
+        pad = tokenizer.pad_token_id
+        self.pad = int(pad if pad is not None else self.eos[0])
+        self.suppress = vision_token_ids(tokenizer)
+        self.settings = SamplingSettings(do_sample=False, max_new_tokens=max_new_tokens)
+
+    @torch.inference_mode()
+    def parts(self, records: Sequence[SafetyRecord]) -> list[RewardParts]:
+        """Decode `records` and score the completions."""
+        batch = self.encoder.encode(list(records))
+        rollout = sample_groups(
+            self.model,
+            batch,
+            group_size=1,
+            settings=self.settings,
+            tokenizer=self.encoder.tokenizer,
+            eos_token_ids=self.eos,
+            pad_token_id=self.pad,
+            suppress_token_ids=self.suppress,
+        )
+        return score_completions(
+            rollout.texts, batch.image_tags, batch.text_tags, batch.combine_tags
+        )
+
+
+def demo_config(config_path: Path) -> DemoConfig:
+    """The demo set's sizes and drawing settings of a fit's config (`data.demo`)."""
+    config = yaml.safe_load(config_path.read_text())
+    return DemoConfig(**config.get("data", {}).get("demo", {}))
 
 
 def demo_fit(model_dir: str, demo: DemoConfig, limit: int) -> Tally:
     """`tally` of every split and source, at most `limit` records of each."""
+    decoder = GreedyDecoder(model_dir)
     result: Tally = {}
     for split, records in make_demo_splits(demo).items():
         for source in sorted({r.source for r in records}):
             chosen = [r for r in records if r.source == source][:limit]
-            result.update(tally(split, chosen, greedy_parts(model_dir, chosen)))
+            result.update(tally(split, chosen, decoder.parts(chosen)))
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
-    parser.add_argument("--num-train", type=int, default=2048, help="as configs/tiny.yaml")
-    parser.add_argument("--num-held-out", type=int, default=128, help="validation and test")
+    parser.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
     parser.add_argument("--limit", type=int, default=120, help="records per split and source")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    held_out = args.num_held_out
-    demo = DemoConfig(num_train=args.num_train, num_val=held_out, num_test=held_out)
+    demo = demo_config(args.config)
     for path in args.model_dirs:
         print(path)
         for (split, source, kind), (right, total) in demo_fit(path, demo, args.limit).items():
