@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.model import LoraSettings, PolicySettings
+from safegrpo_pl.model import LoraSettings, PolicySettings, is_vision_parameter, load_policy
 from safegrpo_pl.module import SafeGRPOModule
 from safegrpo_pl.sampling import SamplingSettings
 
@@ -40,7 +40,7 @@ def _data(path: Path, **kwargs) -> SafeTagDataModule:
 
 
 def _module(path: Path, cls=LengthRewardModule, **kwargs) -> SafeGRPOModule:
-    policy_keys = ("lora", "dtype", "gradient_checkpointing")
+    policy_keys = ("lora", "dtype", "gradient_checkpointing", "freeze_vision_tower")
     policy = PolicySettings(
         name_or_path=str(path), **{k: kwargs.pop(k) for k in policy_keys if k in kwargs}
     )
@@ -145,6 +145,29 @@ def test_the_policy_moves_and_the_reference_does_not(tiny_qwen25vl_path, tmp_pat
     ]
     assert changed, "two GRPO steps with a non-constant reward left every weight unchanged"
     assert not any(p.requires_grad for p in reference.parameters()), "reference is trainable"
+
+
+def test_a_frozen_vision_tower_gets_no_gradient_and_keeps_its_weights(tiny_vl_path, tmp_path):
+    L.seed_everything(0)
+    recorder = GradientRecorder()
+    module = _module(tiny_vl_path, freeze_vision_tower=True)
+    _trainer(tmp_path, 2, callbacks=[recorder]).fit(module, _data(tiny_vl_path))
+    encoder = {
+        n for n, _ in module.policy.named_parameters() if is_vision_parameter(n, merger=False)
+    }
+    mergers = {n for n, _ in module.policy.named_parameters() if is_vision_parameter(n)} - encoder
+    assert encoder and mergers, "the tiny model lost its vision encoder or merger"
+    assert not encoder & recorder.grads.keys(), "a frozen encoder weight got a gradient"
+    assert mergers <= recorder.grads.keys(), "the merger must stay trainable"
+    reference = dict(module._reference[0].named_parameters())
+    policy = dict(module.policy.named_parameters())
+    assert all(torch.equal(policy[n], reference[n]) for n in encoder), "the encoder moved"
+    assert any(not torch.equal(policy[n], reference[n]) for n in mergers), "no merger moved"
+
+
+def test_freezing_the_vision_tower_of_a_text_model_is_refused(tiny_qwen3_text_path):
+    with pytest.raises(ValueError, match="no vision tower"):
+        load_policy(str(tiny_qwen3_text_path), freeze_vision_tower=True)
 
 
 def test_lora_checkpoint_holds_only_adapters(tiny_qwen25vl_path, tmp_path):

@@ -93,6 +93,23 @@ def test_full_fine_tuning_keeps_a_reference_copy_unless_offloaded():
     assert "reference copy" not in estimate(dims, replace(run, reference_offload=True)).resident
 
 
+def test_a_frozen_vision_encoder_is_counted_as_frozen():
+    config, full = _paper("qwen.yaml", "--model.policy.lora", "null")
+    config, frozen = _paper(
+        "qwen.yaml", "--model.policy.lora", "null", "--model.policy.freeze_vision_tower", "true"
+    )
+    assert full.trainable_params == full.total_params == frozen.total_params
+    # Qwen3-VL-8B's vision encoder (27 blocks of width 1152, mergers not counted): 0.42 B
+    encoder = full.trainable_params - frozen.trainable_params
+    assert 0.35e9 < encoder < 0.6e9, encoder
+    run = run_shape(config, rollout_chunk=4)
+    saved = (
+        estimate(full, run).resident["optimizer state"]
+        - estimate(frozen, run).resident["optimizer state"]
+    )
+    assert saved == encoder * 8  # Adam's two float32 moments
+
+
 def test_fsdp_shards_weights_gradients_and_optimiser_state():
     config, dims = _paper("qwen.yaml", "--model.policy.lora", "null")
     run = run_shape(config, rollout_chunk=4)

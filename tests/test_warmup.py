@@ -12,7 +12,7 @@ import torch
 from safegrpo_pl import warmup
 from safegrpo_pl.data import SafeTagDataModule
 from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.model import eos_token_ids, load_policy, vision_token_ids
+from safegrpo_pl.model import eos_token_ids, is_vision_parameter, load_policy, vision_token_ids
 from safegrpo_pl.rewards import reward_parts, score_completions
 from safegrpo_pl.sampling import SamplingSettings, sample_groups
 from safegrpo_pl.warmup import (
@@ -248,8 +248,8 @@ def test_warmup_leaves_the_vision_tower_alone_unless_asked(tiny_qwen25vl_path, t
     )
     warmup.train_warmup(model, dm.encoder, dm.train_records(), settings)
     moved = {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}
-    vision = {n: m for n, m in moved.items() if warmup.is_vision_parameter(n)}
-    language = {n: m for n, m in moved.items() if not warmup.is_vision_parameter(n)}
+    vision = {n: m for n, m in moved.items() if is_vision_parameter(n)}
+    language = {n: m for n, m in moved.items() if not is_vision_parameter(n)}
     assert vision and language, sorted(moved)[:5]
     assert any(language.values()), "the language model did not train"
     assert any(vision.values()) == train_vision, vision

@@ -70,6 +70,10 @@ class PolicySettings:
         gradient_checkpointing: recompute activations in backward to save memory.
         trust_remote_code: run code shipped with a checkpoint; off unless you opt in.
         attn_implementation: attention kernel ("sdpa", "flash_attention_2", ...); null = auto.
+        freeze_vision_tower: train no weight of the vision encoder's blocks; its merger (the
+            projection of visual tokens into the language model) stays trainable. A common
+            choice when fine-tuning Qwen-VL: the encoder keeps the features it was built with,
+            and the step skips its backward pass.
     """
 
     name_or_path: str = "tiny:qwen2_5_vl"
@@ -80,6 +84,7 @@ class PolicySettings:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    freeze_vision_tower: bool = False
 
     def load(self, path: str | None = None) -> PreTrainedModel:
         """`load_policy` with these settings, from `path` (default: `name_or_path`)."""
@@ -92,6 +97,7 @@ class PolicySettings:
             gradient_checkpointing=self.gradient_checkpointing,
             trust_remote_code=self.trust_remote_code,
             attn_implementation=self.attn_implementation,
+            freeze_vision_tower=self.freeze_vision_tower,
         )
 
 
@@ -138,6 +144,7 @@ def load_policy(
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    freeze_vision_tower: bool = False,
 ) -> PreTrainedModel:
     """Load a policy by hub id or local path, optionally with LoRA and 4-bit weights (QLoRA).
 
@@ -151,6 +158,8 @@ def load_policy(
         gradient_checkpointing: recompute activations in backward to save memory.
         trust_remote_code: run code shipped with the checkpoint; off unless you opt in.
         attn_implementation: e.g. "sdpa", "flash_attention_2"; None lets transformers choose.
+        freeze_vision_tower: stop training the vision encoder, merger excepted
+            (`freeze_vision_encoder`).
 
     Returns:
         The model (a `peft.PeftModel` when `lora` is given), in train mode.
@@ -192,10 +201,39 @@ def load_policy(
         model.enable_input_require_grads()
     if lora is not None:
         model = apply_lora(model, lora)
+    if freeze_vision_tower:
+        freeze_vision_encoder(model)
     if trainable_dtype is not None:
         cast_trainable(model, DTYPES[trainable_dtype])
     model.train()
     return model
+
+
+def is_vision_parameter(name: str, *, merger: bool = True) -> bool:
+    """Whether parameter `name` belongs to a Qwen-VL vision tower (`model.visual`); with
+    `merger=False`, only to its encoder: the mergers (Qwen3-VL's deepstack ones included) that
+    project visual tokens into the language model are left out."""
+    parts = name.split(".")
+    if "visual" not in parts:
+        return False
+    return merger or not any("merger" in part for part in parts)
+
+
+def freeze_vision_encoder(model: Any) -> int:
+    """Set `requires_grad=False` on the vision encoder's weights (mergers excepted) and return
+    how many tensors were frozen; a model without a vision tower is an error, not a no-op,
+    since the setting would then silently do nothing."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if is_vision_parameter(name, merger=False):
+            param.requires_grad_(False)
+            frozen += 1
+    if frozen == 0:
+        raise ValueError(
+            "model.policy.freeze_vision_tower is set, but the model has no vision tower "
+            "(no parameter under `visual`); leave it false for a text-only model"
+        )
+    return frozen
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> Any:
@@ -242,8 +280,11 @@ def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
     return sorted(ids)
 
 
-def build_on_meta(config: Any, lora: LoraSettings | None = None) -> Any:
-    """Instantiate a model from `config` on the meta device (no memory), LoRA applied if given.
+def build_on_meta(
+    config: Any, lora: LoraSettings | None = None, *, freeze_vision_tower: bool = False
+) -> Any:
+    """Instantiate a model from `config` on the meta device (no memory), LoRA applied and the
+    vision encoder frozen if asked, so that its trainable weights are those a fit trains.
 
     For checking a config (class names, LoRA targets) of a model too large to load here.
     """
@@ -251,4 +292,6 @@ def build_on_meta(config: Any, lora: LoraSettings | None = None) -> Any:
         model = _auto_class(config).from_config(config)
     if lora is not None:
         model = apply_lora(model, lora)
+    if freeze_vision_tower:
+        freeze_vision_encoder(model)
     return model

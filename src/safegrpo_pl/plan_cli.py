@@ -193,7 +193,8 @@ def config_dims(config: Any, model_config: str | None = None) -> ModelDims:
     settings = None
     if lora is not None:
         settings = LoraSettings(**(lora.as_dict() if hasattr(lora, "as_dict") else dict(lora)))
-    return model_dims(build_on_meta(hf_config, settings), hf_config)
+    freeze = bool(_get(config, "model.policy.freeze_vision_tower", False))
+    return model_dims(build_on_meta(hf_config, settings, freeze_vision_tower=freeze), hf_config)
 
 
 def _divisors_below(n: int, limit: int) -> list[int]:

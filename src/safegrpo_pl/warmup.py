@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from safegrpo_pl.files import TRAINED_MARKER, atomic_folder, default_cache_dir
 from safegrpo_pl.inputs import PromptBatch, PromptEncoder
+from safegrpo_pl.model import is_vision_parameter
 from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
 from safegrpo_pl.records import SafetyRecord
 
@@ -230,11 +231,6 @@ def already_warmed_up(model_path: str) -> str | None:
 
 
 # -- training -------------------------------------------------------------------------------
-
-
-def is_vision_parameter(name: str) -> bool:
-    """Whether parameter `name` belongs to a Qwen-VL vision tower (its merger included)."""
-    return "visual" in name.split(".")
 
 
 def warmup_loss(model: Any, batch: PromptBatch, target_ids: Tensor, target_mask: Tensor) -> Tensor:
