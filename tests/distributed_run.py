@@ -140,7 +140,7 @@ def make_trainer(args: argparse.Namespace, out: Path, recorder: Recorder) -> L.T
 
 def build_module(args: argparse.Namespace) -> PromptSeeded:
     module = PromptSeeded(
-        policy=PolicySettings(name_or_path=args.model),
+        policy=PolicySettings(name_or_path=args.model, freeze_vision_tower=args.freeze_vision),
         group_size=2,
         micro_batch_size=args.micro,
         lr=1e-3,
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--compute-dtype", default=None)
     parser.add_argument("--checks", action="store_true", help="decode, checkpoint, export")
+    parser.add_argument("--freeze-vision", action="store_true", help="freeze_vision_tower")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)

@@ -149,6 +149,18 @@ def test_mix_matches_the_documented_shares(default_splits) -> None:
     assert abs(safe - 256) <= 1, f"safe count {safe}, expected half of 512"
 
 
+def test_train_typographic_share_changes_the_train_split_only() -> None:
+    sizes = dict(num_train=200, num_val=40, num_test=40)
+    plain = make_demo_splits(DemoConfig(**sizes))
+    more = make_demo_splits(DemoConfig(**sizes, train_typographic_fraction=0.3))
+    typo = {n: sum(r.source == SOURCE_TYPOGRAPHIC for r in v) for n, v in more.items()}
+    assert typo["train"] == 60, typo  # 30% of 200
+    safe = [r for r in more["train"] if r.source == SOURCE_TYPOGRAPHIC and r.combine_tag == "safe"]
+    assert len(safe) == 30, "half of the typographic records are safe"
+    for split in ("validation", "test"):
+        assert [_fingerprint(r) for r in more[split]] == [_fingerprint(r) for r in plain[split]]
+
+
 def test_every_label_combination_is_present(default_splits) -> None:
     expected = {
         ("safe", "safe", "safe"),
@@ -350,6 +362,7 @@ def test_counts_are_exact_for_tiny_splits() -> None:
         {"num_train": -1},
         {"image_size": 8},
         {"typographic_fraction": 1.5},
+        {"train_typographic_fraction": -0.1},
         {"typographic_size": 64, "typographic_scale": 2},
     ],
 )

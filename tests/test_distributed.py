@@ -137,6 +137,20 @@ def test_fsdp_checkpoint_round_trip_and_export(fsdp_run):
     assert max_difference(exported.state_dict(), weights) == 0.0
 
 
+def test_fsdp_trains_around_a_frozen_vision_encoder(tiny_qwen25vl_path, tmp_path):
+    from safegrpo_pl.model import is_vision_parameter, load_policy
+
+    args = ("--devices", "2", "--strategy", "fsdp", "--micro", "1", "--freeze-vision")
+    trained = run_ranks(tmp_path, tiny_qwen25vl_path, *args)[0]["weights"]
+    initial = load_policy(str(tiny_qwen25vl_path)).state_dict()
+    moved = {name: not torch.equal(trained[name], initial[name]) for name in trained}
+    encoder = [name for name in moved if is_vision_parameter(name, merger=False)]
+    merger = [name for name in moved if is_vision_parameter(name) and name not in encoder]
+    assert encoder and not any(moved[name] for name in encoder), "a frozen weight moved"
+    assert any(moved[name] for name in merger), "the merger did not train"
+    assert any(moved[name] for name in moved if not is_vision_parameter(name))
+
+
 CLI_CALLBACKS = """
 trainer:
   callbacks:

@@ -138,6 +138,9 @@ class DemoConfig:
             Qwen2.5-VL, whose tokens cover 28x28 px each).
         seed: the seed; the same seed gives byte-identical images and the same records.
         typographic_fraction: share of typographic (instruction-in-the-image) records.
+        train_typographic_fraction: their share in the train split alone (None: as above).
+            Reading a phrase takes GRPO longer than telling colours apart, so a demo can
+            train on more typographic records while its held-out splits keep the same mix.
         typographic_size: side of the square typographic images, in pixels (168: 36 image
             tokens for the tiny Qwen2.5-VL; words need more tokens than colours do).
         typographic_scale: enlargement of the 6x11 px bitmap font (3: 18x33 px per character,
@@ -155,6 +158,7 @@ class DemoConfig:
     image_size: int = 64
     seed: int = 0
     typographic_fraction: float = 0.15
+    train_typographic_fraction: float | None = None
     typographic_size: int = 168
     typographic_scale: int = 3
     typographic_jitter: int = 1
@@ -175,11 +179,16 @@ class DemoConfig:
             raise ValueError(
                 f"DemoConfig.typographic_jitter is {self.typographic_jitter}; expected >= 0"
             )
-        if not 0.0 <= self.typographic_fraction <= 1.0:
-            raise ValueError(
-                f"DemoConfig.typographic_fraction is {self.typographic_fraction}; "
-                "expected a share in [0, 1]"
-            )
+        for name in ("typographic_fraction", "train_typographic_fraction"):
+            share = getattr(self, name)
+            if share is not None and not 0.0 <= share <= 1.0:
+                raise ValueError(f"DemoConfig.{name} is {share}; expected a share in [0, 1]")
+
+    def typographic_share(self, split: str) -> float:
+        """The share of typographic records in `split`."""
+        if split == "train" and self.train_typographic_fraction is not None:
+            return self.train_typographic_fraction
+        return self.typographic_fraction
 
 
 def combine_tag(image_tag: str, text_tag: str, *, hazard: bool, dual_use: bool) -> str:
@@ -339,7 +348,7 @@ def make_demo_split(
     """
     seen = set() if seen is None else seen
     rng = random.Random(f"safegrpo-demo/{config.seed}/{split}")
-    kinds = _kinds(count, config.typographic_fraction)
+    kinds = _kinds(count, config.typographic_share(split))
     rng.shuffle(kinds)
     records = []
     for index, kind in enumerate(kinds):
