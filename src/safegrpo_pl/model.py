@@ -219,21 +219,17 @@ def is_vision_parameter(name: str, *, merger: bool = True) -> bool:
     return merger or not any("merger" in part for part in parts)
 
 
-def freeze_vision_encoder(model: Any) -> int:
-    """Set `requires_grad=False` on the vision encoder's weights (mergers excepted) and return
-    how many tensors were frozen; a model without a vision tower is an error, not a no-op,
-    since the setting would then silently do nothing."""
-    frozen = 0
-    for name, param in model.named_parameters():
-        if is_vision_parameter(name, merger=False):
-            param.requires_grad_(False)
-            frozen += 1
-    if frozen == 0:
+def freeze_vision_encoder(model: Any) -> None:
+    """Set `requires_grad=False` on the vision encoder's weights (mergers excepted); a model
+    without a vision tower is an error, not a no-op, since the setting would then do nothing."""
+    encoder = [p for n, p in model.named_parameters() if is_vision_parameter(n, merger=False)]
+    for param in encoder:
+        param.requires_grad_(False)
+    if not encoder:
         raise ValueError(
             "model.policy.freeze_vision_tower is set, but the model has no vision tower "
             "(no parameter under `visual`); leave it false for a text-only model"
         )
-    return frozen
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> Any:
