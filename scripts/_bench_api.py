@@ -57,8 +57,8 @@ def sample_full_length(module: Any) -> None:
     exactly `max_new_tokens` tokens (TRL is given the same ids through `suppress_tokens`).
 
     The module has no constructor argument for suppressed tokens, so this sets the ids that
-    `configure_model` stores on its `PolicyRunner` (`suppress_ids`, `eos_ids`): the one place
+    `configure_model` stores on its `PolicyRunner` (`decode_ids`): the one place
     the benchmark reaches into the module. Call it after `module.configure_model()`.
     """
     runner = module.runner
-    runner.suppress_ids = sorted(set(runner.suppress_ids) | set(runner.eos_ids))
+    runner.decode_ids = runner.decode_ids.never_ending()

@@ -23,7 +23,7 @@ import yaml
 
 from safegrpo_pl.demo_data import DemoConfig, make_demo_splits
 from safegrpo_pl.inputs import PromptEncoder
-from safegrpo_pl.model import eos_token_ids, load_policy, vision_token_ids
+from safegrpo_pl.model import DecodeIds, load_policy
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardParts, score_completions
 from safegrpo_pl.sampling import SamplingSettings, sample_groups
@@ -49,11 +49,7 @@ class GreedyDecoder:
     def __init__(self, model_dir: str, max_new_tokens: int = 64) -> None:
         self.encoder = PromptEncoder.from_pretrained(model_dir, guide=None)
         self.model = load_policy(model_dir).eval()
-        tokenizer = self.encoder.tokenizer
-        self.eos = eos_token_ids(tokenizer, getattr(self.model, "generation_config", None))
-        pad = tokenizer.pad_token_id
-        self.pad = int(pad if pad is not None else self.eos[0])
-        self.suppress = vision_token_ids(tokenizer)
+        self.decode_ids = DecodeIds.of(self.encoder.tokenizer, self.model)
         self.settings = SamplingSettings(do_sample=False, max_new_tokens=max_new_tokens)
 
     @torch.inference_mode()
@@ -66,9 +62,7 @@ class GreedyDecoder:
             group_size=1,
             settings=self.settings,
             tokenizer=self.encoder.tokenizer,
-            eos_token_ids=self.eos,
-            pad_token_id=self.pad,
-            suppress_token_ids=self.suppress,
+            **self.decode_ids.sampling_kwargs(),
         )
         return score_completions(
             rollout.texts, batch.image_tags, batch.text_tags, batch.combine_tags

@@ -84,8 +84,8 @@ class PeakProbe(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.result:
             return
-        # A suppressed token can never be sampled: no completion ends before max_new_tokens.
-        pl_module.runner.eos_ids = [pl_module.runner.suppress_ids[0]]
+        # Every EOS suppressed: no completion ends before max_new_tokens.
+        pl_module.runner.decode_ids = pl_module.runner.decode_ids.never_ending()
         grid = batch.model_kwargs.get("image_grid_thw")
         self.result["prompt_length"] = int(batch.input_ids.shape[1])
         self.result["image_tokens"] = int(grid.prod(-1).max()) // 4 if grid is not None else 0

@@ -204,7 +204,7 @@ def runner(tmp_path_factory) -> Any:
     model = load_policy(path).eval()
     encoder = PromptEncoder.from_pretrained(path, guide=None)
     runner = PolicyRunner(model, encoder.tokenizer, None)
-    runner.suppress_ids = sorted(set(runner.suppress_ids) | set(runner.eos_ids))  # full length
+    runner.decode_ids = runner.decode_ids.never_ending()  # full length
     return runner, encoder
 
 

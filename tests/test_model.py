@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from safegrpo_pl.model import (
+    DecodeIds,
     LoraSettings,
     eos_token_ids,
     load_policy,
@@ -59,6 +60,21 @@ def test_vision_and_eos_token_ids_are_found(tiny_qwen25vl_path):
     eos = eos_token_ids(tokenizer)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos
     assert not set(vision) & set(eos)
+
+
+def test_decode_ids_pad_falls_back_to_eos_and_never_ending_suppresses_every_eos(
+    tiny_qwen25vl_path,
+):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen25vl_path)
+    ids = DecodeIds.of(tokenizer)
+    assert ids.pad == tokenizer.pad_token_id
+    assert ids.eos == eos_token_ids(tokenizer) and ids.suppress == vision_token_ids(tokenizer)
+    tokenizer.pad_token = None
+    assert DecodeIds.of(tokenizer).pad == ids.eos[0], "no pad token: a finished row needs an id"
+    endless = ids.never_ending()
+    assert set(endless.suppress) == set(ids.suppress) | set(ids.eos)
+    assert endless.eos == ids.eos, "EOS ids still end rows if ever sampled"
+    assert endless.sampling_kwargs()["suppress_token_ids"] == endless.suppress
 
 
 def test_tiny_spec_parses_options():

@@ -11,7 +11,7 @@ random-weight policy would otherwise emit `<|image_pad|>`, which breaks re-scori
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -274,6 +274,45 @@ def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return sorted(ids)
+
+
+@dataclass(frozen=True)
+class DecodeIds:
+    """The token ids every decode of a policy needs, worked out once per loaded model.
+
+    Attributes:
+        eos: ids that end a completion (`eos_token_ids`).
+        pad: the id that fills a finished row (the tokenizer's pad, else the first EOS id).
+        suppress: ids never sampled (`vision_token_ids`).
+    """
+
+    eos: list[int]
+    pad: int
+    suppress: list[int]
+
+    @classmethod
+    def of(cls, tokenizer: Any, model: Any = None) -> DecodeIds:
+        """The ids for `model` (its generation config's EOS ids count) and its `tokenizer`."""
+        eos = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+        pad = tokenizer.pad_token_id
+        return cls(
+            eos=eos,
+            pad=int(pad if pad is not None else eos[0]),
+            suppress=vision_token_ids(tokenizer),
+        )
+
+    def never_ending(self) -> DecodeIds:
+        """These ids with every EOS suppressed too: each completion runs to `max_new_tokens`
+        (benchmarks and memory checks measure the longest rollout)."""
+        return replace(self, suppress=sorted(set(self.suppress) | set(self.eos)))
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """These ids as `sampling.sample_groups` takes them."""
+        return {
+            "eos_token_ids": self.eos,
+            "pad_token_id": self.pad,
+            "suppress_token_ids": self.suppress,
+        }
 
 
 def build_on_meta(

@@ -24,7 +24,7 @@ from torch import Tensor
 from safegrpo_pl.chunking import chunked_scores, rollout_chunks
 from safegrpo_pl.inputs import PromptBatch
 from safegrpo_pl.logprobs import completion_logprobs
-from safegrpo_pl.model import PolicySettings, eos_token_ids, vision_token_ids
+from safegrpo_pl.model import DecodeIds, PolicySettings
 from safegrpo_pl.precision import DTYPES, cast_trainable, place_reference
 from safegrpo_pl.prefill import eval_mode
 from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
@@ -75,10 +75,7 @@ class PolicyRunner:
         self.shared_prefix = shared_prefix
         rollout_chunks(1, rollout_chunk)  # checks the setting now, not at the first step
         self.rollout_chunk = rollout_chunk
-        self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
-        self.suppress_ids = vision_token_ids(tokenizer)
+        self.decode_ids = DecodeIds.of(tokenizer, model)
 
     @classmethod
     def load(
@@ -141,9 +138,7 @@ class PolicyRunner:
                 group_size=group_size,
                 settings=settings,
                 tokenizer=self.tokenizer,
-                eos_token_ids=self.eos_ids,
-                pad_token_id=self.pad_id,
-                suppress_token_ids=self.suppress_ids,
+                **self.decode_ids.sampling_kwargs(),
                 shared_prefix=self.shared_prefix,
                 chunk_size=self.rollout_chunk,
                 generator=generator,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from safegrpo_pl.eval.records import EvalRecord
 from safegrpo_pl.inputs import PromptEncoder
-from safegrpo_pl.model import eos_token_ids, load_policy, vision_token_ids
+from safegrpo_pl.model import DecodeIds, load_policy
 from safegrpo_pl.sampling import SamplingSettings, sample_groups
 
 log = logging.getLogger(__name__)
@@ -123,11 +123,7 @@ class _Policy:
             model = PeftModel.from_pretrained(model, adapter)
         self.model = model.to(device).eval()
         self.device = device
-        tokenizer = self.encoder.tokenizer
-        self.eos = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
-        pad = tokenizer.pad_token_id
-        self.pad = int(pad if pad is not None else self.eos[0])
-        self.suppress = vision_token_ids(tokenizer)
+        self.decode_ids = DecodeIds.of(self.encoder.tokenizer, model)
 
     def answer(self, records: Sequence[EvalRecord], max_new_tokens: int) -> list[str]:
         batch = self.encoder.encode([r.to_safety_record() for r in records]).to(self.device)
@@ -137,9 +133,7 @@ class _Policy:
             group_size=1,
             settings=SamplingSettings(do_sample=False, max_new_tokens=max_new_tokens),
             tokenizer=self.encoder.tokenizer,
-            eos_token_ids=self.eos,
-            pad_token_id=self.pad,
-            suppress_token_ids=self.suppress,
+            **self.decode_ids.sampling_kwargs(),
         )
         return list(rollout.texts)
 
