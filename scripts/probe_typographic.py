@@ -2,6 +2,7 @@
 
     python scripts/probe_typographic.py [--model SPEC] [--steps 300] [--jitter 4 2 1 0]
     python scripts/probe_typographic.py --spread MODEL_DIR [MODEL_DIR ...]
+    python scripts/probe_typographic.py --drawings [--jitter 1 0]
 
 Trains the tiny model's vision tower with a linear head on its visual tokens, supervised, to tell
 safe from unsafe rendered phrases, on exactly the typographic records of the demo's training
@@ -15,6 +16,10 @@ and the share of the mean visual token's variance over the training typographic 
 lies between phrases (the rest is within a phrase: noise, shades, jitter). A warm-up that trains
 the vision tower on random targets can be compared with one that does not.
 
+`--drawings` measures, without training, how far apart the untrained tower puts two drawings of
+one phrase against two different phrases (`drawing_spread`), for each `--jitter`: what a GRPO
+run with the tower frozen has to see past, and what it has to read.
+
 The head sees each visual token in its place (the tokens concatenated), as the language model
 does, rather than their mean. One row per `--jitter` (`DemoConfig.typographic_jitter`): how far
 the text block moves between images decides whether 76 training images are enough.
@@ -23,13 +28,21 @@ the text block moves between images decides whether 76 training images are enoug
 from __future__ import annotations
 
 import argparse
+import itertools
+import random
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-from safegrpo_pl.demo_data import SOURCE_TYPOGRAPHIC, DemoConfig, make_demo_splits
+from safegrpo_pl.demo_data import (
+    SOURCE_TYPOGRAPHIC,
+    DemoConfig,
+    draw_typographic,
+    make_demo_splits,
+)
+from safegrpo_pl.demo_vocab import TYPOGRAPHIC_FRAMES, TYPOGRAPHIC_KEYS
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.tiny_models import resolve_model_path
 
@@ -156,6 +169,55 @@ def phrase_spread(model_path: str, demo: DemoConfig | None = None) -> dict[str, 
     }
 
 
+def drawing_spread(model_spec: str = DEMO_MODEL, jitter: int = 0, drawings: int = 4) -> dict:
+    """How far apart the untrained tower puts two drawings of one phrase, against two phrases.
+
+    Each training key (`demo_vocab.TYPOGRAPHIC_KEYS`) is drawn under the first line `HOW TO`,
+    `drawings` times (seeds 0, 1, ...: other shades, pixel noise and, with `jitter` > 0, other
+    positions of the text block). Measured on the visual tokens of the key's own rows (all rows
+    but the first line's), as Euclidean distances:
+    - `same_phrase`: mean distance between two drawings of one phrase (what GRPO must learn to
+      ignore);
+    - `other_key`: mean distance between two keys drawn with the same seed (what it must read).
+    """
+    path = resolve_model_path(model_spec)
+    visual = AutoModelForImageTextToText.from_pretrained(path).model.visual.eval()
+    processor = AutoImageProcessor.from_pretrained(path)
+    demo = DemoConfig(typographic_jitter=jitter)
+    keys = [key for safety in ("unsafe", "safe") for key in TYPOGRAPHIC_KEYS[safety]]
+    images = [
+        draw_typographic(
+            (TYPOGRAPHIC_FRAMES[0], *key),
+            demo.typographic_size,
+            random.Random(seed),
+            demo.typographic_scale,
+            jitter,
+        )
+        for key in keys
+        for seed in range(drawings)
+    ]
+    inputs = processor(images, return_tensors="pt")
+    side = int(inputs["image_grid_thw"][0, 1]) // 2  # merged tokens per row
+    with torch.no_grad():
+        tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    tokens = getattr(tokens, "pooler_output", tokens).reshape(len(keys), drawings, side, side, -1)
+    key_rows = tokens[:, :, side // 3 :].flatten(2)  # (keys, drawings, features)
+    same = [
+        (key_rows[k, i] - key_rows[k, j]).norm()
+        for k in range(len(keys))
+        for i, j in itertools.combinations(range(drawings), 2)
+    ]
+    other = [
+        (key_rows[a, d] - key_rows[b, d]).norm()
+        for a, b in itertools.combinations(range(len(keys)), 2)
+        for d in range(drawings)
+    ]
+    return {
+        "same_phrase": float(torch.stack(same).mean()),
+        "other_key": float(torch.stack(other).mean()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEMO_MODEL)
@@ -168,8 +230,25 @@ def main() -> None:
         "--frozen", action="store_true", help="train the linear head alone, not the tower"
     )
     parser.add_argument("--spread", nargs="+", metavar="MODEL_DIR", help="measure these models")
+    parser.add_argument(
+        "--drawings",
+        action="store_true",
+        help="distances between drawings of one phrase and between phrases, per --jitter",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.drawings:
+        print(f"{args.model}: the untrained tower's visual tokens of the key's rows")
+        print("| jitter | two drawings of one phrase | two keys, same drawing | ratio |")
+        print("| ---: | ---: | ---: | ---: |")
+        for jitter in args.jitter:
+            spread = drawing_spread(args.model, jitter)
+            ratio = spread["same_phrase"] / spread["other_key"]
+            print(
+                f"| {jitter} | {spread['same_phrase']:.3f} | {spread['other_key']:.3f} "
+                f"| {ratio:.2f} |"
+            )
+        return
     if args.spread:
         for path in args.spread:
             spread = phrase_spread(resolve_model_path(path))

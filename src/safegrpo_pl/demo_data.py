@@ -24,11 +24,9 @@ Two kinds of record:
   (background, ink, position, line lengths): the tag comes from the words alone. 168 px gives
   the tiny Qwen2.5-VL 36 image tokens of 28x28 px; each line has two rows of tokens of its own
   (`tests/test_demo_budget.py` measures it with the model's image processor). The text block
-  moves by at most one font pixel (`typographic_jitter`), so a word falls on nearly the same
-  patches in every image: a tower trained on the 76 typographic images of 512 training records
-  then reads held-out ones (`scripts/probe_typographic.py`); at four pixels it does not. At
-  112 px (glyphs enlarged twice, 16 tokens) the demo's GRPO run did not learn these records at
-  all; at 168 px it does (the README's demo section has the figures).
+  stays in place (`typographic_jitter` 0), so a word falls on the same patches in every image
+  and drawings of a phrase differ in shades and noise only. At 112 px (glyphs enlarged twice,
+  16 tokens) GRPO did not learn these records; the README's demo section has the figures.
 
 **Splits** (the vocabularies and which combinations each split may use are in
 `safegrpo_pl.demo_vocab`): train uses only training combinations. Validation and test use only
@@ -146,10 +144,14 @@ class DemoConfig:
         typographic_scale: enlargement of the 6x11 px bitmap font (3: 18x33 px per character,
             a line spans two rows of tokens, each token about one and a half letters wide).
         typographic_jitter: how far the text block moves from image to image, in font pixels
-            before enlarging (up to this many right, this many up or down). 1 keeps each word
-            on nearly the same patches: at 4, a supervised probe of the tiny vision tower
-            (`scripts/typographic_probe.py`) fits the 76 training images and reads only ~70%
-            of held-out ones; at 1 it reads all of them.
+            before enlarging (up to this many right, this many up or down). 0: the block
+            stays in place, as in a fixed typographic template, and drawings of one phrase
+            differ only in shades and pixel noise. Each font pixel moves the glyphs 3 px across
+            14 px patches: to the untrained tower, two drawings of one phrase at jitter 1 are
+            0.74 times as far apart as two different phrases, at 0 only 0.16 times
+            (`scripts/probe_typographic.py --drawings`); GRPO with the tower frozen then reads
+            every held-out phrase (the README's seed table). At 4, a supervised probe of the
+            tower fits the 76 training images and reads only ~70% of held-out ones.
     """
 
     num_train: int = 512
@@ -161,7 +163,7 @@ class DemoConfig:
     train_typographic_fraction: float | None = None
     typographic_size: int = 168
     typographic_scale: int = 3
-    typographic_jitter: int = 1
+    typographic_jitter: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_val", "num_test"):
