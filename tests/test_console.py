@@ -8,7 +8,7 @@ import warnings
 
 from test_run_dirs import run_cli
 
-from safegrpo_pl.console import silence_known_notes
+from safegrpo_pl.console import StepProgressBar, silence_known_notes
 from safegrpo_pl.prefill import cache_kwargs
 
 
@@ -60,3 +60,35 @@ def test_fit_help_shows_our_options_first_and_no_unexplained_words(tmp_path):
     assert text.index("  --data.dataset") < first_trainer
     assert "SPEC" not in text and "FACTS" not in text
     assert "--optimizer" not in text and "--lr_scheduler" not in text
+
+
+def test_the_step_bar_runs_once_across_epochs(tmp_path):
+    # The demo's 2048 records are 64 rollouts an epoch: a bar restarted at each epoch showed a
+    # clock back at 0 and a negative rate six times in a fit.
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    starts: list[tuple[int, float, int]] = []
+
+    class Recording(StepProgressBar):
+        def on_train_epoch_start(self, trainer, *args):
+            super().on_train_epoch_start(trainer, *args)
+            bar = self.train_progress_bar
+            starts.append((id(bar), bar.start_t, bar.total))
+
+    bar = Recording()
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=10,
+        limit_train_batches=4,
+        limit_val_batches=0,
+        callbacks=[bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(BoringModel())
+    assert len(starts) == 3, "10 steps of 4 batches an epoch start 3 epochs"
+    assert len(set(starts)) == 1, f"the bar was restarted: {starts}"
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (10, 10)
+    assert bar.train_progress_bar.desc.startswith("GRPO steps")

@@ -91,17 +91,27 @@ class StepProgressBar(TQDMProgressBar):
 
     Lightning's bar counts batches of an epoch ("Epoch 0/-2" when only `max_steps` is set); here
     one batch is one rollout that may feed several optimiser steps, and a run is sized in steps.
-    The logger's version number (`v_num`) is left out.
+    The logger's version number (`v_num`) is left out. One bar lasts the whole fit: a new epoch
+    (a pass over the training records) does not restart its clock, rate or time left.
     """
 
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._counting_steps = False
+
     def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
+        if not (trainer.max_steps and trainer.max_steps > 0):
+            super().on_train_epoch_start(trainer, *args)
+            return
+        if getattr(self, "_counting_steps", False) and not self._leave:
+            return  # (with `leave=True` Lightning closes the bar at each epoch's end)
         super().on_train_epoch_start(trainer, *args)
-        if trainer.max_steps and trainer.max_steps > 0:
-            bar = self.train_progress_bar
-            bar.reset(total=trainer.max_steps)
-            bar.initial = bar.n = trainer.global_step  # a resumed run: the rate counts new steps
-            bar.set_description("GRPO steps")
-            bar.refresh()
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = trainer.global_step  # a resumed run: the rate counts new steps
+        bar.set_description("GRPO steps")
+        bar.refresh()
+        self._counting_steps = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
         if not (trainer.max_steps and trainer.max_steps > 0):
