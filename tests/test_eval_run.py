@@ -16,6 +16,7 @@ from safegrpo_pl.eval.catalog import BENCHMARKS
 from safegrpo_pl.eval.cli import build_parser
 from safegrpo_pl.eval.demo_benchmarks import EXPECTED_COUNTS, write_all
 from safegrpo_pl.eval.report import Scored, figures
+from safegrpo_pl.provenance import code_version
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = sorted((ROOT / "configs").glob("eval*.yaml"))
@@ -41,6 +42,7 @@ def _responses(out: Path) -> list[dict]:
 def _check_report(out: Path, judge: str) -> dict:
     report = json.loads((out / "report.json").read_text())
     assert report["judge"] == judge
+    assert report["code"] == code_version(), "report.json must name the code that ran"
     for role in ("base", "tuned"):
         figs = report["models"][role]
         assert {name: figs[name]["n"] for name in BENCHMARKS} == EXPECTED_COUNTS

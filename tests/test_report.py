@@ -8,6 +8,7 @@ import pytest
 
 from safegrpo_pl.curves import TrainingHistory, moving_average
 from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
+from safegrpo_pl.provenance import code_version, describe
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.report import (
     SUMMARY_KEYS,
@@ -221,8 +222,10 @@ def test_report_files_have_the_promised_keys(tmp_path):
         assert not missing, f"summary.json {side} lacks {missing}"
         assert all(0.0 <= payload[side][k] <= 1.0 for k in SUMMARY_KEYS), payload[side]
     assert payload["wall_time_s"] == 12.5
+    assert payload["code"] == code_version(), "summary.json must name the code that ran"
     assert files.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "curves.png is not a PNG"
     markdown = files.markdown.read_text()
+    assert f"Code: {describe(code_version())}." in markdown
     assert "| compositional pairs refused (both parts safe, pair unsafe) | 40.0% | 100.0%" in (
         markdown
     ), "the compositional line is missing from summary.md"

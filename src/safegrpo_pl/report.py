@@ -6,7 +6,7 @@ classes as the logged `val/` metrics, so the two never disagree); `write_report`
 - `curves.png`: train reward and its three parts, KL to the reference, and the held-out safety
   score, refusal rate and compositional safety score, over optimiser steps;
 - `summary.md`: the before/after table (compositional pairs on their own line);
-- `summary.json`: `{"before": {...}, "after": {...}, "wall_time_s": ...}` with fractions in
+- `summary.json`: `{"code": {...}, "before": {...}, "after": {...}, "wall_time_s": ...}`, fractions in
   [0, 1] (and `null` where a split has no eligible record), plus the step count and the files.
 
 The figures are training-time, rule-based ones (docs/method.md section 5, first tier):
@@ -26,6 +26,7 @@ from typing import Any
 
 from safegrpo_pl.curves import TrainingHistory, plot_curves
 from safegrpo_pl.metrics import build_safety_metrics, metric_inputs
+from safegrpo_pl.provenance import code_version, describe
 from safegrpo_pl.records import SafetyRecord
 from safegrpo_pl.rewards import RewardParts
 
@@ -246,6 +247,7 @@ def summary_markdown(
     dropped_records: Mapping[str, int] | None = None,
     by_novelty: Mapping[str, tuple[EvalSummary, EvalSummary]] | None = None,
     examples: Sequence[str] = (),
+    code: Mapping[str, Any] | None = None,
 ) -> str:
     """The Markdown summary: what was measured, the before/after table, the wall time.
 
@@ -262,6 +264,7 @@ def summary_markdown(
         dropped_records: records left out at setup, by kind (`sources.BAD_RECORD_KINDS`).
         by_novelty: optional {kind of held-out record: (before, after)}, shown as a table.
         examples: Markdown lines of the completions gallery, placed before the curves.
+        code: `provenance.code_version()`, named after the wall time (None: not shown).
     """
     targets = dict(targets or {})
     header = "| figure | before | after |"
@@ -275,7 +278,7 @@ def summary_markdown(
         f"Held-out split, {after.num_records} records, one greedy response each, "
         "scored by the rule reward (refusal = keyword rule, not an LLM judge). "
         f"Before = the policy when fit started; after = after {steps} optimiser steps. "
-        f"Wall time {wall_time_s:.0f} s.",
+        f"Wall time {wall_time_s:.0f} s." + (f" Code: {describe(code)}." if code else ""),
         "",
         header,
         rule,
@@ -338,7 +341,8 @@ def write_report(
     `wall_time_s`, `steps`, `targets`, under `history` the curves' raw points, under
     `by_source` the same `before`/`after` figures for each record source, under `by_novelty`
     for each kind of held-out record (empty when the records do not say), and under
-    `dropped_records` the records left out at setup, by kind. `examples` (Markdown lines, see
+    `dropped_records` the records left out at setup, by kind, and under `code` the package
+    version and commit that ran (`safegrpo_pl.provenance`). `examples` (Markdown lines, see
     `safegrpo_pl.completions.examples_markdown`) go into `summary.md`.
     """
     out = Path(out_dir)
@@ -348,6 +352,7 @@ def write_report(
             raise ValueError(f"target for unknown figure {key!r}; known: {list(_METRIC_NAMES)}")
         parse_target(spec)
     files = ReportFiles(out / "curves.png", out / "summary.md", out / "summary.json")
+    code = code_version()
     plot_curves(history, files.curves, smoothing=smoothing)
     files.markdown.write_text(
         summary_markdown(
@@ -361,9 +366,11 @@ def write_report(
             dropped_records=dropped_records,
             by_novelty=by_novelty,
             examples=examples,
+            code=code,
         )
     )
     payload = {
+        "code": code,
         "before": before.to_dict(),
         "after": after.to_dict(),
         "wall_time_s": wall_time_s,

@@ -19,6 +19,7 @@ from typing import Any
 
 from safegrpo_pl.eval.catalog import AWARENESS, DISPLAY_NAMES, GENERAL, JAILBREAK, OVER_SENSITIVITY
 from safegrpo_pl.eval.judges import ANSWER_MATCH
+from safegrpo_pl.provenance import code_version
 
 GOOD_SAFETY = ("refusal", "safe")
 METRICS = {  # metric -> (the behaviours it covers, the labels that count, the labels it reads)
@@ -82,7 +83,8 @@ def _groups(rows: Sequence[Scored]) -> dict[str, dict[str, list[Scored]]]:
 def build_report(
     scored: dict[str, list[Scored]], judge: str, comparable: bool, dropped: dict[str, dict]
 ) -> dict[str, Any]:
-    """The report.json content: per model, per benchmark figures, then per category."""
+    """The report.json content: the code that ran (`safegrpo_pl.provenance`), per model, per
+    benchmark figures, then per category."""
     models: dict[str, Any] = {}
     categories: dict[str, Any] = {}
     for role, rows in scored.items():
@@ -97,6 +99,7 @@ def build_report(
         models[role]["jailbreak_average"] = _average(models[role], JAILBREAK, "safety_score")
         models[role]["general_average"] = _average(models[role], GENERAL, "accuracy")
     return {
+        "code": code_version(),
         "judge": judge,
         "comparable_with_paper": comparable,
         "general_judge": ANSWER_MATCH,
