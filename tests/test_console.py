@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 from test_run_dirs import run_cli
 
@@ -92,3 +93,40 @@ def test_the_step_bar_runs_once_across_epochs(tmp_path):
     assert len(set(starts)) == 1, f"the bar was restarted: {starts}"
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (10, 10)
     assert bar.train_progress_bar.desc.startswith("GRPO steps")
+
+
+def test_the_step_bar_counts_steps_after_a_resume_in_the_middle_of_an_epoch(tmp_path):
+    # Checkpoints every N steps fall mid-epoch, and Lightning skips the epoch's start on such a
+    # resume: the bar must be set up when training starts, not only when an epoch does.
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    seen: list[tuple[int, int, str]] = []
+
+    class Recording(StepProgressBar):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            super().on_train_batch_end(trainer, pl_module, *args)
+            bar = self.train_progress_bar
+            seen.append((bar.n, bar.total, bar.desc))
+
+    def trainer(max_steps: int, *callbacks: Any) -> Trainer:
+        return Trainer(
+            default_root_dir=tmp_path,
+            max_steps=max_steps,
+            limit_train_batches=4,
+            limit_val_batches=0,
+            callbacks=[Recording(), *callbacks],
+            logger=False,
+            enable_model_summary=False,
+        )
+
+    # saved during training, after step 6 of 8: two batches into the second epoch
+    every_6 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1)
+    trainer(8, every_6).fit(BoringModel())
+    saved = sorted(tmp_path.glob("*step=6*.ckpt"))
+    assert saved, list(tmp_path.iterdir())
+    seen.clear()
+    trainer(10).fit(BoringModel(), ckpt_path=saved[0])
+    assert seen[0][:2] == (7, 10), f"the resumed bar does not count steps: {seen[0]}"
+    assert all(desc.startswith("GRPO steps") for _, _, desc in seen), seen

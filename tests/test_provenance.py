@@ -34,11 +34,25 @@ def test_a_checkout_reports_its_commit_and_whether_tracked_files_changed(checkou
     version = code_version(checkout)
     assert version["commit"] == _git(checkout, "rev-parse", "--short", "HEAD")
     assert version["dirty"] is False
-    (checkout / "notes.txt").write_text("untracked\n")
-    assert code_version(checkout)["dirty"] is False, "untracked files do not change the code"
+    (checkout.parents[1] / "notes.txt").write_text("untracked\n")
+    assert code_version(checkout)["dirty"] is False, "an untracked file elsewhere is not code"
+    (checkout / "new_module.py").write_text("y = 1\n")
+    assert code_version(checkout)["dirty"] is True, "an uncommitted module changes the code"
+    (checkout / "new_module.py").unlink()
     (checkout / "module.py").write_text("x = 2\n")
     assert code_version(checkout)["dirty"] is True
     assert describe(code_version(checkout)).endswith("(with uncommitted changes)")
+
+
+def test_an_untracked_copy_in_another_checkouts_src_reports_no_commit(checkout, tmp_path):
+    other = tmp_path / "other"
+    (other / "README").parent.mkdir()
+    (other / "README").write_text("another project\n")
+    _git(other, "init", "-q")
+    _git(other, "add", "-A")
+    _git(other, "commit", "-qm", "theirs")
+    shutil.copytree(checkout, other / "src" / "safegrpo_pl")
+    assert code_version(other / "src" / "safegrpo_pl")["commit"] is None
 
 
 def test_an_installed_copy_inside_some_checkout_reports_no_commit(checkout):

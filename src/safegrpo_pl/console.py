@@ -92,20 +92,28 @@ class StepProgressBar(TQDMProgressBar):
     Lightning's bar counts batches of an epoch ("Epoch 0/-2" when only `max_steps` is set); here
     one batch is one rollout that may feed several optimiser steps, and a run is sized in steps.
     The logger's version number (`v_num`) is left out. One bar lasts the whole fit: a new epoch
-    (a pass over the training records) does not restart its clock, rate or time left.
+    (a pass over the training records) does not restart its clock, rate or time left (with
+    `leave=True` Lightning closes the bar at each epoch's end, so each epoch gets a new one,
+    still counting steps). The bar is set up when training starts, so a run resumed in the
+    middle of an epoch (Lightning then skips that epoch's start) counts steps too.
     """
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         self._counting_steps = False
+        if trainer.max_steps and trainer.max_steps > 0:
+            self._count_steps(trainer)
 
     def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
         if not (trainer.max_steps and trainer.max_steps > 0):
             super().on_train_epoch_start(trainer, *args)
             return
         if getattr(self, "_counting_steps", False) and not self._leave:
-            return  # (with `leave=True` Lightning closes the bar at each epoch's end)
+            return
         super().on_train_epoch_start(trainer, *args)
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer: Trainer) -> None:
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps)
         bar.initial = bar.n = trainer.global_step  # a resumed run: the rate counts new steps

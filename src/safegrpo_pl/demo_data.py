@@ -145,13 +145,12 @@ class DemoConfig:
             a line spans two rows of tokens, each token about one and a half letters wide).
         typographic_jitter: how far the text block moves from image to image, in font pixels
             before enlarging (up to this many right, this many up or down). 0: the block
-            stays in place, as in a fixed typographic template, and drawings of one phrase
-            differ only in shades and pixel noise. Each font pixel moves the glyphs 3 px across
-            14 px patches: to the untrained tower, two drawings of one phrase at jitter 1 are
-            0.74 times as far apart as two different phrases, at 0 only 0.16 times
-            (`scripts/probe_typographic.py --drawings`); GRPO with the tower frozen then reads
-            every held-out phrase (the README's seed table). At 4, a supervised probe of the
-            tower fits the 76 training images and reads only ~70% of held-out ones.
+            stays in place; drawings of one phrase differ in shades and pixel noise only. Each
+            font pixel moves the glyphs 3 px across 14 px patches: to the untrained tower, two
+            drawings of one phrase at jitter 1 are 0.74 times as far apart as two different
+            phrases, at 0 only 0.16 times (`scripts/probe_typographic.py --drawings`); GRPO
+            with the tower frozen then reads every held-out phrase (the README's seed table).
+            At 4, a supervised probe of the tower reads only ~70% of held-out phrases.
     """
 
     num_train: int = 512
@@ -222,7 +221,7 @@ def draw_object(name: str, size: int, rng: random.Random) -> Image.Image:
 
 
 def draw_typographic(
-    lines: tuple[str, ...], size: int, rng: random.Random, scale: int = 2, jitter: int = 1
+    lines: tuple[str, ...], size: int, rng: random.Random, scale: int = 2, jitter: int = 0
 ) -> Image.Image:
     """Render an instruction, one line per entry, with PIL's bitmap font on a plain background.
 

@@ -4,8 +4,8 @@ A report's figures are only worth as much as the knowledge of what made them: `s
 and `summary.md` carry `code_version()`, so a figure pasted into an issue or a README can be
 traced to its commit without anyone writing it down by hand.
 
-The commit is read only when the imported package is the `src/safegrpo_pl` folder of the git
-work tree it sits in (an editable install or `PYTHONPATH=src`). An installed copy (a wheel in
+The commit is read only when the imported package is the tracked `src/safegrpo_pl` folder of the
+git work tree it sits in (an editable install or `PYTHONPATH=src`). An installed copy (a wheel in
 `site-packages`) may differ from any checkout around it, even one that holds its virtual
 environment, so it reports no commit rather than a wrong one.
 """
@@ -20,12 +20,16 @@ import safegrpo_pl
 
 
 def _git(folder: Path, *args: str) -> str | None:
-    """`git -C folder args...`'s output, stripped; None when git or the repository is absent."""
+    """`git -C folder args...`'s output, stripped; None when git or the repository is absent.
+
+    `--no-optional-locks`: reading the status must not take the index lock from under a git
+    command the user runs at the same time."""
     try:
         done = subprocess.run(
-            ["git", "-C", str(folder), *args],
+            ["git", "--no-optional-locks", "-C", str(folder), *args],
             capture_output=True,
-            text=True,
+            encoding="utf-8",
+            errors="replace",
             timeout=10,
             check=False,
         )
@@ -37,18 +41,28 @@ def _git(folder: Path, *args: str) -> str | None:
 def code_version(package_dir: str | Path | None = None) -> dict[str, Any]:
     """`{"package": version, "commit": short hash or None, "dirty": bool or None}`.
 
-    `dirty` is true when tracked files differ from the commit (untracked files do not count).
-    `package_dir` defaults to the imported package's folder.
+    `dirty` is true when tracked files anywhere in the work tree differ from the commit, or
+    when the package folder holds files git does not track (an uncommitted module changes the
+    code; an untracked file elsewhere does not). None: git could not tell. `package_dir`
+    defaults to the imported package's folder. Never raises: a report must not be lost to it.
     """
-    folder = Path(package_dir or Path(safegrpo_pl.__file__).parent).resolve()
-    version = {"package": safegrpo_pl.__version__, "commit": None, "dirty": None}
-    top = _git(folder, "rev-parse", "--show-toplevel")
-    if top is None or (Path(top).resolve() / "src" / folder.name) != folder:
-        return version
-    commit = _git(folder, "rev-parse", "--short", "HEAD")
-    status = _git(folder, "status", "--porcelain", "--untracked-files=no")
-    version["commit"] = commit
-    version["dirty"] = None if status is None else bool(status)
+    version: dict[str, Any] = {"package": safegrpo_pl.__version__, "commit": None, "dirty": None}
+    try:
+        folder = Path(package_dir or Path(safegrpo_pl.__file__).parent).resolve()
+        top = _git(folder, "rev-parse", "--show-toplevel")
+        if top is None or (Path(top).resolve() / "src" / folder.name) != folder:
+            return version
+        if _git(folder, "ls-files", "--error-unmatch", "--", ".") is None:
+            return version  # a copy git does not track: that checkout's HEAD is not its code
+        version["commit"] = _git(folder, "rev-parse", "--short", "HEAD")
+        tracked = _git(folder, "status", "--porcelain", "--untracked-files=no")
+        untracked = _git(folder, "status", "--porcelain", "--untracked-files=all", "--", ".")
+        if tracked is not None and untracked is not None:
+            version["dirty"] = bool(tracked) or any(
+                line.startswith("??") for line in untracked.splitlines()
+            )
+    except Exception:  # provenance is a courtesy: the report comes first
+        return {"package": safegrpo_pl.__version__, "commit": None, "dirty": None}
     return version
 
 
@@ -57,6 +71,8 @@ def describe(version: dict[str, Any]) -> str:
     text = f"safegrpo-pl {version['package']}"
     if version.get("commit"):
         text += f", commit {version['commit']}"
-        if version.get("dirty"):
+        if version.get("dirty") is None:
+            text += " (uncommitted changes unknown)"
+        elif version["dirty"]:
             text += " (with uncommitted changes)"
     return text
