@@ -18,6 +18,7 @@ from safegrpo_pl.files import default_cache_dir
 from safegrpo_pl.inputs import PromptBatch, PromptEncoder
 from safegrpo_pl.logprobs import completion_logprobs
 from safegrpo_pl.model import (
+    DecodeIds,
     LoraSettings,
     PolicySettings,
     eos_token_ids,
@@ -30,6 +31,7 @@ from safegrpo_pl.sampling import SamplingSettings, sample_groups
 from safegrpo_pl.tiny_models import TinyModelSpec, build_tiny_model
 
 __all__ = [
+    "DecodeIds",
     "DemoConfig",
     "LoraSettings",
     "PolicySettings",

@@ -126,14 +126,8 @@ def _rollout_policy(model_path: str, settings: stats.BenchSettings) -> tuple[Any
     lora = api.LoraSettings() if settings.lora else None
     policy = api.load_policy(model_path, dtype="float32", lora=lora).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    eos = api.eos_token_ids(tokenizer, getattr(policy, "generation_config", None))
-    pad = tokenizer.pad_token_id
-    return policy, {
-        "tokenizer": tokenizer,
-        "eos_token_ids": eos,
-        "pad_token_id": int(pad if pad is not None else eos[0]),
-        "suppress_token_ids": sorted(set(api.vision_token_ids(tokenizer)) | set(eos)),
-    }
+    ids = api.DecodeIds.of(tokenizer, policy).never_ending()
+    return policy, {"tokenizer": tokenizer, **ids.sampling_kwargs()}
 
 
 def rollout_timings(

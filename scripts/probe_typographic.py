@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText
@@ -59,6 +61,15 @@ class ProbeResult:
     train_accuracy: float
     held_out_accuracy: float
     by_novelty: dict[str, float]
+
+
+def visual_tokens(visual: torch.nn.Module, processor: Any, images: list[Any]) -> torch.Tensor:
+    """(images, visual tokens after merging, hidden): the tower's output for same-size `images`
+    (gradients flow if enabled)."""
+    inputs = processor(images, return_tensors="pt")
+    tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    tokens = getattr(tokens, "pooler_output", tokens)  # (sum of tokens, hidden)
+    return tokens.reshape(len(images), int(inputs["image_grid_thw"][0].prod()) // 4, -1)
 
 
 def _typographic(records: list[SafetyRecord]) -> list[SafetyRecord]:
@@ -100,10 +111,7 @@ def probe(
         optimizer = torch.optim.AdamW(trained, lr=1e-3)
 
         def features(records: list[SafetyRecord]) -> torch.Tensor:
-            inputs = processor([r.image for r in records], return_tensors="pt")
-            tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-            tokens = getattr(tokens, "pooler_output", tokens)  # (sum of tokens, hidden)
-            return tokens.reshape(len(records), -1)
+            return visual_tokens(visual, processor, [r.image for r in records]).flatten(1)
 
         fixed: dict[str, torch.Tensor] = {}  # a fixed tower's features, each image encoded once
 
@@ -151,11 +159,8 @@ def phrase_spread(model_path: str, demo: DemoConfig | None = None) -> dict[str, 
     records = _typographic(make_demo_splits(demo or DemoConfig(num_val=0, num_test=0))["train"])
     model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
     processor = AutoImageProcessor.from_pretrained(model_path)
-    inputs = processor([r.image for r in records], return_tensors="pt")
     with torch.no_grad():
-        tokens = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    tokens = getattr(tokens, "pooler_output", tokens)  # (sum of tokens, hidden)
-    tokens = tokens.reshape(len(records), int(inputs["image_grid_thw"][0].prod()) // 4, -1)
+        tokens = visual_tokens(model.model.visual, processor, [r.image for r in records])
     means = tokens.mean(1)  # (records, hidden)
     phrases: dict[str, list[torch.Tensor]] = {}
     for record, mean in zip(records, means, strict=True):
@@ -196,11 +201,10 @@ def drawing_spread(model_spec: str = DEMO_MODEL, jitter: int = 0, drawings: int 
         for key in keys
         for seed in range(drawings)
     ]
-    inputs = processor(images, return_tensors="pt")
-    side = int(inputs["image_grid_thw"][0, 1]) // 2  # merged tokens per row
     with torch.no_grad():
-        tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    tokens = getattr(tokens, "pooler_output", tokens).reshape(len(keys), drawings, side, side, -1)
+        tokens = visual_tokens(visual, processor, images)
+    side = math.isqrt(tokens.shape[1])  # merged tokens per row of the square image
+    tokens = tokens.reshape(len(keys), drawings, side, side, -1)
     key_rows = tokens[:, :, side // 3 :].flatten(2)  # (keys, drawings, features)
     same = [
         (key_rows[k, i] - key_rows[k, j]).norm()

@@ -98,20 +98,24 @@ class StepProgressBar(TQDMProgressBar):
     middle of an epoch (Lightning then skips that epoch's start) counts steps too.
     """
 
+    _counting_steps = False  # whether the current bar has been set up to count steps
+
+    @staticmethod
+    def _sized_in_steps(trainer: Trainer) -> bool:
+        return bool(trainer.max_steps and trainer.max_steps > 0)
+
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         self._counting_steps = False
-        if trainer.max_steps and trainer.max_steps > 0:
+        if self._sized_in_steps(trainer):
             self._count_steps(trainer)
 
     def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
-        if not (trainer.max_steps and trainer.max_steps > 0):
-            super().on_train_epoch_start(trainer, *args)
-            return
-        if getattr(self, "_counting_steps", False) and not self._leave:
+        if self._sized_in_steps(trainer) and self._counting_steps and not self._leave:
             return
         super().on_train_epoch_start(trainer, *args)
-        self._count_steps(trainer)
+        if self._sized_in_steps(trainer):
+            self._count_steps(trainer)
 
     def _count_steps(self, trainer: Trainer) -> None:
         bar = self.train_progress_bar
@@ -122,7 +126,7 @@ class StepProgressBar(TQDMProgressBar):
         self._counting_steps = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
-        if not (trainer.max_steps and trainer.max_steps > 0):
+        if not self._sized_in_steps(trainer):
             super().on_train_batch_end(trainer, pl_module, *args)
             return
         bar = self.train_progress_bar

@@ -46,14 +46,15 @@ def code_version(package_dir: str | Path | None = None) -> dict[str, Any]:
     code; an untracked file elsewhere does not). None: git could not tell. `package_dir`
     defaults to the imported package's folder. Never raises: a report must not be lost to it.
     """
-    version: dict[str, Any] = {"package": safegrpo_pl.__version__, "commit": None, "dirty": None}
+    unknown = {"package": safegrpo_pl.__version__, "commit": None, "dirty": None}
+    version: dict[str, Any] = dict(unknown)
     try:
         folder = Path(package_dir or Path(safegrpo_pl.__file__).parent).resolve()
         top = _git(folder, "rev-parse", "--show-toplevel")
         if top is None or (Path(top).resolve() / "src" / folder.name) != folder:
-            return version
+            return unknown
         if _git(folder, "ls-files", "--error-unmatch", "--", ".") is None:
-            return version  # a copy git does not track: that checkout's HEAD is not its code
+            return unknown  # a copy git does not track: that checkout's HEAD is not its code
         version["commit"] = _git(folder, "rev-parse", "--short", "HEAD")
         tracked = _git(folder, "status", "--porcelain", "--untracked-files=no")
         untracked = _git(folder, "status", "--porcelain", "--untracked-files=all", "--", ".")
@@ -62,7 +63,7 @@ def code_version(package_dir: str | Path | None = None) -> dict[str, Any]:
                 line.startswith("??") for line in untracked.splitlines()
             )
     except Exception:  # provenance is a courtesy: the report comes first
-        return {"package": safegrpo_pl.__version__, "commit": None, "dirty": None}
+        return unknown
     return version
 
 
