@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from safegrpo_pl.demo_data import DemoConfig, demo_corpus, make_demo_split
-from safegrpo_pl.files import default_cache_dir
-from safegrpo_pl.inputs import PromptBatch, PromptEncoder
-from safegrpo_pl.logprobs import completion_logprobs
-from safegrpo_pl.model import (
+from safegrpo_pl.core.files import default_cache_dir
+from safegrpo_pl.core.rewards import safety_reward
+from safegrpo_pl.demo.dataset import DemoConfig, demo_corpus, make_demo_split
+from safegrpo_pl.policy.inputs import PromptBatch, PromptEncoder
+from safegrpo_pl.policy.model import (
     DecodeIds,
     LoraSettings,
     PolicySettings,
@@ -25,10 +25,10 @@ from safegrpo_pl.model import (
     load_policy,
     vision_token_ids,
 )
-from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.rewards import safety_reward
-from safegrpo_pl.sampling import SamplingSettings, sample_groups
-from safegrpo_pl.tiny_models import TinyModelSpec, build_tiny_model
+from safegrpo_pl.policy.tiny_models import TinyModelSpec, build_tiny_model
+from safegrpo_pl.rollout.logprobs import completion_logprobs
+from safegrpo_pl.rollout.sampling import SamplingSettings, sample_groups
+from safegrpo_pl.train.module import SafeGRPOModule
 
 __all__ = [
     "DecodeIds",

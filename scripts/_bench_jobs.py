@@ -76,7 +76,7 @@ def trl_safety_reward(
     combine_tag: list[str],
     **_: Any,
 ) -> list[float]:
-    """Our rule reward (`safegrpo_pl.rewards.safety_reward`) in TRL's reward-function form.
+    """Our rule reward (`safegrpo_pl.core.rewards.safety_reward`) in TRL's reward-function form.
 
     TRL passes the decoded completions and every extra dataset column as lists, one entry
     per completion; conversational completions arrive as message lists.

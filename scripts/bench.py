@@ -65,7 +65,7 @@ FAIRNESS = [
     "no gradient checkpointing, no bf16, no dropout, full-weight training (reference = a "
     "frozen copy) in both unless --lora",
     "one torch thread per process in both (OMP_NUM_THREADS too)",
-    "TRL's reward is our safegrpo_pl.rewards.safety_reward through a reward function",
+    "TRL's reward is our safegrpo_pl.core.rewards.safety_reward through a reward function",
 ]
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from safegrpo_pl.demo_data import DemoConfig, make_demo_splits
-from safegrpo_pl.inputs import PromptEncoder
+from safegrpo_pl.demo.dataset import DemoConfig, make_demo_splits
+from safegrpo_pl.policy.inputs import PromptEncoder
 
 
 def measure(config_path: Path) -> list[dict[str, object]]:

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from safegrpo_pl.demo_data import DemoConfig, make_demo_splits
-from safegrpo_pl.inputs import PromptEncoder
-from safegrpo_pl.model import DecodeIds, load_policy
-from safegrpo_pl.records import SafetyRecord
-from safegrpo_pl.rewards import RewardParts, score_completions
-from safegrpo_pl.sampling import SamplingSettings, sample_groups
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.core.rewards import RewardParts, score_completions
+from safegrpo_pl.demo.dataset import DemoConfig, make_demo_splits
+from safegrpo_pl.policy.inputs import PromptEncoder
+from safegrpo_pl.policy.model import DecodeIds, load_policy
+from safegrpo_pl.rollout.sampling import SamplingSettings, sample_groups
 
 Tally = dict[tuple[str, str, str], tuple[int, int]]
 """(split, source, novelty or "train") -> (records whose behaviour is right, records)."""

@@ -1,9 +1,9 @@
 """Turn text-only prompts into a typographic image-text dataset (as the paper did with BeaverTails).
 
 Each input prompt is rendered into an image (PIL's bitmap font, word-wrapped, by
-`safegrpo_pl.typographic.render_text_image`); the record's
+`safegrpo_pl.demo.drawings.render_text_image`); the record's
 prompt becomes a neutral instruction to follow the text in the image. Tags follow the demo's
-rule (`safegrpo_pl.demo_data`): `image_tag` = the input's tag (the rendered instruction's
+rule (`safegrpo_pl.demo.dataset`): `image_tag` = the input's tag (the rendered instruction's
 safety), `text_tag` = safe (the neutral prompt), `combine_tag` = `image_tag`.
 
 Input: a .jsonl file, one object per line with `prompt`, `text_tag` (or `tag`) = safe/unsafe
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safegrpo_pl.demo_data import TYPOGRAPHIC_PROMPTS
-from safegrpo_pl.records import TAG_VALUES
-from safegrpo_pl.typographic import render_text_image
+from safegrpo_pl.core.records import TAG_VALUES
+from safegrpo_pl.demo.dataset import TYPOGRAPHIC_PROMPTS
+from safegrpo_pl.demo.drawings import render_text_image
 
 log = logging.getLogger("make_typographic")
 

@@ -35,12 +35,12 @@ import torch
 from lightning import Callback, Trainer, seed_everything
 from torch._C._profiler import _EventType
 
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.model import LoraSettings, PolicySettings
-from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.plan import RunShape, estimate
-from safegrpo_pl.plan_dims import model_dims
-from safegrpo_pl.sampling import SamplingSettings
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.plan.dims import model_dims
+from safegrpo_pl.plan.memory import RunShape, estimate
+from safegrpo_pl.policy.model import LoraSettings, PolicySettings
+from safegrpo_pl.rollout.sampling import SamplingSettings
+from safegrpo_pl.train.module import SafeGRPOModule
 
 MIB = 2**20
 

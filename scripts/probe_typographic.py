@@ -38,15 +38,15 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-from safegrpo_pl.demo_data import (
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.demo.dataset import (
     SOURCE_TYPOGRAPHIC,
     DemoConfig,
     draw_typographic,
     make_demo_splits,
 )
-from safegrpo_pl.demo_vocab import TYPOGRAPHIC_FRAMES, TYPOGRAPHIC_KEYS
-from safegrpo_pl.records import SafetyRecord
-from safegrpo_pl.tiny_models import resolve_model_path
+from safegrpo_pl.demo.vocab import TYPOGRAPHIC_FRAMES, TYPOGRAPHIC_KEYS
+from safegrpo_pl.policy.tiny_models import resolve_model_path
 
 DEMO_MODEL = "tiny:qwen2_5_vl?hidden_size=128&num_layers=4"
 

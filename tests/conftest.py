@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegrpo_pl.tiny_models import build_tiny_model
+from safegrpo_pl.policy.tiny_models import build_tiny_model
 
 # Tiny models are overhead-bound: one thread is faster than two fighting over a shared CPU.
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.core.records import SafetyRecord
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink")
 

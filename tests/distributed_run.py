@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.exports import save_adapter
-from safegrpo_pl.grpo import LossSettings
-from safegrpo_pl.model import PolicySettings
-from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.sampling import Rollout, SamplingSettings, sample_groups
-from safegrpo_pl.sharding import full_state_dict, gathered_weights, is_sharded
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.demo.dataset import DemoConfig
+from safegrpo_pl.policy.model import PolicySettings
+from safegrpo_pl.rl.grpo import LossSettings
+from safegrpo_pl.rollout.sampling import Rollout, SamplingSettings, sample_groups
+from safegrpo_pl.run.exports import save_adapter
+from safegrpo_pl.train.fsdp import full_state_dict, gathered_weights, is_sharded
+from safegrpo_pl.train.module import SafeGRPOModule
 
 
 def _merge(rollouts: list[Rollout]) -> Rollout:

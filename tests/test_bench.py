@@ -242,7 +242,7 @@ def test_report_renders_the_comparison_breakdown_and_targets() -> None:
 
 
 def test_trl_reward_adapter_scores_like_our_reward() -> None:
-    from safegrpo_pl.prompts import REFUSAL_ANSWERS, format_response
+    from safegrpo_pl.core.prompts import REFUSAL_ANSWERS, format_response
 
     good = format_response(
         visual="unsafe", text="safe", combined="unsafe", answer=REFUSAL_ANSWERS[0]

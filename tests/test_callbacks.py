@@ -14,13 +14,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from safegrpo_pl.callbacks import SafetyReport
-from safegrpo_pl.exports import AdapterCheckpoint, PredictionWriter
-from safegrpo_pl.model import load_policy
-from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
-from safegrpo_pl.records import SafetyRecord
-from safegrpo_pl.report import SUMMARY_KEYS
-from safegrpo_pl.rewards import score_completions
+from safegrpo_pl.core.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.core.rewards import score_completions
+from safegrpo_pl.policy.model import load_policy
+from safegrpo_pl.run.callbacks import SafetyReport
+from safegrpo_pl.run.exports import AdapterCheckpoint, PredictionWriter
+from safegrpo_pl.run.report import SUMMARY_KEYS
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from test_module import _data, _module, _trainer
 
-from safegrpo_pl.checkpoints import SIGNATURE_KEY, CheckpointError, check_file, check_policy
-from safegrpo_pl.cli import SafeGRPOCLI
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.model import LoraSettings
-from safegrpo_pl.module import SafeGRPOModule
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.policy.model import LoraSettings
+from safegrpo_pl.run.trainer_cli import SafeGRPOCLI
+from safegrpo_pl.train.checkpoints import SIGNATURE_KEY, CheckpointError, check_file, check_policy
+from safegrpo_pl.train.module import SafeGRPOModule
 
 
 def _checkpoint(path: Path, root: Path, **kwargs) -> Path:
@@ -158,8 +158,8 @@ def test_the_command_line_check_passes_the_checkpoints_own_settings(
 ):
     from dataclasses import asdict
 
-    from safegrpo_pl.checkpoints import check_cli_checkpoint
-    from safegrpo_pl.model import PolicySettings
+    from safegrpo_pl.policy.model import PolicySettings
+    from safegrpo_pl.train.checkpoints import check_cli_checkpoint
 
     policy = PolicySettings(name_or_path=str(tiny_qwen25vl_path), lora=LoraSettings(r=2, alpha=4))
     check_cli_checkpoint(lora_checkpoint, {"policy": asdict(policy)})  # no error

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from transformers import Qwen3VLConfig
 
-from safegrpo_pl.cli import SafeGRPOCLI
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.model import LoraSettings, build_on_meta
-from safegrpo_pl.module import SafeGRPOModule
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.policy.model import LoraSettings, build_on_meta
+from safegrpo_pl.run.trainer_cli import SafeGRPOCLI
+from safegrpo_pl.train.module import SafeGRPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 # Training configs; the evaluation's (eval*.yaml) are checked in test_eval_run.py.
@@ -148,7 +148,7 @@ def test_cli_hides_the_manual_optimisation_note_and_nothing_else():
 
     from lightning.pytorch.utilities import rank_zero_warn
 
-    from safegrpo_pl.cli import silence_known_notes
+    from safegrpo_pl.run.console import silence_known_notes
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

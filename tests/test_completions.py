@@ -8,7 +8,10 @@ from types import SimpleNamespace
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from safegrpo_pl.completions import (
+from safegrpo_pl.core.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.core.rewards import score_completions
+from safegrpo_pl.run.gallery import (
     TABLE_COLUMNS,
     ExampleCollector,
     append_jsonl,
@@ -16,9 +19,6 @@ from safegrpo_pl.completions import (
     examples_markdown,
     log_completion_table,
 )
-from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
-from safegrpo_pl.records import SafetyRecord
-from safegrpo_pl.rewards import score_completions
 
 
 def _record(i: int, source: str, tags=("unsafe", "safe", "unsafe")) -> SafetyRecord:

@@ -9,8 +9,8 @@ from typing import Any
 
 from test_run_dirs import run_cli
 
-from safegrpo_pl.console import StepProgressBar, silence_known_notes
-from safegrpo_pl.prefill import cache_kwargs
+from safegrpo_pl.rollout.prefill import cache_kwargs
+from safegrpo_pl.run.console import StepProgressBar, silence_known_notes
 
 
 def test_known_dependency_notes_are_hidden_and_others_kept(caplog):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from safegrpo_pl.curves import TrainingHistory, build_figure, plot_curves
+from safegrpo_pl.run.curves import TrainingHistory, build_figure, plot_curves
 
 
 def _short_history() -> TrainingHistory:

@@ -24,11 +24,11 @@ from data_fixtures import (
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-from safegrpo_pl.data import SafeTagDataModule, SafetyDataset
-from safegrpo_pl.demo_data import TYPOGRAPHIC_PROMPTS, DemoConfig
-from safegrpo_pl.records import ImageDecodeError, SafetyRecord, decode_image
-from safegrpo_pl.resumable import ResumableSampler
-from safegrpo_pl.sources import BadRecordError, load_raw, seeded_split
+from safegrpo_pl.core.records import ImageDecodeError, SafetyRecord, decode_image
+from safegrpo_pl.data.datamodule import SafeTagDataModule, SafetyDataset
+from safegrpo_pl.data.resumable import ResumableSampler
+from safegrpo_pl.data.sources import BadRecordError, load_raw, seeded_split
+from safegrpo_pl.demo.dataset import TYPOGRAPHIC_PROMPTS, DemoConfig
 
 TINY_DEMO = DemoConfig(num_train=12, num_val=4, num_test=6)
 
@@ -446,7 +446,7 @@ def test_make_typographic_rejects_a_bad_tag(tmp_path: Path, capsys) -> None:
 def test_every_source_feeds_a_tiny_qwen_vl_forward_pass(tiny_vl_path: Path, tmp_path: Path):
     # The demo set, a local parquet set and a save_to_disk set, through the same DataModule
     # (processor = the tiny model's folder), into one forward pass of Qwen2.5-VL and Qwen3-VL.
-    from safegrpo_pl.model import load_policy
+    from safegrpo_pl.policy.model import load_policy
 
     rows = tagged_rows(4)
     for r in rows:

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from safegrpo_pl.demo_data import SOURCE_PICTURE, SOURCE_TYPOGRAPHIC, DemoConfig, make_demo_splits
-from safegrpo_pl.inputs import IMAGE_PAD
+from safegrpo_pl.demo.dataset import (
+    SOURCE_PICTURE,
+    SOURCE_TYPOGRAPHIC,
+    DemoConfig,
+    make_demo_splits,
+)
+from safegrpo_pl.policy.inputs import IMAGE_PAD
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -31,7 +36,7 @@ def test_counted_tokens_are_the_tokens_the_model_gets() -> None:
     # The count the budget reports must equal the image placeholders actually encoded.
     import yaml
 
-    from safegrpo_pl.inputs import PromptEncoder
+    from safegrpo_pl.policy.inputs import PromptEncoder
 
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     encoder = PromptEncoder.from_pretrained(config["model"]["policy"]["name_or_path"], guide=None)

@@ -9,7 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from safegrpo_pl.demo_data import (
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.demo.dataset import (
     OBJECTS,
     SOURCE_PICTURE,
     SOURCE_TYPOGRAPHIC,
@@ -22,7 +23,8 @@ from safegrpo_pl.demo_data import (
     draw_typographic,
     make_demo_splits,
 )
-from safegrpo_pl.demo_vocab import (
+from safegrpo_pl.demo.drawings import render_text_image
+from safegrpo_pl.demo.vocab import (
     CORES,
     HELD_OUT_TYPO_FRAME,
     TYPOGRAPHIC_FRAMES,
@@ -30,8 +32,6 @@ from safegrpo_pl.demo_vocab import (
     all_instructions,
     all_typographic_phrases,
 )
-from safegrpo_pl.records import SafetyRecord
-from safegrpo_pl.typographic import render_text_image
 
 SMALL = DemoConfig(num_train=64, num_val=16, num_test=16, seed=3)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from safegrpo_pl.demo_data import DemoConfig, make_demo_splits
-from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
-from safegrpo_pl.rewards import score_completions
-from safegrpo_pl.tiny_models import resolve_model_path
+from safegrpo_pl.core.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
+from safegrpo_pl.core.rewards import score_completions
+from safegrpo_pl.demo.dataset import DemoConfig, make_demo_splits
+from safegrpo_pl.policy.tiny_models import resolve_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 

@@ -138,7 +138,7 @@ def test_fsdp_checkpoint_round_trip_and_export(fsdp_run):
 
 
 def test_fsdp_trains_around_a_frozen_vision_encoder(tiny_qwen25vl_path, tmp_path):
-    from safegrpo_pl.model import is_vision_parameter, load_policy
+    from safegrpo_pl.policy.model import is_vision_parameter, load_policy
 
     args = ("--devices", "2", "--strategy", "fsdp", "--micro", "1", "--freeze-vision")
     trained = run_ranks(tmp_path, tiny_qwen25vl_path, *args)[0]["weights"]
@@ -156,8 +156,8 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {save_last: true, every_n_train_steps: 1}
-    - class_path: safegrpo_pl.exports.AdapterCheckpoint
-    - class_path: safegrpo_pl.callbacks.SafetyReport
+    - class_path: safegrpo_pl.run.exports.AdapterCheckpoint
+    - class_path: safegrpo_pl.run.callbacks.SafetyReport
 """
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from transformers import Qwen3VLConfig
 
-from safegrpo_pl.cli import SafeGRPOCLI
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.model import build_on_meta
-from safegrpo_pl.module import SafeGRPOModule
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.policy.model import build_on_meta
+from safegrpo_pl.run.trainer_cli import SafeGRPOCLI
+from safegrpo_pl.train.module import SafeGRPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -13,12 +13,12 @@ import pytest
 from data_fixtures import tagged_rows, write_image_files, write_jsonl
 from test_report import _history, _summaries
 
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.errors import error_message, is_expected_error, model_not_found
-from safegrpo_pl.model import load_model_config
-from safegrpo_pl.records import ImageDecodeError, decode_image
-from safegrpo_pl.report import write_report
-from safegrpo_pl.sources import BadRecordError
+from safegrpo_pl.core.errors import error_message, is_expected_error, model_not_found
+from safegrpo_pl.core.records import ImageDecodeError, decode_image
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.data.sources import BadRecordError
+from safegrpo_pl.policy.model import load_model_config
+from safegrpo_pl.run.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_expected_errors_are_ours_and_bugs_are_not():
 
 
 def _setup_raises_value_error() -> None:
-    from safegrpo_pl.warmup import WarmupSettings
+    from safegrpo_pl.train.warmup import WarmupSettings
 
     WarmupSettings(steps=0)
 

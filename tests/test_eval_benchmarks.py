@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from safegrpo_pl.data.sources import BadRecordError
 from safegrpo_pl.eval.benchmarks import FIGSTEP_PROMPT
 from safegrpo_pl.eval.catalog import BENCHMARKS, LoadOptions, load_benchmark
 from safegrpo_pl.eval.demo_benchmarks import (
@@ -18,7 +19,6 @@ from safegrpo_pl.eval.demo_benchmarks import (
     write_vlguard,
 )
 from safegrpo_pl.eval.general import match_choice, match_yes_no
-from safegrpo_pl.sources import BadRecordError
 
 
 def test_every_benchmark_has_a_fixture_writer():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fake_judge import FakeJudge
 
+from safegrpo_pl.core.rewards import is_refusal
 from safegrpo_pl.eval.catalog import load_benchmark
 from safegrpo_pl.eval.demo_benchmarks import write_mossbench, write_siuo
 from safegrpo_pl.eval.hf_judge import HFJudge, HFJudgeSettings
@@ -18,7 +19,6 @@ from safegrpo_pl.eval.judge_prompts import build_prompt, parse_verdict
 from safegrpo_pl.eval.judges import KeywordJudge, RefusalRulesJudge, judge_all
 from safegrpo_pl.eval.records import EvalRecord
 from safegrpo_pl.eval.refusal import is_refusal_by_rules
-from safegrpo_pl.rewards import is_refusal
 
 LABELS = Path(__file__).parent / "assets" / "refusal_labels.jsonl"
 

@@ -16,7 +16,7 @@ from safegrpo_pl.eval.catalog import BENCHMARKS
 from safegrpo_pl.eval.cli import build_parser
 from safegrpo_pl.eval.demo_benchmarks import EXPECTED_COUNTS, write_all
 from safegrpo_pl.eval.report import Scored, figures
-from safegrpo_pl.provenance import code_version
+from safegrpo_pl.run.provenance import code_version
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIGS = sorted((ROOT / "configs").glob("eval*.yaml"))
@@ -173,7 +173,7 @@ def test_adapter_off_answers_as_the_base_model_and_on_as_the_tuned_one(
     from safegrpo_pl.eval.generate import GenerationSettings, ModelSettings
     from safegrpo_pl.eval.judge_factory import JudgeSettings
     from safegrpo_pl.eval.run import evaluate
-    from safegrpo_pl.model import LoraSettings, load_policy
+    from safegrpo_pl.policy.model import LoraSettings, load_policy
 
     policy = load_policy(str(tiny_qwen25vl_path), lora=LoraSettings(r=4, alpha=8))
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from safegrpo_pl.files import atomic_folder
+from safegrpo_pl.core.files import atomic_folder
 
 
 def _leftovers(parent: Path) -> list[str]:

@@ -11,16 +11,18 @@ import statistics
 import pytest
 import torch
 
-from safegrpo_pl.aggregation import AGGREGATIONS, aggregation_normalizer, masked_mean
-from safegrpo_pl.grpo import (
+from safegrpo_pl.rl.grpo import (
+    AGGREGATIONS,
     KL_ESTIMATORS,
     LossSettings,
+    aggregation_normalizer,
     clipped_surrogate,
     group_advantages,
     grpo_loss,
     kl_k1,
     kl_k2,
     kl_k3,
+    masked_mean,
 )
 
 F64 = torch.float64

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from safegrpo_pl.inputs import PromptEncoder
-from safegrpo_pl.model import load_policy
-from safegrpo_pl.records import SafetyRecord
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.policy.inputs import PromptEncoder
+from safegrpo_pl.policy.model import load_policy
 
 
 def _records() -> list[SafetyRecord]:

@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from safegrpo_pl.grpo import group_advantages, grpo_loss
+from safegrpo_pl.rl.grpo import group_advantages, grpo_loss
 
 VOCAB = 4
 REWARDED = 2

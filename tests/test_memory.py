@@ -19,16 +19,16 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
-from safegrpo_pl.chunking import pad_right, rollout_chunks
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.inputs import PromptEncoder
-from safegrpo_pl.model import LoraSettings, PolicySettings
-from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.policy_runner import PolicyRunner
-from safegrpo_pl.prefix_attention import INITIAL_CAPACITY, _GroupDecodeLayer
-from safegrpo_pl.records import SafetyRecord
-from safegrpo_pl.sampling import SamplingSettings
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.demo.dataset import DemoConfig
+from safegrpo_pl.policy.inputs import PromptEncoder
+from safegrpo_pl.policy.model import LoraSettings, PolicySettings
+from safegrpo_pl.rollout.chunking import pad_right, rollout_chunks
+from safegrpo_pl.rollout.prefix_attention import INITIAL_CAPACITY, _GroupDecodeLayer
+from safegrpo_pl.rollout.sampling import SamplingSettings
+from safegrpo_pl.train.module import SafeGRPOModule
+from safegrpo_pl.train.policy_runner import PolicyRunner
 
 # -- what a training step saw, with and without chunking -----------------------------------
 
@@ -196,8 +196,8 @@ def _peak_bytes(fn: Any) -> int:
 def runner(tmp_path_factory) -> Any:
     """A tiny Qwen2.5-VL with 4 layers of width 128: 2 KiB of keys/values per token, so the
     cache dominates the few bytes per token of the sampled ids (which do grow with N)."""
-    from safegrpo_pl.model import load_policy
-    from safegrpo_pl.tiny_models import TinyModelSpec, build_tiny_model
+    from safegrpo_pl.policy.model import load_policy
+    from safegrpo_pl.policy.tiny_models import TinyModelSpec, build_tiny_model
 
     spec = TinyModelSpec(arch="qwen2_5_vl", hidden_size=128, num_layers=4, num_heads=4)
     path = str(build_tiny_model(tmp_path_factory.mktemp("wide"), spec=spec))

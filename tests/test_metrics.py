@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from safegrpo_pl.metrics import (
+from safegrpo_pl.core.rewards import reward_parts
+from safegrpo_pl.train.metrics import (
     MeanReward,
     RefusalRate,
     SafetyScore,
@@ -16,7 +17,6 @@ from safegrpo_pl.metrics import (
     loggable_values,
     metric_inputs,
 )
-from safegrpo_pl.rewards import reward_parts
 
 T, F = True, False
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from safegrpo_pl.model import (
+from safegrpo_pl.policy.model import (
     DecodeIds,
     LoraSettings,
     eos_token_ids,
@@ -16,7 +16,7 @@ from safegrpo_pl.model import (
     model_family,
     vision_token_ids,
 )
-from safegrpo_pl.tiny_models import (
+from safegrpo_pl.policy.tiny_models import (
     FORMAT_TOKENS,
     TinyModelSpec,
     build_tiny_model,

@@ -12,11 +12,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.model import LoraSettings, PolicySettings, is_vision_parameter, load_policy
-from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.sampling import SamplingSettings
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.demo.dataset import DemoConfig
+from safegrpo_pl.policy.model import LoraSettings, PolicySettings, is_vision_parameter, load_policy
+from safegrpo_pl.rollout.sampling import SamplingSettings
+from safegrpo_pl.train.module import SafeGRPOModule
 
 TINY_DEMO = DemoConfig(num_train=4, num_val=2, num_test=2)
 
@@ -214,7 +214,7 @@ def test_resume_logs_the_same_as_an_unbroken_run(tiny_qwen25vl_path, tmp_path, e
 
 
 def test_lr_multiplier_shapes():
-    from safegrpo_pl.optim import lr_multiplier
+    from safegrpo_pl.train.module import lr_multiplier
 
     assert [lr_multiplier(s, 4, "constant") for s in range(5)] == [1.0] * 5
     assert [lr_multiplier(s, 4, "linear") for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
@@ -228,7 +228,7 @@ def test_lr_multiplier_shapes():
 
 
 def test_lr_warmup_schedule_and_its_errors():
-    from safegrpo_pl.optim import OptimizerPlan
+    from safegrpo_pl.train.module import OptimizerPlan
 
     weight = torch.nn.Parameter(torch.zeros(2))
     built = OptimizerPlan(1.0, 0.0, "constant", max_steps=None, warmup_steps=2).build([weight])

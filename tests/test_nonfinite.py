@@ -12,9 +12,8 @@ import pytest
 import torch
 from test_module import LengthRewardModule, _data, _logged, _module, _trainer
 
-from safegrpo_pl.grpo import LossSettings
-from safegrpo_pl.grpo_step import loss_mask
-from safegrpo_pl.nonfinite import NonFiniteError, NonFiniteGuard
+from safegrpo_pl.rl.grpo import LossSettings, loss_mask
+from safegrpo_pl.train.update import NonFiniteError, NonFiniteGuard
 
 
 class NaNReferenceModule(LengthRewardModule):
@@ -63,7 +62,7 @@ def test_nan_log_probs_skip_the_step_and_are_named(tiny_qwen25vl_path, tmp_path,
 
 
 def test_nan_advantages_are_named(tiny_qwen25vl_path, tmp_path, monkeypatch, caplog):
-    import safegrpo_pl.distributed as module_file  # where the module's advantages come from
+    import safegrpo_pl.rl.distributed as module_file  # where the module's advantages come from
 
     original = module_file.group_advantages
     calls = []

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.plan import GIB, RunShape, estimate, kv_bytes_per_token
-from safegrpo_pl.plan_cli import config_dims, parse_memory, read_config, run_shape, verdict
+from safegrpo_pl.plan.cli import config_dims, parse_memory, read_config, run_shape, verdict
+from safegrpo_pl.plan.memory import GIB, RunShape, estimate, kv_bytes_per_token
+from safegrpo_pl.train.module import SafeGRPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"

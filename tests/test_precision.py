@@ -11,13 +11,12 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.model import LoraSettings, PolicySettings, load_policy
-from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.optim import OptimizerPlan
-from safegrpo_pl.policy_runner import PolicyRunner
-from safegrpo_pl.sampling import SamplingSettings
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.demo.dataset import DemoConfig
+from safegrpo_pl.policy.model import LoraSettings, PolicySettings, load_policy
+from safegrpo_pl.rollout.sampling import SamplingSettings
+from safegrpo_pl.train.module import OptimizerPlan, SafeGRPOModule
+from safegrpo_pl.train.policy_runner import PolicyRunner
 
 LORA = LoraSettings(r=4, alpha=8)
 STEPS = 400

@@ -3,7 +3,7 @@ command line, in `test_resume.py`)."""
 
 from __future__ import annotations
 
-from safegrpo_pl.preemption import hpc_checkpoint_path, requeue_command
+from safegrpo_pl.run.preemption import hpc_checkpoint_path, requeue_command
 
 
 def test_the_checkpoint_takes_the_next_hpc_number(tmp_path):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from safegrpo_pl.prompts import (
+from safegrpo_pl.core.prompts import (
     DEFAULT_SAFETY_GUIDE,
     HELPFUL_ANSWERS,
     REFUSAL_ANSWERS,
@@ -89,7 +89,7 @@ def test_format_response_passes_the_format_gate() -> None:
 
 
 def test_format_response_is_accepted_by_the_reward() -> None:
-    rewards = pytest.importorskip("safegrpo_pl.rewards")
+    rewards = pytest.importorskip("safegrpo_pl.core.rewards")
     text = format_response(
         visual="unsafe", text="safe", combined="unsafe", answer=REFUSAL_ANSWERS[1]
     )

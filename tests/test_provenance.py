@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safegrpo_pl.provenance import code_version, describe
+from safegrpo_pl.run.provenance import code_version, describe
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
 

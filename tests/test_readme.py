@@ -14,7 +14,7 @@ import pytest
 import yaml
 from data_fixtures import png_bytes
 
-from safegrpo_pl.data import SafeTagDataModule
+from safegrpo_pl.data.datamodule import SafeTagDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -71,8 +71,8 @@ def test_the_readme_tensorboard_snippet_builds_both_loggers_in_the_run_folder(tm
     pytest.importorskip("tensorboardX")
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from safegrpo_pl.cli import SafeGRPOCLI
-    from safegrpo_pl.module import SafeGRPOModule
+    from safegrpo_pl.run.trainer_cli import SafeGRPOCLI
+    from safegrpo_pl.train.module import SafeGRPOModule
 
     snippet = tmp_path / "tensorboard.yaml"
     snippet.write_text(example("tensorboard").replace("runs/tiny", str(tmp_path / "run")))

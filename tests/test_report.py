@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from safegrpo_pl.curves import TrainingHistory, moving_average
-from safegrpo_pl.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
-from safegrpo_pl.provenance import code_version, describe
-from safegrpo_pl.records import SafetyRecord
-from safegrpo_pl.report import (
+from safegrpo_pl.core.prompts import HELPFUL_ANSWERS, REFUSAL_ANSWERS, format_response
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.core.rewards import score_completions
+from safegrpo_pl.run.curves import TrainingHistory, moving_average
+from safegrpo_pl.run.provenance import code_version, describe
+from safegrpo_pl.run.report import (
     SUMMARY_KEYS,
     EvalSummary,
     parse_target,
@@ -21,7 +22,6 @@ from safegrpo_pl.report import (
     target_met,
     write_report,
 )
-from safegrpo_pl.rewards import score_completions
 
 REFUSE = REFUSAL_ANSWERS[0]
 HELP = HELPFUL_ANSWERS[0]

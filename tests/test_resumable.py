@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from safegrpo_pl.resumable import ResumableLoader, ResumableSampler
+from safegrpo_pl.data.resumable import ResumableLoader, ResumableSampler
 
 
 def _loader(n: int = 10, batch_size: int = 2, rank: int = 0, replicas: int = 1, seed: int = 0):

@@ -24,7 +24,7 @@ KEYS = ("train/loss", "train/reward", "train/kl")
 STEPS, STEPS_PER_BATCH, CHECKPOINT_EVERY = 20, 4, 8
 # The report callback's history must survive a resume too (under DDP it is left out: its end of
 # fit is the subject of another test).
-REPORT = "    - class_path: safegrpo_pl.callbacks.SafetyReport\n"
+REPORT = "    - class_path: safegrpo_pl.run.callbacks.SafetyReport\n"
 CONFIG = """
 seed_everything: 0
 trainer:

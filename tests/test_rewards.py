@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safegrpo_pl.completion_parser import ParsedCompletion, parse_completion
-from safegrpo_pl.rewards import (
+from safegrpo_pl.core.completion_parser import ParsedCompletion, parse_completion
+from safegrpo_pl.core.rewards import (
     REFUSAL_KEYWORDS,
     RewardConfig,
     RewardParts,

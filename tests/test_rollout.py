@@ -11,14 +11,26 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import DynamicCache
 
-from safegrpo_pl import logprobs, sampling
-from safegrpo_pl.inputs import PromptBatch, PromptEncoder
-from safegrpo_pl.logprobs import completion_logprobs, per_token_logprobs
-from safegrpo_pl.model import LoraSettings, apply_lora, eos_token_ids, load_policy, vision_token_ids
-from safegrpo_pl.prefix_attention import GroupDecodeCache, shared_prefix_attention
-from safegrpo_pl.records import SafetyRecord
-from safegrpo_pl.sampling import SamplingSettings, rollout_from_ids, sample_groups
-from safegrpo_pl.token_choice import choose_next_tokens, exponential_draws, filter_logits
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.policy.inputs import PromptBatch, PromptEncoder
+from safegrpo_pl.policy.model import (
+    LoraSettings,
+    apply_lora,
+    eos_token_ids,
+    load_policy,
+    vision_token_ids,
+)
+from safegrpo_pl.rollout import logprobs, sampling
+from safegrpo_pl.rollout.logprobs import completion_logprobs, per_token_logprobs
+from safegrpo_pl.rollout.prefix_attention import GroupDecodeCache, shared_prefix_attention
+from safegrpo_pl.rollout.sampling import (
+    SamplingSettings,
+    choose_next_tokens,
+    exponential_draws,
+    filter_logits,
+    rollout_from_ids,
+    sample_groups,
+)
 
 ARCHS = ["qwen2_5_vl", "qwen3_vl", "qwen3_text"]
 GROUP = 2

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from safegrpo_pl.exports import save_adapter
-from safegrpo_pl.files import TRAINED_MARKER
-from safegrpo_pl.module import SafeGRPOModule
-from safegrpo_pl.run_dirs import RunLogger, find_last_checkpoint, logger_for, run_folder_of
-from safegrpo_pl.warmup import WarmupSettings, already_warmed_up
+from safegrpo_pl.core.files import TRAINED_MARKER
+from safegrpo_pl.run.exports import save_adapter
+from safegrpo_pl.run.folders import RunLogger, find_last_checkpoint, logger_for, run_folder_of
+from safegrpo_pl.train.module import SafeGRPOModule
+from safegrpo_pl.train.warmup import WarmupSettings, already_warmed_up
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 from torch.utils.data import DistributedSampler
 
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.shards import PaddedToRanks, is_padding, padded_length, real_positions
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.data.rank_padding import PaddedToRanks, is_padding, padded_length, real_positions
+from safegrpo_pl.demo.dataset import DemoConfig
 
 
 def _rank_view(rank: int, ranks: int, **demo) -> SafeTagDataModule:

@@ -9,13 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegrpo_pl import warmup
-from safegrpo_pl.data import SafeTagDataModule
-from safegrpo_pl.demo_data import DemoConfig
-from safegrpo_pl.model import eos_token_ids, is_vision_parameter, load_policy, vision_token_ids
-from safegrpo_pl.rewards import reward_parts, score_completions
-from safegrpo_pl.sampling import SamplingSettings, sample_groups
-from safegrpo_pl.warmup import (
+from safegrpo_pl.core.rewards import reward_parts, score_completions
+from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.demo.dataset import DemoConfig
+from safegrpo_pl.policy.model import (
+    eos_token_ids,
+    is_vision_parameter,
+    load_policy,
+    vision_token_ids,
+)
+from safegrpo_pl.rollout.sampling import SamplingSettings, sample_groups
+from safegrpo_pl.train import warmup
+from safegrpo_pl.train.warmup import (
     DONE_FILE,
     EOS_TOKEN,
     WarmupSettings,
@@ -62,7 +67,7 @@ def test_random_targets_pass_the_format_gate_and_carry_no_signal():
 
 
 def test_targets_describe_the_inputs_but_not_their_safety():
-    from safegrpo_pl.demo_data import make_demo_splits
+    from safegrpo_pl.demo.dataset import make_demo_splits
 
     records = make_demo_splits(DemoConfig(num_train=200, num_val=0, num_test=0))["train"]
     rng = random.Random(0)
@@ -177,8 +182,8 @@ def test_warmup_needs_train_records(tiny_qwen25vl_path):
 
 
 def test_module_refuses_to_load_before_the_warmup_stage_ran(tiny_qwen25vl_path):
-    from safegrpo_pl.model import PolicySettings
-    from safegrpo_pl.module import SafeGRPOModule
+    from safegrpo_pl.policy.model import PolicySettings
+    from safegrpo_pl.train.module import SafeGRPOModule
 
     module = SafeGRPOModule(
         policy=PolicySettings(name_or_path=str(tiny_qwen25vl_path)),
@@ -259,7 +264,7 @@ def test_warmup_leaves_the_vision_tower_alone_unless_asked(tiny_qwen25vl_path, t
 def test_warmup_cache_key_follows_the_demo_drawing_version(tiny_qwen25vl_path, monkeypatch):
     # The same DemoConfig drawn by newer drawing code is another training set: a warm-up
     # cached for the old images must not be reused.
-    from safegrpo_pl import data
+    from safegrpo_pl.data import datamodule as data
 
     dm = _datamodule(tiny_qwen25vl_path)
     before = dm.warmup_key()

@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from safegrpo_pl.eval.records import EvalRecord
-from safegrpo_pl.inputs import PromptEncoder
-from safegrpo_pl.model import DecodeIds, load_policy
-from safegrpo_pl.sampling import SamplingSettings, sample_groups
+from safegrpo_pl.policy.inputs import PromptEncoder
+from safegrpo_pl.policy.model import DecodeIds, load_policy
+from safegrpo_pl.rollout.sampling import SamplingSettings, sample_groups
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def generate(
 def visible_answer(text: str) -> str:
     """What the user reads: the first answer block, else the text after the last `</think>`,
     else everything (the same reading the reward's `refused` flag uses)."""
-    from safegrpo_pl.completion_parser import parse_completion
+    from safegrpo_pl.core.completion_parser import parse_completion
 
     answer = parse_completion(text).answer
     if answer is not None:

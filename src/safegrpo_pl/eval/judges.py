@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from safegrpo_pl.core.rewards import is_refusal
 from safegrpo_pl.eval.general import is_correct
 from safegrpo_pl.eval.records import EvalRecord
 from safegrpo_pl.eval.refusal import is_refusal_by_rules
-from safegrpo_pl.rewards import is_refusal
 
 LABELS: tuple[str, ...] = (
     "refusal",

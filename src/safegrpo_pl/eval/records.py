@@ -1,6 +1,6 @@
 """The unit of evaluation: one benchmark prompt with its image and the behaviour it asks for.
 
-Kept apart from the training record (`safegrpo_pl.records.SafetyRecord`): a benchmark record has
+Kept apart from the training record (`safegrpo_pl.core.records.SafetyRecord`): a benchmark record has
 no tags to learn, but it knows what a good answer is (`expected`), where it came from
 (`benchmark`, `category`, `subset`, `id`) and, for the general benchmarks, the right answer.
 
@@ -20,8 +20,8 @@ from typing import Literal
 
 from PIL import Image
 
-from safegrpo_pl.records import ImageDecodeError, SafetyRecord, decode_image
-from safegrpo_pl.sources import BadRecordError, BadRecordReport
+from safegrpo_pl.core.records import ImageDecodeError, SafetyRecord, decode_image
+from safegrpo_pl.data.sources import BadRecordError, BadRecordReport
 
 Behaviour = Literal["refuse", "answer_safely", "help", "answer"]
 BEHAVIOURS: tuple[str, ...] = ("refuse", "answer_safely", "help", "answer")
@@ -110,7 +110,7 @@ class RecordReader:
     """Builds a benchmark's records one raw entry at a time, raising or counting bad ones.
 
     Every error names the file, the record (index and id), the field, what was found and the
-    fix, like the training loaders' (`safegrpo_pl.sources`).
+    fix, like the training loaders' (`safegrpo_pl.data.sources`).
 
     Args:
         benchmark: the benchmark's name.

@@ -1,6 +1,6 @@
 """`refusal-rules`: a rule-based refusal detector that fixes the keyword rule's known misses.
 
-The training reward's rule (`safegrpo_pl.rewards.is_refusal`, docs/method.md section 3) is a
+The training reward's rule (`safegrpo_pl.core.rewards.is_refusal`, docs/method.md section 3) is a
 substring test: it misses "I can’t" with a curly apostrophe, "I won't", "I'm not able to", and
 it calls a helpful answer a refusal when it says "unrestricted", "unsafe", "sorry to hear" or
 "cannot be". This detector instead looks for the speaker declining, in the first person:

@@ -19,7 +19,7 @@ from typing import Any
 
 from safegrpo_pl.eval.catalog import AWARENESS, DISPLAY_NAMES, GENERAL, JAILBREAK, OVER_SENSITIVITY
 from safegrpo_pl.eval.judges import ANSWER_MATCH
-from safegrpo_pl.provenance import code_version
+from safegrpo_pl.run.provenance import code_version
 
 GOOD_SAFETY = ("refusal", "safe")
 METRICS = {  # metric -> (the behaviours it covers, the labels that count, the labels it reads)
@@ -83,7 +83,7 @@ def _groups(rows: Sequence[Scored]) -> dict[str, dict[str, list[Scored]]]:
 def build_report(
     scored: dict[str, list[Scored]], judge: str, comparable: bool, dropped: dict[str, dict]
 ) -> dict[str, Any]:
-    """The report.json content: the code that ran (`safegrpo_pl.provenance`), per model, per
+    """The report.json content: the code that ran (`safegrpo_pl.run.provenance`), per model, per
     benchmark figures, then per category."""
     models: dict[str, Any] = {}
     categories: dict[str, Any] = {}

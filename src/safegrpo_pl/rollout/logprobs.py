@@ -1,0 +1,246 @@
+"""Completion log-probs: sampled completions scored under a model, the other half of a GRPO step.
+
+See docs/method.md section 4. `completion_logprobs` scores the N = B * G completions of
+`safegrpo_pl.rollout.sampling` (row b*G + i: completion i of prompt b) under the policy with grad, and
+under the old policy and the reference without.
+
+How the hot path saves work (all exact: the tests compare with plain full forwards):
+- Shared prefix. Each prompt, image included, is prefilled ONCE (B rows, not B*G), so the vision
+  tower runs once per image and the long guided prompt once per prompt; with grad, the G
+  completions backpropagate into the one shared prefill. Scoring repeats the prompt cache G
+  times (standard SDPA kernels, which also serve the backward pass).
+- The LM head runs only on the completion tokens that count (mask 1), in chunks, as "picked
+  logit minus logsumexp": never a (N, T, V) log-softmax beside the logits.
+- Positions are passed explicitly (`safegrpo_pl.rollout.prefill`).
+
+Deliberate departures and caveats:
+- With gradient checkpointing active (train mode), HF layers drop the KV cache, so
+  `completion_logprobs` falls back to one full-sequence forward over the N rows of prompt +
+  completion; each image is still encoded once per prompt (its features are repeated through
+  the model's `mm_encoder_outputs` input), but the prompt's text is recomputed per completion.
+- Called with dropout active (GRPO's `PolicyRunner` switches it off), the G completions of a
+  prompt would share one dropout mask over the prompt, since they share its prefill.
+- `shared_prefix=False` is the naive baseline the benchmark compares against: a full forward
+  with `pixel_values` repeated per completion (`safegrpo_pl.rollout.sampling`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor
+
+from safegrpo_pl.policy.inputs import PromptBatch
+from safegrpo_pl.rollout.prefill import (
+    cache_is_dropped,
+    cache_kwargs,
+    check_group_size,
+    full_sequence_hidden,
+    model_body,
+    prefill_prompts,
+    prompt_positions,
+    repeated_pixels_hidden,
+    step_positions,
+    unwrap_model,
+)
+
+log = logging.getLogger(__name__)
+
+# Upper bound on the logits of one LM-head chunk (elements): 2**26 float32 = 256 MiB. With a
+# 151k vocabulary that is ~440 tokens per chunk; with a tiny vocabulary, a single chunk.
+HEAD_CHUNK_ELEMENTS = 2**26
+
+
+def per_token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature) at `ids`, as picked logit minus logsumexp.
+
+    Never materialises the log-softmax: one float copy of the logits at most.
+
+    Args:
+        logits: (..., V) logits of any float dtype (computed in float32).
+        ids: (...) token ids.
+        temperature: the sampling temperature (> 0).
+
+    Returns:
+        (...) float32 log-probs.
+    """
+    if logits.shape[:-1] != ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} disagree")
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (...)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def completion_logprobs(
+    model: Any,
+    batch: PromptBatch,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    group_size: int,
+    temperature: float = 1.0,
+    shared_prefix: bool = True,
+    recompute_head: bool = False,
+) -> Tensor:
+    """Per-token log-probs of sampled completions under `model`, prompt (and image) as context.
+
+    Works with and without grad: the policy's training forward, old and reference log-probs.
+    The log-prob of completion token t comes from the logits at the position before it,
+    divided by `temperature`.
+
+    Args:
+        model: a Qwen-VL or text causal LM, or a peft model wrapping one (under
+            `disable_adapter()` it gives the base model's log-probs).
+        batch: the B prompts the completions were sampled from.
+        completion_ids: (N, T) ids, N = B * G, group by group.
+        completion_mask: (N, T) 1 on tokens to score (through the first EOS), 0 after.
+        group_size: G.
+        temperature: the sampling temperature (docs/method.md section 4: log-probs from
+            logits / temperature).
+        shared_prefix: prefill each prompt once and share its cache across the group; False
+            runs a full forward per completion with the image re-encoded (the naive baseline).
+        recompute_head: with grad, recompute each LM-head chunk's logits in backward instead of
+            keeping (tokens, V) logits alive for it (saves memory, costs one more head pass).
+
+    Returns:
+        (N, T) float32 log-probs, 0 where the mask is 0.
+    """
+    _check_completions(batch, completion_ids, completion_mask, group_size, temperature)
+    base = unwrap_model(model)
+    if completion_ids.shape[1] == 0:
+        return completion_mask.new_zeros(completion_ids.shape, dtype=torch.float32)
+    hidden_states = _prompt_context_hidden if shared_prefix else repeated_pixels_hidden
+    return _masked_head_logprobs(
+        base.get_output_embeddings(),
+        hidden_states(base, batch, completion_ids, group_size),
+        completion_ids,
+        completion_mask,
+        temperature,
+        recompute_head,
+    )
+
+
+def _check_completions(
+    batch: PromptBatch,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    group_size: int,
+    temperature: float,
+) -> None:
+    """Raise, naming the argument, when the completions do not fit the batch and group size."""
+    check_group_size(group_size)
+    num_prompts = batch.input_ids.shape[0]
+    if completion_ids.ndim != 2 or completion_ids.shape[0] != num_prompts * group_size:
+        raise ValueError(
+            f"completion_ids has shape {tuple(completion_ids.shape)}; expected "
+            f"({num_prompts} prompts x {group_size} per group, T) = ({num_prompts * group_size}, T)"
+        )
+    if completion_mask.shape != completion_ids.shape:
+        raise ValueError(
+            f"completion_mask {tuple(completion_mask.shape)} and completion_ids "
+            f"{tuple(completion_ids.shape)} must have the same shape"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature is {temperature}; log-probs need > 0")
+
+
+def _prompt_context_hidden(
+    base: Any, batch: PromptBatch, completion_ids: Tensor, group_size: int
+) -> Tensor:
+    """Hidden states (N, T, H) over the shared prefill; a full forward if the cache is dropped."""
+    if cache_is_dropped(base):
+        log.debug("gradient checkpointing drops the KV cache: scoring with full-sequence forwards")
+        return _reused_features_hidden(base, batch, completion_ids, group_size)
+    return _shared_prefix_hidden(base, batch, completion_ids, group_size)
+
+
+def _shared_prefix_hidden(
+    base: Any, batch: PromptBatch, completion_ids: Tensor, group_size: int
+) -> Tensor:
+    """Hidden states that predict each completion token, via one prefill per prompt: (N, T, H)."""
+    positions, next_position = prompt_positions(base, batch)
+    last_hidden, cache = prefill_prompts(base, batch, positions)  # (B, H)
+    first = last_hidden.repeat_interleave(group_size, 0).unsqueeze(1)  # (N, 1, H)
+    steps = completion_ids.shape[1] - 1
+    if steps == 0:
+        return first
+    cache.batch_repeat_interleave(group_size)
+    prompt_mask = batch.attention_mask.repeat_interleave(group_size, 0)  # (N, L)
+    # Tokens after a row's EOS only ever see the prompt and earlier tokens (causal), so an
+    # all-ones mask over the completion is exact where it matters (mask 1).
+    attention = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], steps)], 1)
+    body = model_body(base)
+    out = body(
+        input_ids=completion_ids[:, :-1],
+        attention_mask=attention,
+        position_ids=step_positions(next_position.repeat_interleave(group_size), steps, positions),
+        **cache_kwargs(body, cache),
+        use_cache=True,
+    )
+    return torch.cat([first, out.last_hidden_state], 1)  # (N, T, H)
+
+
+def _repeat_image_features(features: Any, group_size: int) -> Any:
+    """Repeat each image's vision-tower output (and Qwen3-VL deepstack features) G times."""
+
+    def repeat(per_image: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        return tuple(t for t in per_image for _ in range(group_size))
+
+    features.pooler_output = repeat(features.pooler_output)
+    deepstack = getattr(features, "deepstack_features", None)
+    if deepstack is not None:
+        features.deepstack_features = [repeat(level) for level in deepstack]
+    return features
+
+
+def _reused_features_hidden(
+    base: Any, batch: PromptBatch, completion_ids: Tensor, group_size: int
+) -> Tensor:
+    """Hidden states (N, T, H) from a full forward, each image encoded once for its group."""
+    vision = batch.model_kwargs
+    image_inputs: dict[str, Any] = {}
+    if "pixel_values" in vision:
+        grid = vision["image_grid_thw"]
+        features = model_body(base).get_image_features(
+            vision["pixel_values"], grid, return_dict=True
+        )
+        image_inputs["image_grid_thw"] = grid.repeat_interleave(group_size, 0)
+        image_inputs["mm_encoder_outputs"] = {"image": _repeat_image_features(features, group_size)}
+    return full_sequence_hidden(base, batch, completion_ids, group_size, image_inputs)
+
+
+def _masked_head_logprobs(
+    head: Any,
+    hidden: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float,
+    recompute: bool,
+) -> Tensor:
+    """LM head + log-probs on the mask-1 positions only, in chunks: (N, T) float32."""
+    keep = completion_mask.bool()  # (N, T)
+    states = hidden[keep]  # (M, H)
+    targets = completion_ids[keep]  # (M,)
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+
+    def score(states_chunk: Tensor, targets_chunk: Tensor) -> Tensor:
+        return per_token_logprobs(head(states_chunk), targets_chunk, temperature)
+
+    pieces = []
+    for start in range(0, states.shape[0], chunk):
+        args = (states[start : start + chunk], targets[start : start + chunk])
+        if recompute and torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(score, *args, use_reentrant=False))
+        else:
+            pieces.append(score(*args))
+    values = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device).masked_scatter(
+        keep, values
+    )

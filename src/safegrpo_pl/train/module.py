@@ -1,0 +1,498 @@
+"""`SafeGRPOModule`: the GRPO loop of SafeGRPO, by hand, in a LightningModule.
+
+One training batch is one rollout batch of B prompts. Per batch: sample G completions per
+prompt, score them with the rule rewards, normalise rewards within each group, compute the old
+and reference log-probs once, then take `num_iterations` passes of optimiser steps over
+mini-batches of whole groups (docs/method.md section 4). Lightning's manual optimisation is used because
+one rollout feeds several optimiser steps; `trainer.max_steps` therefore counts optimiser steps.
+
+Departures and choices (all deliberate; see also `grpo.py` and `rewards.py`):
+- On several processes (DDP, or FSDP2 through `configure_model`), each rank samples its own
+  prompts with its own generator (`sampling_generator`, seeded from the global seed and the
+  rank), and the loss is the token-mean over the mini-batch of ALL ranks: the denominator is
+  all-reduced and the gradient averaging of the strategy is undone (`safegrpo_pl.rl.distributed`),
+  so one step equals a one-process step on the same global batch.
+- The reference model is the initial policy: with LoRA, the same weights with the adapters
+  disabled (no second copy); without LoRA, a frozen copy kept out of checkpoints (it is
+  re-created from `policy.name_or_path` on resume).
+- No dropout anywhere: sampling and the old/reference passes run in eval mode, the training
+  pass in train mode with dropout off (`PolicyRunner`). The first mini-batch of a rollout
+  takes its old log-probs from its own training forward (the weights have not moved yet), so
+  its ratio is exactly 1 and the old pass skips it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, is_dataclass, replace
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import Tensor
+
+from safegrpo_pl.core.records import SafetyRecord
+from safegrpo_pl.core.rewards import RewardConfig, RewardParts, score_completions
+from safegrpo_pl.data.rank_padding import counted
+from safegrpo_pl.policy.inputs import PromptBatch, PromptEncoder
+from safegrpo_pl.policy.model import PolicySettings
+from safegrpo_pl.policy.precision import DTYPES, check_trainable_dtype
+from safegrpo_pl.rl.distributed import (
+    advantages_over_ranks,
+    check_equal_across_ranks,
+    global_seed,
+    sampling_generator,
+)
+from safegrpo_pl.rl.grpo import LossSettings, loss_mask, prompt_chunks, repeat_per_completion
+from safegrpo_pl.rollout.sampling import Rollout, SamplingSettings
+from safegrpo_pl.train.checkpoints import read_extras, write_extras
+from safegrpo_pl.train.fsdp import shard_models
+from safegrpo_pl.train.metrics import build_safety_metrics, loggable_values, metric_inputs
+from safegrpo_pl.train.policy_runner import PolicyRunner
+from safegrpo_pl.train.update import NonFiniteGuard, PolicyUpdate, ScoredRollout, StepTimer
+from safegrpo_pl.train.warmup import WarmupSettings, already_warmed_up, warmed_up_path
+
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+def lr_multiplier(step: int, total: int | None, kind: str, warmup_steps: int = 0) -> float:
+    """The learning-rate factor for optimiser step `step` (from 0) of `total`.
+
+    First `warmup_steps` steps rising along a line to 1 (step `i` at `(i + 1) / (warmup + 1)`),
+    then 1 for "constant", 1 -> 0 along a line ("linear") or half a cosine ("cosine") over the
+    remaining steps (a run shorter than its warm-up never reaches the full rate: a short check
+    run of a config keeps the config's schedule). The warm-up keeps AdamW's first steps, which
+    move every weight by about the full learning rate whatever the gradient's size, from
+    undoing what a model already writes; the decay lets a short run on a random-weight model
+    (the demo) settle instead of ending on a large, noisy update.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    assert total is not None
+    span = max(total - warmup_steps, 1)
+    progress = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class OptimizerPlan:
+    """AdamW's settings and the decay; `build` returns what `configure_optimizers` returns."""
+
+    lr: float
+    weight_decay: float
+    lr_decay: str
+    max_steps: int | None
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay is {self.lr_decay!r}; choose one of {list(LR_DECAYS)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps is {self.warmup_steps}; expected >= 0")
+
+    def build(self, params: Iterable[torch.nn.Parameter]) -> Any:
+        """AdamW over the trainable `params`, with a per-step LambdaLR unless constant."""
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("the policy has no trainable parameters: check lora.target_modules")
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_decay == "constant" and self.warmup_steps == 0:
+            return optimizer
+        total, kind, warmup = self.max_steps, self.lr_decay, self.warmup_steps
+        if kind != "constant" and (total is None or total < 1):
+            raise ValueError(
+                f"lr_decay={kind!r} decays to 0 at trainer.max_steps, which is not set "
+                "(set --trainer.max_steps, or use lr_decay: constant)"
+            )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, total, kind, warmup)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}
+
+
+log = logging.getLogger(__name__)
+
+
+class SafeGRPOModule(PolicyUpdate, LightningModule):
+    """SafeGRPO: group-relative policy optimisation with rule-based safety rewards.
+
+    Args:
+        policy: which model to train and how to load it (path, dtype, LoRA, 4-bit, gradient
+            checkpointing, attention kernel).
+        warmup: optional supervised format warm-up run before GRPO (for random-weight models
+            that cannot yet write the format; see `safegrpo_pl.train.warmup`). It is a stage of its
+            own: `warm_start` runs it, and the CLI calls that before every subcommand.
+        group_size: completions sampled per prompt (G); at least 2.
+        mini_batch_size: prompts per optimiser step; null = the whole rollout batch (one step).
+        micro_batch_size: prompts per forward/backward pass (memory only: the gradient is the
+            same for any value); null = the mini-batch.
+        rollout_micro_batch_size: prompts sampled, and re-scored by the old/reference passes,
+            at once (whole groups; memory only); null = the whole rollout batch.
+        num_iterations: passes over each rollout batch (PPO epochs).
+        kl_coef: weight of the KL-to-reference term in the loss (beta); 0 skips the reference.
+        lr: AdamW learning rate.
+        lr_decay: "constant" (the paper), or "linear" / "cosine" decay to 0 at
+            `trainer.max_steps`.
+        lr_warmup_steps: optimiser steps over which the learning rate rises linearly to `lr`
+            (0, the paper: none).
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient-norm clipping threshold.
+        sampling: rollout sampling settings (temperature, top-p, top-k, max_new_tokens).
+        val_sampling: validation/test decoding; null = greedy with `sampling.max_new_tokens`.
+        loss: clipping, dual clip, KL estimator, aggregation and advantage settings.
+        reward: rule-reward weights and refusal keywords.
+        shared_prefix: encode each image and prefill each prompt once per group.
+        fsdp_compute_dtype: under `ModelParallelStrategy` (FSDP2), the dtype weights are
+            gathered in for compute ("bfloat16"), the shards and AdamW keeping the loaded
+            dtype (`model.policy.dtype: float32`); null: the loaded dtype.
+        max_consecutive_skips: optimiser steps in a row with a non-finite loss or gradient
+            (each skipped, see `safegrpo_pl.train.update`) after which the run stops.
+    """
+
+    def __init__(
+        self,
+        policy: PolicySettings = PolicySettings(),  # noqa: B008 (frozen dataclass)
+        warmup: WarmupSettings | None = None,
+        group_size: int = 8,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        rollout_micro_batch_size: int | None = None,
+        num_iterations: int = 1,
+        kl_coef: float = 0.01,
+        lr: float = 1e-6,
+        lr_decay: str = "constant",
+        lr_warmup_steps: int = 0,
+        weight_decay: float = 0.01,
+        max_grad_norm: float = 1.0,
+        sampling: SamplingSettings = SamplingSettings(),  # noqa: B008
+        val_sampling: SamplingSettings | None = None,
+        loss: LossSettings = LossSettings(),  # noqa: B008
+        reward: RewardConfig = RewardConfig(),  # noqa: B008
+        shared_prefix: bool = True,
+        fsdp_compute_dtype: str | None = None,
+        max_consecutive_skips: int = 5,
+    ) -> None:
+        super().__init__()
+        if group_size < 2:
+            raise ValueError(
+                f"group_size must be at least 2 (got {group_size}): GRPO compares the "
+                "completions of one prompt with each other"
+            )
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1 (got {num_iterations})")
+        self.save_hyperparameters()  # collects the arguments above
+        # Saved again as plain data: loggers cannot walk frozen dataclasses, nor can
+        # `torch.load(weights_only=True)` read them back.
+        self.save_hyperparameters(
+            {k: asdict(v) if is_dataclass(v) else v for k, v in self.hparams.items()}
+        )
+        self.settings = policy
+        self.warmup = warmup
+        self.optimizer_plan = OptimizerPlan(
+            lr, weight_decay, lr_decay, max_steps=None, warmup_steps=lr_warmup_steps
+        )
+        self.max_grad_norm = max_grad_norm
+        self.automatic_optimization = False  # one rollout feeds several optimiser steps
+        self.group_size = group_size
+        self.mini_batch_size = mini_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.rollout_micro_batch_size = rollout_micro_batch_size
+        self.num_iterations = num_iterations
+        self.kl_coef = kl_coef
+        self.sampling = sampling
+        # Greedy, with the rollout's length budget, unless set: a cap of its own would let a
+        # model that never stops decode 4096 tokens per validation prompt.
+        self.val_sampling = val_sampling or replace(sampling, do_sample=False)
+        self.loss_settings = loss
+        self.reward_config = reward
+        self.shared_prefix = shared_prefix
+        self.fsdp_compute_dtype = fsdp_compute_dtype
+        self.guard = NonFiniteGuard(max_consecutive_skips)
+        self.policy: Any = None
+        self.policy_path: str | None = None  # the folder loaded: the warm-up's, once it ran
+        self._reference: list[Any] = []  # a list keeps the frozen copy out of state_dict
+        self.tokenizer: Any = None
+        self.timer = StepTimer()
+        self.sampling_generator: torch.Generator | None = None  # per rank; made in `setup`
+        self.strict_loading = policy.lora is None  # LoRA checkpoints hold only the adapters
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def warm_start(
+        self, records: Sequence[SafetyRecord], encoder: PromptEncoder, dataset_key: dict[str, Any]
+    ) -> str:
+        """Run the format warm-up on `records` (or reuse its cached result); returns its folder.
+
+        The warm-up is a stage before GRPO, not part of loading: the CLI calls this before
+        every subcommand with the datamodule's train records, its prompt encoder and what
+        identifies the data set (`SafeTagDataModule.warmup_key()`), and `configure_model`
+        then loads the warmed-up folder.
+        """
+        if self.warmup is None:
+            raise ValueError("warm_start needs model.warmup settings; it is null")
+        from safegrpo_pl.policy.tiny_models import resolve_model_path
+
+        base = resolve_model_path(self.settings.name_or_path)
+        done = already_warmed_up(base)
+        if done is not None:
+            log.warning("format warm-up skipped: %s; loading it as it is", done)
+            self.policy_path = base
+            return base
+        self.policy_path = warmed_up_path(
+            base, self.warmup, records=records, encoder=encoder, dataset_key=dataset_key
+        )
+        return self.policy_path
+
+    def configure_model(self) -> None:
+        """Load the policy (and, without LoRA, its frozen reference) once, on any stage."""
+        if self.policy is not None:
+            return
+        from safegrpo_pl.policy.tiny_models import resolve_model_path
+
+        if self.warmup is not None and self.policy_path is None:
+            raise ValueError(
+                "model.warmup is set but the warm-up stage has not run: call "
+                "module.warm_start(records, encoder, dataset_key) before the Trainer (the CLI "
+                "does), or set model.warmup to null"
+            )
+        self.policy_path = self.policy_path or resolve_model_path(self.settings.name_or_path)
+        self.runner = PolicyRunner.load(
+            self.settings,
+            self.policy_path,
+            kl_coef=self.kl_coef,
+            shared_prefix=self.shared_prefix,
+            rollout_chunk=self.rollout_micro_batch_size,
+        )
+        self.policy = self.runner.model
+        self.tokenizer = self.runner.tokenizer
+        self._reference = [] if self.runner.reference is None else [self.runner.reference]
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, see `sharding`
+            shard_models(self.policy, self._reference, self.device_mesh, self.fsdp_compute_dtype)
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        sources = sorted(getattr(datamodule, "sources", None) or [])
+        self.val_metrics = build_safety_metrics("val/", sources)
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        if self.sampling_generator is None:
+            device = trainer.strategy.root_device if trainer is not None else self.device
+            rank = trainer.global_rank if trainer is not None else 0
+            self.sampling_generator = sampling_generator(global_seed(), rank, device)
+
+    def on_fit_start(self) -> None:
+        trainable = self.settings.trainable_dtype
+        check_trainable_dtype(self.policy, None if trainable is None else DTYPES[trainable])
+        self.runner.place_reference()  # the precision plugin has cast the policy by now
+        self._reference = [] if self.runner.reference is None else [self.runner.reference]
+
+    def configure_optimizers(self) -> Any:
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        return replace(self.optimizer_plan, max_steps=max_steps).build(self.policy.parameters())
+
+    # -- the pieces of a step -------------------------------------------------------------
+
+    def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings) -> Rollout:
+        """Sample `group_size` completions per prompt with the current policy."""
+        return self.runner.sample(batch, group_size, settings, generator=self.sampling_generator)
+
+    def score(self, batch: PromptBatch, rollout: Rollout) -> list[RewardParts]:
+        """Rule rewards of every completion against its record's tags."""
+        group = rollout.group_size
+        return score_completions(
+            rollout.texts,
+            repeat_per_completion(batch.image_tags, group),
+            repeat_per_completion(batch.text_tags, group),
+            repeat_per_completion(batch.combine_tags, group),
+            config=self.reward_config,
+        )
+
+    def frozen_logprobs(
+        self, batch: PromptBatch, rollout: Rollout, *, reference: bool, skip: Sequence[int] = ()
+    ) -> Tensor:
+        """Log-probs (N, T) under the current policy (old) or the reference, in eval mode; the
+        rows of prompts in `skip` are left 0."""
+        temperature = self.sampling.temperature
+        return self.runner.frozen_logprobs(
+            batch, rollout, reference=reference, temperature=temperature, skip=skip
+        )
+
+    # -- Lightning hooks ------------------------------------------------------------------
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        with self.timer.phase("generation"):
+            rollout = self.sample(batch, self.group_size, self.sampling)
+        with self.timer.phase("reward"):
+            parts = self.score(batch, rollout)
+            rewards = torch.tensor([p.total for p in parts], device=self.device)
+            advantages, every_rank = advantages_over_ranks(
+                rewards, self.group_size, self.loss_settings
+            )
+        mask = loss_mask(
+            rollout.completion_mask, rewards, self.group_size, self.loss_settings.drop_zero_variance
+        )
+        minibatches = prompt_chunks(len(batch), self.mini_batch_size)
+        steps = self.num_iterations * len(minibatches)
+        check_equal_across_ranks("the number of optimiser steps per rollout batch", steps)
+        old_logp = ref_logp = None
+        if steps > 1:  # later steps see a moved policy: keep the sampling policy's log-probs
+            with self.timer.phase("old_logprobs"):  # the first mini-batch's come from its step
+                old_logp = self.frozen_logprobs(
+                    batch, rollout, reference=False, skip=minibatches[0]
+                )
+        if self.kl_coef > 0:
+            with self.timer.phase("ref_logprobs"):
+                ref_logp = self.frozen_logprobs(batch, rollout, reference=True)
+        scored = ScoredRollout(batch, rollout, advantages, old_logp, ref_logp, mask)
+        step_stats: list[dict[str, Tensor]] = []
+        for iteration in range(self.num_iterations):
+            for index, prompts in enumerate(minibatches):
+                fresh = iteration == 0 and index == 0
+                step_stats.append(self.optimise(scored, prompts, fresh))
+        self._log_train(rollout, parts, every_rank, step_stats, len(batch))
+
+    def _log_train(
+        self,
+        rollout: Rollout,
+        parts: Sequence[RewardParts],
+        rewards: Tensor,
+        step_stats: Sequence[dict[str, Tensor]],
+        batch_size: int,
+    ) -> None:
+        figures = rollout_figures(
+            rewards, parts, rollout.lengths, rollout.truncated, rollout.group_size
+        )
+        figures.update(mean_over_steps(step_stats))
+        logs: dict[str, Any] = {f"train/{k}": v for k, v in figures.items()}
+        logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        logs["train/skipped_steps"] = float(self.guard.skipped)
+        seconds = self.timer.pop()
+        logs.update({f"time/{k}": v for k, v in seconds.items()})
+        logs["time/step_total"] = sum(seconds.values())
+        # The loggers' step is the number of optimiser steps done, as in the report's curves
+        # (Lightning would count rollout batches, which differ with several steps per batch).
+        logs["step"] = float(self.global_step)
+        # Means over ranks (each holds the same number of completions): loss figures are
+        # already global, and reward, reward_std and zero_var_groups come from every rank.
+        options = {"batch_size": batch_size, "sync_dist": True}
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, **options)
+        self.log("reward", logs["train/reward"], prog_bar=True, logger=False, **options)
+        self.log("kl", logs.get("train/kl", 0.0), prog_bar=True, logger=False, **options)
+
+    def evaluate_batch(self, batch: PromptBatch) -> tuple[Rollout, list[RewardParts]]:
+        """Decode one completion per prompt with `val_sampling` and score it."""
+        rollout = self.sample(batch, 1, self.val_sampling)
+        return rollout, self.score(batch, rollout)
+
+    def _eval_step(self, batch: PromptBatch, metrics: Any) -> dict[str, Any]:
+        """Decode, score and update `metrics`; returns every row's response and rewards, in
+        the batch's order (the report callback shows a few of them)."""
+        rollout, all_parts = self.evaluate_batch(batch)  # padding too: every rank decodes alike
+        outputs = {"texts": rollout.texts, "parts": all_parts}
+        records, parts = counted(batch.records, all_parts)  # the sampler's padding never counts
+        if not records:
+            return outputs
+        metrics.update(
+            **metric_inputs(
+                parts,
+                [r.combine_tag for r in records],
+                [r.image_tag for r in records],
+                [r.text_tag for r in records],
+                sources=[r.source for r in records],
+                device=self.device,
+            )
+        )
+        return outputs
+
+    def _log_eval_epoch(self, metrics: Any) -> None:
+        # Metrics with no eligible record (e.g. no compositional pair) are NaN: leave them out.
+        # `compute` has summed the counts over ranks already, so every rank holds the same
+        # values; sync_dist (a mean of equal values) only tells Lightning so.
+        self.log_dict(loggable_values(metrics), sync_dist=True)
+        self.log("step", float(self.global_step), sync_dist=True)  # training's step numbering
+        metrics.reset()
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch(self.val_metrics)
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch(self.test_metrics)
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
+        """One decoded, scored response per record, as plain dicts (written by the CLI)."""
+        rollout, parts = self.evaluate_batch(batch)
+        return prediction_rows(*counted(batch.records, rollout.texts, parts))
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every process's random state, the policy's identity, the skipped-step count, and
+        with LoRA only the adapters (`safegrpo_pl.train.checkpoints.write_extras`)."""
+        write_extras(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another policy or with missing / unexpected weights, then
+        restore the random state (`safegrpo_pl.train.checkpoints.read_extras`)."""
+        read_extras(self, checkpoint)
+
+
+def rollout_figures(
+    rewards: Tensor, parts: Sequence[RewardParts], lengths: Tensor, truncated: Tensor, group: int
+) -> dict[str, Tensor]:
+    """What the sampled completions scored (`train/...` figures, one row per rollout batch).
+
+    Args:
+        rewards: (N,) total rewards.
+        parts: the N rewards' parts.
+        lengths: (N,) completion lengths in tokens.
+        truncated: (N,) bool, cut by the length budget.
+        group: G, completions per prompt.
+    """
+    as_float = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    return {
+        "reward": rewards.mean(),
+        "reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
+        "reward_format": as_float([p.format for p in parts]).mean(),
+        "reward_tag": as_float([p.tag for p in parts]).mean(),
+        "reward_behavior": as_float([p.behavior for p in parts]).mean(),
+        "zero_var_groups": (rewards.view(-1, group).std(dim=1) == 0).float().mean(),
+        "completion_length": lengths.float().mean(),
+        "truncated": truncated.float().mean(),
+    }
+
+
+def mean_over_steps(step_figures: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Each figure of the optimiser steps of one rollout batch, averaged over the steps."""
+    return {key: torch.stack([s[key] for s in step_figures]).mean() for key in step_figures[0]}
+
+
+def prediction_rows(
+    records: Sequence[SafetyRecord], texts: Sequence[str], parts: Sequence[RewardParts]
+) -> list[dict[str, Any]]:
+    """One plain dict per record: its labels, the decoded response and its reward parts."""
+    return [
+        {
+            "id": r.id,
+            "source": r.source,
+            "novelty": r.novelty,
+            "prompt": r.prompt,
+            "image_tag": r.image_tag,
+            "text_tag": r.text_tag,
+            "combine_tag": r.combine_tag,
+            "completion": text,
+            **asdict(p),
+        }
+        for r, text, p in zip(records, texts, parts, strict=True)
+    ]
