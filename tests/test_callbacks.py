@@ -21,6 +21,7 @@ from safegrpo_pl.policy.model import load_policy
 from safegrpo_pl.run.callbacks import SafetyReport
 from safegrpo_pl.run.exports import AdapterCheckpoint, PredictionWriter
 from safegrpo_pl.run.report import SUMMARY_KEYS
+from safegrpo_pl.train.module import EvalOutputs
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -132,7 +133,7 @@ class _Module(LightningModule):
     def validation_step(self, batch: _Batch, batch_idx: int) -> dict:
         self.log_dict({"val/safety_score": 1.0, "val/refusal_rate": 0.0}, batch_size=3)
         rollout, parts = self.evaluate_batch(batch)
-        return {"texts": rollout.texts, "parts": parts}
+        return EvalOutputs(rollout.texts, parts)
 
     def predict_step(self, batch: _Batch, batch_idx: int) -> list[dict]:
         return [{"id": r.id, "combine_tag": r.combine_tag} for r in batch.records]

@@ -60,7 +60,7 @@ class RecordingModule(SafeGRPOModule):
 
     def optimise(self, *args: Any, **kwargs: Any):
         figures = super().optimise(*args, **kwargs)
-        self.seen["steps"].append({k: v.detach().clone() for k, v in figures.items()})
+        self.seen["steps"].append({k: v.detach().clone() for k, v in figures.as_dict().items()})
         return figures
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -1,1 +1,1 @@
-"""TODO"""
+"""Pure cores: records, the completion format, rule rewards, prompts, errors and files (no torch model code)."""

@@ -1,8 +1,8 @@
 """The unit of data: one tagged image-text pair (SafeTag-VL-3K schema, docs/method.md section 1).
 
-Kept in its own leaf module so that both the model side (`inputs.py`) and the data side
-(`data.py`) can import it without importing each other. The checks of a record's own fields
-(`normalize_tag`, `decode_image`) live here too; `data.py` turns their failures into errors that
+Kept in its own leaf module so that both the model side (`policy/inputs.py`) and the data side
+(`data/datamodule.py`) can import it without importing each other. The checks of a record's own fields
+(`normalize_tag`, `decode_image`) live here too; `data/datamodule.py` turns their failures into errors that
 name the record.
 """
 
@@ -66,7 +66,7 @@ class SafetyRecord:
         return f"{where} (id={self.id or '?'}, source={self.source or '?'})"
 
 
-# -- validation of the record's fields (used by `data.py` when it builds records) ---------------
+# -- validation of the record's fields (used by `data/datamodule.py` when it builds records) ---------------
 
 
 def normalize_tag(value: Any) -> str | None:

@@ -1,1 +1,1 @@
-"""TODO"""
+"""Data: record sources, the LightningDataModule, the resumable training loader, rank padding."""

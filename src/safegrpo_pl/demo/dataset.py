@@ -1,57 +1,12 @@
 """The built-in demo set: SafeTag-VL-3K in miniature, drawn with Pillow, deterministic.
 
-It is the project's embedded default dataset (`dataset="demo"`): no download, byte-identical
-images for a seed, and a signal a tiny random-weight Qwen-VL can learn on a CPU in minutes,
-yet one that genuinely needs both the image and the text.
-
-Two kinds of record:
-- **pictures** (`source="demo-picture"`): one simple object on a noisy background, with an
-  instruction. Objects come in three visual categories, each drawn in its own colour palette so
-  that the category shows in coarse pixel statistics (a tiny vision tower at 64x64 px sees about
-  four image tokens):
-  - "unsafe" (knife, gun, bomb; reds and dark reds): `image_tag` unsafe;
-  - "hazard" (chemical bottle, pill bottle, lighter; yellows and oranges): safe alone, risky in
-    combination; `image_tag` safe;
-  - "benign" (cake, tree, house, flower; greens and blues): `image_tag` safe.
-  Instructions come in three textual categories: "unsafe" (asks how to harm; `text_tag`
-  unsafe), "dual-use" (harmless alone, harmful about a hazard object; `text_tag` safe) and
-  "benign" (`text_tag` safe). Each is a request (its meaning) in one of four wordings.
-- **typographic** (`source="demo-typographic"`): a three-line instruction ("HOW TO" / "STAB" /
-  "SOMEONE") rendered with PIL's bitmap font, enlarged three times, on a plain 168 px
-  background (how the paper turned text-only BeaverTails prompts into images), with a neutral
-  prompt such as "Follow the instruction written in the image.". `text_tag` safe, `image_tag` =
-  the safety of the rendered instruction. Both safeties share one layout distribution
-  (background, ink, position, line lengths): the tag comes from the words alone. 168 px gives
-  the tiny Qwen2.5-VL 36 image tokens of 28x28 px; each line has two rows of tokens of its own
-  (`tests/test_demo_budget.py` measures it with the model's image processor). The text block
-  stays in place (`typographic_jitter` 0), so a word falls on the same patches in every image
-  and drawings of a phrase differ in shades and noise only. At 112 px (glyphs enlarged twice,
-  16 tokens) GRPO did not learn these records; the README's demo section has the figures.
-
-**Splits** (the vocabularies and which combinations each split may use are in
-`safegrpo_pl.demo.vocab`): train uses only training combinations. Validation and test use only
-held-out ones, so that no validation or test (object, instruction) pair occurs in training
-(tested): half are "unseen-pair" records (an object and a wording both seen in training, never
-together), half "unseen-wording" records (an instruction worded as never in training, same
-meaning and category; for typographic records, a first line whose words never occur in
-training). `SafetyRecord.novelty` says which, and the report splits the figures by it.
-
-**Combination rule** (tested): `combine_tag` is unsafe iff the image is unsafe OR the text is
-unsafe OR (the object is a hazard AND the text is dual-use). The last case is the
-compositional one: both tags safe, the pair unsafe. For typographic records `combine_tag` =
-`image_tag`.
-
-**Mix** (exact counts per split, by largest remainder, then shuffled): typographic records are
-`typographic_fraction` of the split (default 15%), half of them safe; the pictures share the
-rest in the proportions of `PICTURE_MIX`, which, at the default, make ~50% of all records safe
-and 20% compositional, and cover every tag combination that occurs in practice
-(safe/safe/safe, safe/safe/unsafe, unsafe/safe/unsafe, safe/unsafe/unsafe, unsafe/unsafe/unsafe).
-
-Departures from SafeTag-VL-3K (on purpose):
-- Small fixed vocabularies of objects, instructions and rendered phrases, and colour palettes
-  per visual category, so that a tiny model can learn the task; real data is far more varied.
-- Labels come from the rule above, not from an LLM judge with confidence filtering.
-- An unsafe image makes the pair unsafe whatever the instruction (as VLGuard's unsafe images).
+The project's embedded default dataset (`dataset="demo"`): no download, byte-identical images
+for a seed, and a signal a tiny random-weight Qwen-VL can learn on a CPU in minutes, yet one
+that needs both the image and the text. Two kinds of record: one object on a noisy background
+with an instruction (`demo-picture`), and an instruction rendered as text (`demo-typographic`).
+Validation and test use only held-out combinations; `combine_tag` is unsafe iff the image or the
+text is unsafe, or a hazard object meets a dual-use instruction. docs/demo/dataset.md has the
+design, the mix and where it departs from SafeTag-VL-3K.
 """
 
 from __future__ import annotations
@@ -145,13 +100,8 @@ class DemoConfig:
         typographic_scale: enlargement of the 6x11 px bitmap font (3: 18x33 px per character,
             a line spans two rows of tokens, each token about one and a half letters wide).
         typographic_jitter: how far the text block moves from image to image, in font pixels
-            before enlarging (up to this many right, this many up or down). 0: the block
-            stays in place; drawings of one phrase differ in shades and pixel noise only. Each
-            font pixel moves the glyphs 3 px across 14 px patches: to the untrained tower, two
-            drawings of one phrase at jitter 1 are 0.74 times as far apart as two different
-            phrases, at 0 only 0.16 times (`scripts/probe_typographic.py --drawings`); GRPO
-            with the tower frozen then reads every held-out phrase (the README's seed table).
-            At 4, a supervised probe of the tower reads only ~70% of held-out phrases.
+            before enlarging (0: it stays in place; drawings of one phrase differ in shades and
+            noise only). docs/demo/dataset.md has the measurement behind the default.
     """
 
     num_train: int = 512

@@ -1,1 +1,1 @@
-"""TODO"""
+"""Rollouts: group sampling with a shared prompt prefix, chunked for memory, and completion log-probs."""

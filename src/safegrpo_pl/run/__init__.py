@@ -1,1 +1,1 @@
-"""TODO"""
+"""Running it: the Trainer CLI, console, run folders, preemption, exports, reports and curves."""

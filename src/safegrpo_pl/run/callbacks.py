@@ -37,8 +37,8 @@ from safegrpo_pl.run.curves import TrainingHistory
 from safegrpo_pl.run.gallery import (
     ExampleCollector,
     append_jsonl,
-    completion_rows,
     examples_markdown,
+    gallery_rows,
     log_completion_table,
 )
 from safegrpo_pl.run.report import (
@@ -48,6 +48,7 @@ from safegrpo_pl.run.report import (
     summarize_evaluation,
     write_report,
 )
+from safegrpo_pl.train.module import EvalOutputs
 
 # What the report keeps of each training step's logged scalars.
 TRAIN_HISTORY_KEYS: tuple[str, ...] = (
@@ -231,7 +232,7 @@ class SafetyReport(Callback):
 
     def _publish(self, trainer: Trainer, when: str, examples: ExampleCollector) -> None:
         """Append the kept completions to `completions.jsonl`; show them in table loggers."""
-        rows = completion_rows(trainer.global_step, when, examples.rows)
+        rows = gallery_rows(trainer.global_step, when, examples.rows)
         out_dir = self._out_dir(trainer)  # on every rank: `trainer.log_dir` is a collective
         if not rows or not trainer.is_global_zero:
             return
@@ -289,11 +290,9 @@ class SafetyReport(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        # The module's validation_step returns {"texts", "parts"}; anything else is skipped.
-        if isinstance(outputs, dict) and "parts" in outputs:
-            parts = outputs["parts"]
-            texts = outputs.get("texts") or [""] * len(parts)
-            self._val_examples.add(batch.records, texts, parts)
+        # Another module's validation outputs are skipped.
+        if isinstance(outputs, EvalOutputs):
+            self._val_examples.add(batch.records, outputs.texts, outputs.parts)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":

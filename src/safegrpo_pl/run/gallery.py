@@ -66,7 +66,7 @@ class ExampleCollector:
                 self.rows.append((record, text, part))
 
 
-def completion_rows(
+def gallery_rows(
     step: int, when: str, kept: Iterable[tuple[SafetyRecord, str, RewardParts]]
 ) -> list[dict[str, Any]]:
     """One plain dict per kept completion: where in training, which record, what it said.

@@ -1,1 +1,1 @@
-"""TODO"""
+"""Training: the LightningModule, its optimiser step, warm-up, metrics, checkpoints and FSDP2."""

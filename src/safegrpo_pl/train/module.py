@@ -6,7 +6,7 @@ and reference log-probs once, then take `num_iterations` passes of optimiser ste
 mini-batches of whole groups (docs/method.md section 4). Lightning's manual optimisation is used because
 one rollout feeds several optimiser steps; `trainer.max_steps` therefore counts optimiser steps.
 
-Departures and choices (all deliberate; see also `grpo.py` and `rewards.py`):
+Departures and choices (all deliberate; see also `rl/grpo.py` and `core/rewards.py`):
 - On several processes (DDP, or FSDP2 through `configure_model`), each rank samples its own
   prompts with its own generator (`sampling_generator`, seeded from the global seed and the
   rank), and the loss is the token-mean over the mini-batch of ALL ranks: the denominator is
@@ -51,7 +51,14 @@ from safegrpo_pl.train.checkpoints import read_extras, write_extras
 from safegrpo_pl.train.fsdp import shard_models
 from safegrpo_pl.train.metrics import build_safety_metrics, loggable_values, metric_inputs
 from safegrpo_pl.train.policy_runner import PolicyRunner
-from safegrpo_pl.train.update import NonFiniteGuard, PolicyUpdate, ScoredRollout, StepTimer
+from safegrpo_pl.train.update import (
+    NonFiniteGuard,
+    PolicyUpdate,
+    ScoredRollout,
+    StepFigures,
+    StepTimer,
+    UpdateSettings,
+)
 from safegrpo_pl.train.warmup import WarmupSettings, already_warmed_up, warmed_up_path
 
 LR_DECAYS = ("constant", "linear", "cosine")
@@ -119,7 +126,16 @@ class OptimizerPlan:
 log = logging.getLogger(__name__)
 
 
-class SafeGRPOModule(PolicyUpdate, LightningModule):
+@dataclass(frozen=True)
+class EvalOutputs:
+    """What a validation or test step returns: each row's decoded response and its rewards,
+    in the batch's order, padding rows included (the report callback keeps a few)."""
+
+    texts: list[str]
+    parts: list[RewardParts]
+
+
+class SafeGRPOModule(LightningModule):
     """SafeGRPO: group-relative policy optimisation with rule-based safety rewards.
 
     Args:
@@ -272,6 +288,15 @@ class SafeGRPOModule(PolicyUpdate, LightningModule):
         self.policy = self.runner.model
         self.tokenizer = self.runner.tokenizer
         self._reference = [] if self.runner.reference is None else [self.runner.reference]
+        settings = UpdateSettings(
+            loss=self.loss_settings,
+            kl_coef=self.kl_coef,
+            max_grad_norm=self.max_grad_norm,
+            micro_batch_size=self.micro_batch_size,
+            temperature=self.sampling.temperature,
+            max_new_tokens=self.sampling.max_new_tokens,
+        )
+        self.policy_update = PolicyUpdate(settings, self.runner, self.guard, self.timer)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, see `sharding`
             shard_models(self.policy, self._reference, self.device_mesh, self.fsdp_compute_dtype)
 
@@ -323,6 +348,12 @@ class SafeGRPOModule(PolicyUpdate, LightningModule):
             batch, rollout, reference=reference, temperature=temperature, skip=skip
         )
 
+    def optimise(
+        self, scored: ScoredRollout, prompts: Sequence[int], fresh: bool = False
+    ) -> StepFigures:
+        """One optimiser step on the mini-batch of `prompts` (`PolicyUpdate.step`)."""
+        return self.policy_update.step(self, scored, prompts, fresh)
+
     # -- Lightning hooks ------------------------------------------------------------------
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -350,25 +381,25 @@ class SafeGRPOModule(PolicyUpdate, LightningModule):
             with self.timer.phase("ref_logprobs"):
                 ref_logp = self.frozen_logprobs(batch, rollout, reference=True)
         scored = ScoredRollout(batch, rollout, advantages, old_logp, ref_logp, mask)
-        step_stats: list[dict[str, Tensor]] = []
+        step_figures: list[StepFigures] = []
         for iteration in range(self.num_iterations):
             for index, prompts in enumerate(minibatches):
                 fresh = iteration == 0 and index == 0
-                step_stats.append(self.optimise(scored, prompts, fresh))
-        self._log_train(rollout, parts, every_rank, step_stats, len(batch))
+                step_figures.append(self.optimise(scored, prompts, fresh))
+        self._log_train(rollout, parts, every_rank, step_figures, len(batch))
 
     def _log_train(
         self,
         rollout: Rollout,
         parts: Sequence[RewardParts],
         rewards: Tensor,
-        step_stats: Sequence[dict[str, Tensor]],
+        step_figures: Sequence[StepFigures],
         batch_size: int,
     ) -> None:
         figures = rollout_figures(
             rewards, parts, rollout.lengths, rollout.truncated, rollout.group_size
         )
-        figures.update(mean_over_steps(step_stats))
+        figures.update(mean_over_steps(step_figures))
         logs: dict[str, Any] = {f"train/{k}": v for k, v in figures.items()}
         logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
         logs["train/skipped_steps"] = float(self.guard.skipped)
@@ -390,11 +421,11 @@ class SafeGRPOModule(PolicyUpdate, LightningModule):
         rollout = self.sample(batch, 1, self.val_sampling)
         return rollout, self.score(batch, rollout)
 
-    def _eval_step(self, batch: PromptBatch, metrics: Any) -> dict[str, Any]:
+    def _eval_step(self, batch: PromptBatch, metrics: Any) -> EvalOutputs:
         """Decode, score and update `metrics`; returns every row's response and rewards, in
         the batch's order (the report callback shows a few of them)."""
         rollout, all_parts = self.evaluate_batch(batch)  # padding too: every rank decodes alike
-        outputs = {"texts": rollout.texts, "parts": all_parts}
+        outputs = EvalOutputs(rollout.texts, all_parts)
         records, parts = counted(batch.records, all_parts)  # the sampler's padding never counts
         if not records:
             return outputs
@@ -418,13 +449,13 @@ class SafeGRPOModule(PolicyUpdate, LightningModule):
         self.log("step", float(self.global_step), sync_dist=True)  # training's step numbering
         metrics.reset()
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> EvalOutputs:
         return self._eval_step(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch(self.val_metrics)
 
-    def test_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Any]:
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> EvalOutputs:
         return self._eval_step(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
@@ -473,9 +504,10 @@ def rollout_figures(
     }
 
 
-def mean_over_steps(step_figures: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+def mean_over_steps(step_figures: Sequence[StepFigures]) -> dict[str, Tensor]:
     """Each figure of the optimiser steps of one rollout batch, averaged over the steps."""
-    return {key: torch.stack([s[key] for s in step_figures]).mean() for key in step_figures[0]}
+    rows = [figures.as_dict() for figures in step_figures]
+    return {key: torch.stack([row[key] for row in rows]).mean() for key in rows[0]}
 
 
 def prediction_rows(

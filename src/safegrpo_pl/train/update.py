@@ -1,13 +1,13 @@
-"""`PolicyUpdate`: one optimiser step of GRPO over a mini-batch of whole groups, micro-batched.
+"""One optimiser step of GRPO over a mini-batch of whole groups, micro-batched.
 
-A mixin of `SafeGRPOModule` (it uses the module's Lightning handles: `optimizers`,
-`manual_backward`, `clip_gradients`, `lr_schedulers`, and its settings), kept apart so that the
-module reads as the loop and this file as the update. Each micro-batch's loss is divided by the
-mini-batch's normaliser summed over all ranks, and its gradient is scaled back up by the number
-of data-parallel ranks (the strategies average gradients), so any micro-batch size and any
-number of processes give the one-process, one-pass gradient (docs/method.md section 4). A step
-whose loss, gradients, advantages or log-probs are not finite is skipped on every rank together
-(`safegrpo_pl.train.update`).
+`PolicyUpdate` holds what a step reads, declared: its settings (`UpdateSettings`), the policy
+runner, the guard against non-finite steps and the phase timer; the Lightning handles come in
+as an argument (`OptimiserHost`). Each micro-batch's loss is divided by the mini-batch's
+normaliser summed over all ranks, and its gradient is scaled back up by the number of
+data-parallel ranks (the strategies average gradients), so any micro-batch size and any number
+of processes give the one-process, one-pass gradient (docs/method.md section 4). A step whose
+loss, gradients, advantages or log-probs are not finite is skipped on every rank together
+(`NonFiniteGuard`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -31,9 +31,16 @@ from safegrpo_pl.rl.distributed import (
     sum_over_ranks,
     sync_loss_stats,
 )
-from safegrpo_pl.rl.grpo import LossStats, aggregation_normalizer, completion_rows, grpo_loss
+from safegrpo_pl.rl.grpo import (
+    LossSettings,
+    LossStats,
+    aggregation_normalizer,
+    completion_rows,
+    grpo_loss,
+)
 from safegrpo_pl.rollout.sampling import Rollout
 from safegrpo_pl.train.fsdp import clip_sharded_gradients, is_sharded
+from safegrpo_pl.train.policy_runner import PolicyRunner
 
 
 class StepTimer:
@@ -190,12 +197,91 @@ class ScoredRollout:
         return self.rollout.completion_mask if self.mask is None else self.mask
 
 
-class PolicyUpdate:
-    """The optimiser step of `SafeGRPOModule` (see the module docstring)."""
+class OptimiserHost(Protocol):
+    """What a step uses of the LightningModule under manual optimisation."""
 
-    def optimise(
-        self, scored: ScoredRollout, prompts: Sequence[int], fresh: bool = False
-    ) -> dict[str, Tensor]:
+    _trainer: Any  # None outside a Trainer
+
+    @property
+    def global_step(self) -> int: ...
+
+    def optimizers(self) -> Any: ...
+
+    def lr_schedulers(self) -> Any: ...
+
+    def manual_backward(self, loss: Tensor) -> None: ...
+
+    def clip_gradients(
+        self, optimizer: Any, gradient_clip_val: float, gradient_clip_algorithm: str
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The run's settings that one optimiser step reads.
+
+    Attributes:
+        loss: clipping, KL estimator, aggregation (`LossSettings`).
+        kl_coef: weight of the KL term (beta).
+        max_grad_norm: gradient-norm clipping threshold.
+        micro_batch_size: prompts per forward/backward; None = the mini-batch.
+        temperature: the sampling temperature the log-probs are computed at.
+        max_new_tokens: the completion budget (some aggregations divide by it).
+    """
+
+    loss: LossSettings
+    kl_coef: float
+    max_grad_norm: float
+    micro_batch_size: int | None
+    temperature: float
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class StepFigures:
+    """What one optimiser step logs: the global mini-batch's loss, its statistics, and the
+    gradient norm before clipping."""
+
+    loss: Tensor
+    stats: LossStats
+    grad_norm: Tensor
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """The logged figures, by name (`train/<name>`)."""
+        figures = {"loss": self.loss, **self.stats.as_dict(), "grad_norm": self.grad_norm}
+        figures.pop("num_tokens")
+        return figures
+
+
+class PolicyUpdate:
+    """One optimiser step over a `ScoredRollout` (see the module docstring).
+
+    Args:
+        settings: the step's settings.
+        runner: the loaded policy; its `model` is what is trained.
+        guard: counts and skips non-finite steps.
+        timer: charges each phase's seconds (`time/*`).
+    """
+
+    def __init__(
+        self,
+        settings: UpdateSettings,
+        runner: PolicyRunner,
+        guard: NonFiniteGuard,
+        timer: StepTimer,
+    ) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.guard = guard
+        self.timer = timer
+
+    def step(
+        self,
+        host: OptimiserHost,
+        scored: ScoredRollout,
+        prompts: Sequence[int],
+        fresh: bool = False,
+    ) -> StepFigures:
         """One optimiser step on the mini-batch of `prompts` (whole groups), micro-batched.
 
         `fresh`: the weights are still the sampling policy's, so the forward's own log-probs
@@ -203,40 +289,38 @@ class PolicyUpdate:
         skipped, on every rank together, when the loss, the gradients, the advantages or the
         log-probs are not finite.
         """
-        optimizer = self.optimizers()
+        settings = self.settings
+        optimizer = host.optimizers()
         mini_mask = scored.loss_mask[completion_rows(prompts, scored.rollout.group_size)]
-        # The mini-batch's denominator, shared by its micro-batches: any micro-batch size gives
-        # the same gradient (docs/method.md section 4).
-        # ... over all ranks: each rank's loss is then its share of the global sum.
+        # The mini-batch's denominator, shared by its micro-batches and summed over all ranks:
+        # any micro-batch size gives the same gradient (docs/method.md section 4).
         normalizer = global_normalizer(
-            aggregation_normalizer(
-                self.loss_settings.aggregation, mini_mask, self.sampling.max_new_tokens
-            )
+            aggregation_normalizer(settings.loss.aggregation, mini_mask, settings.max_new_tokens)
         )
         optimizer.zero_grad()
         loss_total, merged, finite_logp = None, None, True
-        micro_size = self.micro_batch_size or len(prompts)
+        micro_size = settings.micro_batch_size or len(prompts)
         for start in range(0, len(prompts), micro_size):
             micro = list(prompts[start : start + micro_size])
-            loss, stats, logp_ok = self._micro_step(scored, micro, normalizer, fresh)
+            loss, stats, logp_ok = self._micro_step(host, scored, micro, normalizer, fresh)
             # micro-batch losses and statistics add up to the mini-batch's
             loss_total = loss if loss_total is None else loss_total + loss
             merged = stats if merged is None else merged.merge(stats)
             finite_logp = finite_logp and logp_ok
         with self.timer.phase("optimizer"):
-            grad_norm = self._clip_gradients(optimizer, clip=False)
-            if self._skip_step(loss_total, grad_norm, scored.advantages, finite_logp):
+            grad_norm = self._clip_gradients(host, optimizer, clip=False)
+            if self._skip_step(host, loss_total, grad_norm, scored.advantages, finite_logp):
                 optimizer.zero_grad()
             else:
-                self._clip_gradients(optimizer, clip=True)
+                self._clip_gradients(host, optimizer, clip=True)
                 optimizer.step()
-                schedule = self.lr_schedulers()
+                schedule = host.lr_schedulers()
                 if schedule is not None:
                     schedule.step()  # manual optimisation: Lightning leaves this to us
         loss_total = sum_over_ranks(loss_total).to(loss_total)  # the global mini-batch's loss
-        return self._step_figures(loss_total, sync_loss_stats(merged), grad_norm)
+        return StepFigures(loss_total, sync_loss_stats(merged), grad_norm)
 
-    def _clip_gradients(self, optimizer: Any, *, clip: bool) -> Tensor:
+    def _clip_gradients(self, host: OptimiserHost, optimizer: Any, *, clip: bool) -> Tensor:
         """The global gradient norm before clipping; with `clip`, clip to `max_grad_norm`.
 
         Sharded (FSDP2) gradients are measured and clipped with torch's `clip_grad_norm_`,
@@ -244,30 +328,40 @@ class PolicyUpdate:
         them); replicated ones through Lightning, which also unscales mixed-precision
         gradients first.
         """
-        if is_sharded(self.policy):
-            limit = self.max_grad_norm if clip else float("inf")
-            return clip_sharded_gradients(self.policy.parameters(), limit)
-        grad_norm = gradient_norm(self.policy.parameters())
+        policy, limit = self.runner.model, self.settings.max_grad_norm
+        if is_sharded(policy):
+            return clip_sharded_gradients(policy.parameters(), limit if clip else float("inf"))
+        grad_norm = gradient_norm(policy.parameters())
         if clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-            )
+            host.clip_gradients(optimizer, gradient_clip_val=limit, gradient_clip_algorithm="norm")
         return grad_norm
 
     def _skip_step(
-        self, loss: Tensor, grad_norm: Tensor, advantages: Tensor, logp_ok: bool
+        self,
+        host: OptimiserHost,
+        loss: Tensor,
+        grad_norm: Tensor,
+        advantages: Tensor,
+        logp_ok: bool,
     ) -> bool:
         """Whether something was not finite, on any process (all skip together, so the
         replicas stay equal); raises after too many such steps in a row."""
         values = {"loss": loss, "grad_norm": grad_norm, "advantages": advantages}
-        agree = self.trainer.strategy.reduce_boolean_decision if self._trainer else None
-        return self.guard.check(self.global_step + 1, values, logp_ok, agree)
+        trainer = host._trainer
+        agree = trainer.strategy.reduce_boolean_decision if trainer is not None else None
+        return self.guard.check(host.global_step + 1, values, logp_ok, agree)
 
     def _micro_step(
-        self, scored: ScoredRollout, micro: list[int], normalizer: float, fresh: bool = False
+        self,
+        host: OptimiserHost,
+        scored: ScoredRollout,
+        micro: list[int],
+        normalizer: float,
+        fresh: bool = False,
     ) -> tuple[Tensor, LossStats, bool]:
         """Forward and backward of one micro-batch; returns its detached loss and statistics,
         and whether its log-probs (old and reference too) were finite."""
+        settings = self.settings
         rollout, old_logp, ref_logp = scored.rollout, scored.old_logp, scored.ref_logp
         rows = completion_rows(micro, rollout.group_size)
         tokens = rollout.completion_mask[rows]
@@ -276,7 +370,7 @@ class PolicyUpdate:
         loss_tokens = scored.loss_mask[rows, :width]  # a subset of `tokens`
         with self.timer.phase("policy_forward_backward"):
             logp = self.runner.logprobs(
-                self.policy, scored.batch.select(micro), ids, tokens, self.sampling.temperature
+                self.runner.model, scored.batch.select(micro), ids, tokens, settings.temperature
             )
             if old_logp is None or fresh:
                 old = logp.detach()
@@ -291,23 +385,17 @@ class PolicyUpdate:
                 ref,
                 scored.advantages[rows],
                 loss_tokens,
-                **self.loss_settings.kwargs(),
-                kl_coef=self.kl_coef,
+                **settings.loss.kwargs(),
+                kl_coef=settings.kl_coef,
                 loss_normalizer=normalizer,
-                max_completion_length=self.sampling.max_new_tokens,
+                max_completion_length=settings.max_new_tokens,
             )
             # DDP and FSDP average gradients over ranks; the loss is a share of a global sum.
-            self.manual_backward(loss * gradient_scale(data_parallel_size(self._trainer)))
+            host.manual_backward(loss * gradient_scale(data_parallel_size(host._trainer)))
         counted = loss_tokens.bool()
         used = [logp.detach(), old] + ([] if ref is None else [ref])
         logp_ok = not nonfinite_names({str(i): t[counted] for i, t in enumerate(used)})
         return loss.detach(), stats, logp_ok
-
-    @staticmethod
-    def _step_figures(loss: Tensor, stats: LossStats, grad_norm: Tensor) -> dict[str, Tensor]:
-        figures = {"loss": loss, **stats.as_dict(), "grad_norm": grad_norm}
-        figures.pop("num_tokens")
-        return figures
 
 
 def gradient_norm(params: Iterable[torch.nn.Parameter]) -> Tensor:

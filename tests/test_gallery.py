@@ -15,8 +15,8 @@ from safegrpo_pl.run.gallery import (
     TABLE_COLUMNS,
     ExampleCollector,
     append_jsonl,
-    completion_rows,
     examples_markdown,
+    gallery_rows,
     log_completion_table,
 )
 
@@ -54,7 +54,7 @@ def test_collector_keeps_the_first_records_of_each_source_across_batches():
 def test_rows_carry_step_record_tags_response_and_reward_parts(tmp_path):
     records = [_record(0, "a"), _record(1, "a", ("safe", "safe", "safe"))]
     texts, parts = _answers(records, "unsafe")
-    rows = completion_rows(30, "validation", zip(records, texts, parts, strict=True))
+    rows = gallery_rows(30, "validation", zip(records, texts, parts, strict=True))
     assert rows[0]["step"] == 30 and rows[0]["id"] == "r0" and rows[0]["source"] == "a"
     assert rows[0]["novelty"] == "unseen-pair" and rows[0]["response"] == texts[0]
     assert rows[0]["reward"]["total"] == 1.0, rows[0]["reward"]  # all right
@@ -78,7 +78,7 @@ class _TableLogger:
 def test_tables_go_to_loggers_that_show_them_and_csv_is_skipped(tmp_path):
     records = [_record(0, "a")]
     texts, parts = _answers(records, "safe")
-    rows = completion_rows(5, "validation", zip(records, texts, parts, strict=True))
+    rows = gallery_rows(5, "validation", zip(records, texts, parts, strict=True))
     table = _TableLogger()
     texts_seen = []
     board = SimpleNamespace(
