@@ -16,7 +16,9 @@ on its own, and which the CLI needs:
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +26,44 @@ from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from safegrpo_pl.train.checkpoints import CheckpointError, check_file
+
+log = logging.getLogger(__name__)
+
 LOGS_NAME = "logs"  # <default_root_dir>/logs/version_N: the default logger's folder
 
 
 def find_last_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The newest `last*.ckpt` anywhere under `root` (by modification time), or None."""
+    """The newest intact `last*.ckpt` anywhere under `root` (by modification time), or None;
+    a newer one that cannot be read is named in a warning and passed over."""
     root = Path(root)
     if not root.is_dir():
         return None
-    found = [p for p in root.rglob("last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    found = sorted(
+        (p for p in root.rglob("last*.ckpt") if p.is_file()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for index, path in enumerate(found):
+        try:
+            check_file(path)
+        except CheckpointError as error:
+            log.warning("--ckpt_path last: passing over %s: %s", path, error)
+            continue
+        if index:
+            log.warning("--ckpt_path last: resuming from %s, the newest intact one", path)
+        return path
+    return None
+
+
+def find_hpc_checkpoint(root: str | os.PathLike[str]) -> Path | None:
+    """The `hpc_ckpt_<n>.ckpt` in `root` with the highest n (the one Lightning resumes from)."""
+    numbered = [
+        (int(m.group(1)), p)
+        for p in Path(root).glob("hpc_ckpt_*.ckpt")
+        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    ]
+    return max(numbered)[1] if numbered else None
 
 
 @dataclass(frozen=True)
@@ -87,14 +117,23 @@ class RunLogger(CSVLogger):
         return super().experiment
 
 
-def logger_for(stage: str, default_root_dir: str | None, ckpt_path: str | None) -> RunLogger:
+def logger_for(
+    stage: str,
+    default_root_dir: str | None,
+    ckpt_path: str | None,
+    run_folder: str | None = None,
+) -> RunLogger:
     """The default logger of a run of `stage` ("fit", "validate", "test", "predict").
 
     A fresh fit gets `<default_root_dir>/logs/version_N` (the next free N). A run from a fit's
     checkpoint writes into that fit's folder: a resumed fit continues it, an evaluation gets its
     own subfolder named after the stage, so it never overwrites the fit's logs or config.
+    `run_folder`: the fit folder a checkpoint stored elsewhere (an HPC checkpoint) names.
     """
     folder = run_folder_of(ckpt_path) if ckpt_path else None
+    if folder is None and ckpt_path and run_folder and Path(run_folder).is_dir():
+        version_dir = Path(run_folder).resolve()
+        folder = RunFolder(version_dir.parent.parent, version_dir.parent.name, version_dir.name)
     if folder is None:
         return RunLogger(default_root_dir or os.getcwd(), name=LOGS_NAME)
     if stage == "fit":

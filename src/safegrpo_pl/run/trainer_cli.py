@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,15 @@ from safegrpo_pl.run.console import (
     StepProgressBar,
 )
 from safegrpo_pl.run.exports import PredictionWriter
-from safegrpo_pl.run.folders import find_last_checkpoint, logger_for
-from safegrpo_pl.run.preemption import PreemptionCheckpoint
+from safegrpo_pl.run.folders import find_hpc_checkpoint, find_last_checkpoint, logger_for
+from safegrpo_pl.run.preemption import INTERRUPTED_EXIT, PreemptionCheckpoint
 from safegrpo_pl.train.checkpoints import check_cli_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+class NothingToTrainError(ValueError):
+    """A resumed fit whose `max_steps` the checkpoint has already reached."""
 
 
 class SafeGRPOCLI(LightningCLI):
@@ -69,19 +74,39 @@ class SafeGRPOCLI(LightningCLI):
         # replace the configured model's): resolve `last`, then check the file, and that it is
         # the configured policy's, before that (`safegrpo_pl.train.checkpoints`).
         subcommand = self.config.get("subcommand")
+        self.run_folder = None
         if subcommand:
             self._resolve_last(subcommand)
-            path = self.config[subcommand].get("ckpt_path")
+            config = self.config[subcommand]
+            path = config.get("ckpt_path")
             if path and Path(path).is_file():
-                check_cli_checkpoint(path, self.config[subcommand].get("model"))
+                facts = check_cli_checkpoint(path, config.get("model"))
+                self.run_folder = facts.run_folder
+                max_steps = config.get("trainer.max_steps")
+                if (
+                    subcommand == "fit"
+                    and max_steps is not None
+                    and 0 <= max_steps <= facts.global_step
+                ):
+                    raise NothingToTrainError(
+                        f"--ckpt_path {path} is at optimiser step {facts.global_step} and "
+                        f"--trainer.max_steps is {max_steps}: nothing to train. Set "
+                        f"--trainer.max_steps above {facts.global_step} to continue the run."
+                    )
         super()._parse_ckpt_path()
 
     def _resolve_last(self, subcommand: str) -> None:
-        """Resolve `--ckpt_path last` to the newest `last.ckpt` of earlier runs."""
+        """Resolve `--ckpt_path last` to the newest `last.ckpt` of earlier runs, and `hpc` to the
+        newest HPC checkpoint (so that the run continues the folder it names)."""
         config = self.config[subcommand]
+        root = config.get("trainer.default_root_dir") or os.getcwd()
+        if config.get("ckpt_path") == "hpc":
+            hpc = find_hpc_checkpoint(root)
+            if hpc is not None:
+                config["ckpt_path"] = str(hpc)
+            return
         if config.get("ckpt_path") != "last":
             return
-        root = config.get("trainer.default_root_dir") or os.getcwd()
         found = find_last_checkpoint(root)
         if found is not None:
             log.info("--ckpt_path last: %s", found)
@@ -102,7 +127,8 @@ class SafeGRPOCLI(LightningCLI):
         stage = self.subcommand or "fit"
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             ckpt = self._get(self.config_init, "ckpt_path") if self.subcommand else None
-            kwargs["logger"] = logger_for(stage, config.get("default_root_dir"), ckpt)
+            run_folder = getattr(self, "run_folder", None)
+            kwargs["logger"] = logger_for(stage, config.get("default_root_dir"), ckpt, run_folder)
         callbacks = list(config.get("callbacks") or [])
         present = {type(kind) for kind in callbacks}
 
@@ -129,6 +155,12 @@ class SafeGRPOCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._warm_start()
+
+    def after_fit(self) -> None:
+        """Exit with the shell's Ctrl-C status after a Ctrl-C stop (its checkpoint written)."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PreemptionCheckpoint) and callback.stopped_by == signal.SIGINT:
+                raise SystemExit(INTERRUPTED_EXIT)
 
     def before_validate(self) -> None:
         self._warm_start()

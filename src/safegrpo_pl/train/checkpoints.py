@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +251,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_cli_checkpoint(path: str | Path, model_config: Any) -> None:
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What the command line reads off a checkpoint before Lightning does.
+
+    Attributes:
+        global_step: optimiser steps done when it was written.
+        run_folder: the run folder it was written by (a callback's `run_folder` state), or
+            None when it does not say.
+    """
+
+    global_step: int
+    run_folder: str | None
+
+
+def check_cli_checkpoint(path: str | Path, model_config: Any) -> CheckpointFacts:
     """What the command line checks before Lightning reads `path`: an intact file, a Lightning
     checkpoint, and the configured policy (model path and LoRA settings): Lightning would
     otherwise replace the configured model with the checkpoint's without a word."""
@@ -268,10 +282,15 @@ def check_cli_checkpoint(path: str | Path, model_config: Any) -> None:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} holds no model weights (no 'state_dict')")
+    states = checkpoint.get("callbacks") or {}
+    folders = [v.get("run_folder") for v in states.values() if isinstance(v, dict)]
+    facts = CheckpointFacts(
+        int(checkpoint.get("global_step", 0)), next((f for f in folders if f), None)
+    )
     saved = (checkpoint.get("hyper_parameters") or {}).get("policy")
     configured = _plain(model_config).get("policy") if model_config else None
     if not saved or not configured:
-        return
+        return facts
     for field in ("name_or_path", "lora"):
         if _plain(saved.get(field)) != configured.get(field):
             raise CheckpointError(
@@ -279,3 +298,4 @@ def check_cli_checkpoint(path: str | Path, model_config: Any) -> None:
                 f"{saved.get(field)!r}; this run sets {configured.get(field)!r}: resume with "
                 "the checkpoint's settings, or start a new run without --ckpt_path"
             )
+    return facts

@@ -1,0 +1,185 @@
+"""Nothing lost, whatever stopped the run: the README's demo config (`configs/tiny.yaml`, fewer
+records and steps, its frozen vision tower, default mini-batch and learning-rate warm-up kept)
+stopped four ways in a row and resumed through the command line each time ends exactly as the
+unbroken run: every logged figure and the final weights, bitwise on CPU.
+
+The chain, on 3 rollout batches per epoch (one optimiser step each):
+- a fit that reached `--trainer.max_steps 2` (mid-epoch), resumed with `--ckpt_path last`;
+- one that reached `max_steps 3`, at the end of an epoch, resumed the same way;
+- Ctrl-C (SIGINT) during step 4: the batch finishes, `last.ckpt` is written, exit 130;
+- SIGTERM during step 5: an HPC checkpoint, resumed with `--ckpt_path hpc`, up to step 6.
+A constant learning rate after its warm-up (`lr_decay constant`): with a decay, a longer
+`max_steps` stretches the schedule, which is the one thing a resume then changes (README).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from processes import run_in_own_group
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+SMALL = (
+    "--data.demo.num_train", "24", "--data.demo.num_val", "8", "--data.demo.num_test", "8",
+    "--data.batch_size", "8", "--data.eval_batch_size", "8",
+    "--model.warmup.steps", "20", "--model.sampling.max_new_tokens", "32",
+    "--model.lr_decay", "constant", "--trainer.val_check_interval", "1000",
+    "--trainer.enable_progress_bar", "false",
+)  # fmt: skip
+SIGNAL_AT = "--trainer.callbacks+=signal_sender.SignalAtStep"
+
+
+def fit(root: Path, cache: Path, *extra: str, path: tuple[str, ...] = ()) -> tuple[int, str]:
+    """`python -m safegrpo_pl fit --config configs/tiny.yaml ...`, as the README writes it
+    (`path`: more folders for the test's callbacks)."""
+    env = {**os.environ, "SAFEGRPO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    here = Path(__file__).parent
+    folders = [str(REPO / "src"), str(here), *path, env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(folders)
+    command = [sys.executable, "-m", "safegrpo_pl", "fit", "--config", "configs/tiny.yaml"]
+    command += [*SMALL, "--trainer.default_root_dir", str(root), *extra]
+    process_cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        return run_in_own_group(command, env, timeout=600)
+    finally:
+        os.chdir(process_cwd)
+
+
+def rows(root: Path) -> dict[int, dict[str, str]]:
+    """{step: the training figures logged at it} from the run's one metrics.csv."""
+    runs = sorted((root / "logs").glob("version_*"))
+    assert [r.name for r in runs] == ["version_0"], f"one run folder expected: {runs}"
+    with open(runs[0] / "metrics.csv") as f:
+        out: dict[int, dict[str, str]] = {}
+        for row in csv.DictReader(f):
+            figures = {k: v for k, v in row.items() if k.startswith("train/") and v}
+            if figures:
+                assert int(float(row["step"])) not in out, f"step {row['step']} logged twice"
+                out[int(float(row["step"]))] = figures
+    return out
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    last = root / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    return torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stops-cache")
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
+    root = tmp_path_factory.mktemp("unbroken")
+    code, output = fit(root, cache, "--trainer.max_steps", str(STEPS))
+    assert code == 0, output[-3000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def stopped_four_ways(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("stopped")
+    outputs: dict[str, str] = {"root": str(root)}
+    code, outputs["max_steps"] = fit(root, cache, "--trainer.max_steps", "2")
+    assert code == 0, outputs["max_steps"][-3000:]
+    code, outputs["epoch_end"] = fit(root, cache, "--ckpt_path", "last", "--trainer.max_steps", "3")
+    assert code == 0, outputs["epoch_end"][-3000:]
+    sigint = [
+        SIGNAL_AT,
+        "--trainer.callbacks.step",
+        "4",
+        "--trainer.callbacks.signum",
+        str(int(signal.SIGINT)),
+    ]
+    code, outputs["sigint"] = fit(
+        root, cache, "--ckpt_path", "last", "--trainer.max_steps", "40", *sigint
+    )
+    assert code == 130, f"Ctrl-C exits with 130, got {code}: {outputs['sigint'][-3000:]}"
+    sigterm = [
+        SIGNAL_AT,
+        "--trainer.callbacks.step",
+        "5",
+        "--trainer.callbacks.signum",
+        str(int(signal.SIGTERM)),
+    ]
+    code, outputs["sigterm"] = fit(
+        root, cache, "--ckpt_path", "last", "--trainer.max_steps", "40", *sigterm
+    )
+    assert "SIGTERM received" in outputs["sigterm"], outputs["sigterm"][-3000:]
+    code, outputs["hpc"] = fit(root, cache, "--ckpt_path", "hpc", "--trainer.max_steps", str(STEPS))
+    assert code == 0, outputs["hpc"][-3000:]
+    return outputs
+
+
+def test_every_stop_resumes_to_the_unbroken_run_bitwise(unbroken, stopped_four_ways):
+    root = Path(stopped_four_ways["root"])
+    want, got = rows(unbroken), rows(root)
+    assert sorted(want) == list(range(1, STEPS + 1)), sorted(want)
+    assert sorted(got) == sorted(want), f"steps logged after the stops: {sorted(got)}"
+    differing = [step for step in want if got[step] != want[step]]
+    assert not differing, f"steps that differ from the unbroken run: {differing}"
+    a, b = weights(unbroken), weights(root)
+    assert a.keys() == b.keys() and a
+    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert diff == 0.0, f"final weights differ by up to {diff:.3g}"
+
+
+def test_the_run_keeps_one_folder_and_one_last_checkpoint_name(stopped_four_ways):
+    root = Path(stopped_four_ways["root"])
+    checkpoints = root / "logs" / "version_0" / "checkpoints"
+    names = sorted(p.name for p in checkpoints.glob("last*.ckpt"))
+    assert names == ["last.ckpt"], f"a resume renamed the last checkpoint: {names}"
+    assert sorted(p.name for p in (root / "logs").iterdir()) == ["version_0"]
+
+
+def test_ctrl_c_names_the_command_that_resumes(stopped_four_ways):
+    output = stopped_four_ways["sigint"]
+    assert "SIGINT received: stopped after optimiser step 4" in output, output[-2000:]
+    assert "resume with: python -m safegrpo_pl fit --config configs/tiny.yaml" in output
+    assert "--ckpt_path last" in output.split("resume with:")[1].splitlines()[0]
+    assert "Traceback" not in output
+
+
+def test_a_resume_that_would_train_nothing_says_so_and_fails(stopped_four_ways, cache):
+    root = Path(stopped_four_ways["root"])
+    code, output = fit(root, cache, "--ckpt_path", "last", "--trainer.max_steps", "6")
+    assert code != 0, "a resume that trains nothing must not exit 0"
+    assert "is at optimiser step 6 and --trainer.max_steps is 6: nothing to train" in output
+    assert "Traceback" not in output
+    assert len([line for line in output.splitlines() if "nothing to train" in line]) == 1
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, cache):
+    """The first SIGINT asks for a checkpoint at the end of the batch; a second one in the same
+    batch stops the run at once (a KeyboardInterrupt, no checkpoint)."""
+    twice = tmp_path / "twice.py"
+    twice.write_text(
+        "import os, signal\n"
+        "from lightning.pytorch import Callback\n"
+        "class TwoInterrupts(Callback):\n"
+        "    def on_before_optimizer_step(self, trainer, pl_module, optimizer):\n"
+        "        if trainer.global_step == 1:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+    )
+    code, output = fit(
+        tmp_path / "run",
+        cache,
+        "--trainer.max_steps",
+        "5",
+        "--trainer.callbacks+=twice.TwoInterrupts",
+        path=(str(tmp_path),),
+    )
+    assert code not in (0, 130), f"the second Ctrl-C must stop at once: {output[-2000:]}"
+    assert "SIGINT received" not in output, "no checkpoint after a second Ctrl-C"
