@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -183,3 +184,69 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, cache):
     )
     assert code not in (0, 130), f"the second Ctrl-C must stop at once: {output[-2000:]}"
     assert "SIGINT received" not in output, "no checkpoint after a second Ctrl-C"
+
+
+KILLER = '''
+import errno, io, os, signal
+import torch
+from lightning.pytorch import Callback
+
+class BreakTheWrite(Callback):
+    """From optimiser step `step` on, the next checkpoint write fails: `kill` writes half the
+    file and then kills the process (SIGKILL), `full` raises ENOSPC."""
+
+    def __init__(self, step: int, how: str) -> None:
+        self.step, self.how = step, how
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step < self.step:
+            return
+        real, how = torch.save, self.how
+
+        def broken(obj, f, *args, **kwargs):
+            if how == "full":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            buffer = io.BytesIO()
+            real(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = broken
+'''
+
+
+def _step_of(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+@pytest.mark.parametrize("how", ["kill", "full"])
+def test_a_checkpoint_write_that_dies_keeps_the_previous_checkpoint(
+    stopped_four_ways, cache, tmp_path, how
+):
+    """SIGKILL in the middle of writing `last.ckpt`, or a full disk: the previous `last.ckpt`
+    is intact, `--ckpt_path last` resumes from it, and the same command then completes."""
+    root = tmp_path / "run"
+    shutil.copytree(stopped_four_ways["root"], root)
+    (tmp_path / "breaker.py").write_text(KILLER)
+    last = root / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert _step_of(last) == STEPS
+    resume = ["--ckpt_path", "last", "--trainer.max_steps", str(STEPS + 1)]
+    breaker = ["--trainer.callbacks+=breaker.BreakTheWrite", "--trainer.callbacks.step", "1"]
+    breaker += ["--trainer.callbacks.how", how]
+    code, output = fit(root, cache, *resume, *breaker, path=(str(tmp_path),))
+    if how == "kill":
+        assert code == -signal.SIGKILL, f"expected the process killed: {code} {output[-2000:]}"
+    else:
+        assert code == 1, output[-2000:]
+        errors = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert errors == [errors[0]] and f"cannot write checkpoint {last}" in errors[0], errors
+        assert "No space left on device" in errors[0] and "Traceback" not in output
+    assert _step_of(last) == STEPS, "the previous checkpoint was damaged"
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]
+    code, output = fit(root, cache, *resume)
+    assert code == 0, output[-2000:]
+    assert _step_of(last) == STEPS + 1
+    assert sorted(p.name for p in last.parent.glob("*last*")) == ["last.ckpt"], "debris left"

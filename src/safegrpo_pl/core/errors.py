@@ -9,6 +9,7 @@ exits with status 1; `--debug` or `SAFEGRPO_DEBUG=1` shows the traceback as well
 
 from __future__ import annotations
 
+import errno
 import os
 import traceback
 from pathlib import Path
@@ -53,10 +54,12 @@ def _raised_by_us(err: BaseException) -> bool:
 def is_expected_error(err: BaseException) -> bool:
     """A check of this package failed (as opposed to a bug, here or in a dependency).
 
-    That is a `ModelNotFoundError`, a `FileNotFoundError`, or a `ValueError` / `KeyError`
-    raised by a line of this package, such as a bad record or a setting out of range.
+    That is a `ModelNotFoundError`, a `FileNotFoundError`, a full disk, or a `ValueError` /
+    `KeyError` raised by a line of this package, such as a bad record or a setting out of range.
     """
     if isinstance(err, ModelNotFoundError | FileNotFoundError):
+        return True
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return isinstance(err, ValueError | KeyError) and _raised_by_us(err)
 

@@ -34,7 +34,7 @@ from safegrpo_pl.run.console import (
 from safegrpo_pl.run.exports import PredictionWriter
 from safegrpo_pl.run.folders import find_hpc_checkpoint, find_last_checkpoint, logger_for
 from safegrpo_pl.run.preemption import INTERRUPTED_EXIT, PreemptionCheckpoint
-from safegrpo_pl.train.checkpoints import check_cli_checkpoint
+from safegrpo_pl.train.checkpoints import AtomicCheckpointIO, check_cli_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,8 @@ class SafeGRPOCLI(LightningCLI):
         if not has(PreemptionCheckpoint):
             callbacks.append(PreemptionCheckpoint())
         kwargs["callbacks"] = callbacks
+        if not config.get("plugins") and "plugins" not in kwargs and _plain_strategy(config):
+            kwargs["plugins"] = [AtomicCheckpointIO()]  # whole-or-nothing checkpoint files
         return super().instantiate_trainer(**kwargs)
 
     def _warm_start(self) -> None:
@@ -170,3 +172,13 @@ class SafeGRPOCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._warm_start()
+
+
+def _plain_strategy(trainer_config: Any) -> bool:
+    """Whether the strategy writes one checkpoint file through a `CheckpointIO` (single
+    process, DDP); FSDP2 (`ModelParallelStrategy`) writes sharded folders of its own."""
+    strategy = trainer_config.get("strategy")
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    if hasattr(strategy, "get"):
+        name = str(strategy.get("class_path", ""))
+    return "ModelParallel" not in name and "fsdp" not in name.lower()

@@ -15,6 +15,7 @@ result, whose name holds its cache key). `check_policy` compares it with the run
 from __future__ import annotations
 
 import logging
+import os
 import random
 import zipfile
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -299,3 +301,65 @@ def check_cli_checkpoint(path: str | Path, model_config: Any) -> CheckpointFacts
                 "the checkpoint's settings, or start a new run without --ckpt_path"
             )
     return facts
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); the earlier ones are intact."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made whole-or-nothing on a local disk.
+
+    The checkpoint goes to a hidden temporary file beside its target, is flushed to the disk,
+    and only then renamed over the target: a process killed while writing, or a full disk,
+    leaves the previous checkpoint of that name as it was. Remote paths go through Lightning's
+    own writer.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, target)
+            _remove_stale_partials(target)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            failure = CheckpointWriteError(
+                f"cannot write checkpoint {target}: {reason}. Free space (or set "
+                "--trainer.default_root_dir to a larger disk) and resume with --ckpt_path "
+                "last; the checkpoints written before are intact"
+            )
+            failure.errno, failure.filename = error.errno, str(target)
+            raise failure from None
+        return None
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete the partial files of `target` that killed processes left behind."""
+    for partial in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = partial.name[len(target.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _running(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
