@@ -250,3 +250,70 @@ def test_a_checkpoint_write_that_dies_keeps_the_previous_checkpoint(
     assert code == 0, output[-2000:]
     assert _step_of(last) == STEPS + 1
     assert sorted(p.name for p in last.parent.glob("*last*")) == ["last.ckpt"], "debris left"
+
+
+KILL_IN_SAVE = '''
+import os
+import signal
+
+import transformers
+
+_save = transformers.PreTrainedModel.save_pretrained
+
+
+def _save_then_die(self, folder, *args, **kwargs):
+    """Write the folder, then die before whoever asked can publish it (only for folders
+    under {under!r})."""
+    _save(self, folder, *args, **kwargs)
+    if {under!r} in str(folder):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+transformers.PreTrainedModel.save_pretrained = _save_then_die
+'''
+
+
+def _killer_on_path(tmp_path: Path, under: str) -> tuple[str, ...]:
+    """A `sitecustomize` that kills the process after `save_pretrained` writes a folder whose
+    path holds `under`."""
+    folder = tmp_path / "killer"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(KILL_IN_SAVE.replace("{under!r}", repr(under)))
+    return (str(folder),)
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_warmup_killed_while_saving_is_never_reused(tmp_path):
+    """SIGKILL while the format warm-up writes its cache entry: nothing is published, and the
+    same command trains the warm-up again instead of loading a half-written model."""
+    cache, root = tmp_path / "cache", tmp_path / "run"
+    steps = ["--trainer.max_steps", "1"]
+    code, output = fit(root, cache, *steps, path=_killer_on_path(tmp_path, "/warmup/"))
+    assert code == -signal.SIGKILL, f"expected the process killed: {code} {output[-2000:]}"
+    published = [p for p in (cache / "warmup").iterdir() if not p.name.startswith(".")]
+    assert published == [], f"a killed warm-up published {published}"
+    code, output = fit(root, cache, *steps)
+    assert code == 0, output[-2000:]
+    assert "format warm-up: 20 steps" in output and "reusing the cached result" not in output
+
+
+def test_an_export_killed_while_writing_keeps_the_previous_export(
+    stopped_four_ways, cache, tmp_path
+):
+    """SIGKILL while the exported model (`checkpoints/model`) is rewritten at a checkpoint: the
+    previous export is still there, whole, and the same command then replaces it."""
+    root = tmp_path / "run"
+    shutil.copytree(stopped_four_ways["root"], root)
+    export = root / "logs" / "version_0" / "checkpoints" / "model"
+    before = _contents(export)
+    assert "config.json" in before
+    resume = ["--ckpt_path", "last", "--trainer.max_steps", str(STEPS + 1)]
+    code, output = fit(root, cache, *resume, path=_killer_on_path(tmp_path, "/checkpoints/"))
+    assert code == -signal.SIGKILL, f"expected the process killed: {code} {output[-2000:]}"
+    assert _contents(export) == before, "the previous export was damaged"
+    code, output = fit(root, cache, *resume)
+    assert code == 0, output[-2000:]
+    assert _contents(export) != before and "config.json" in _contents(export)
