@@ -192,3 +192,24 @@ def test_resume_test_predict_and_validate_an_export_from_the_command_line(tmp_pa
     validated = run_cli("validate", *common, "--model.policy.name_or_path", exported, cache=cache)
     assert "format warm-up skipped" in validated.stderr
     assert "format warm-up: 2 steps" not in validated.stderr
+
+
+def test_ckpt_path_last_passes_over_an_unreadable_newest_checkpoint(tmp_path, caplog):
+    import logging
+    import os
+
+    import torch
+
+    from safegrpo_pl.run.folders import find_last_checkpoint
+
+    good = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    good.parent.mkdir(parents=True)
+    torch.save({"global_step": 2}, good)
+    broken = tmp_path / "logs" / "version_1" / "checkpoints" / "last.ckpt"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(good.read_bytes()[:40])  # cut off, as by a crash mid-copy
+    os.utime(good, (1, 1))  # the broken one is the newest
+    with caplog.at_level(logging.WARNING, logger="safegrpo_pl"):
+        assert find_last_checkpoint(tmp_path) == good
+    assert str(broken) in caplog.text and "cannot be read" in caplog.text
+    assert f"resuming from {good}" in caplog.text
