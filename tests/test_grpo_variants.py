@@ -273,3 +273,46 @@ def test_rollout_correction_reweights_the_policy_loss_and_logs_the_sampler_kl():
     plain, _, stats = _loss_and_grad(logp, logp, t([1.0]), t([[1, 1]]), sampler_logp=sampler)
     torch.testing.assert_close(plain, t(-1.0), **EXACT)
     torch.testing.assert_close(stats.as_dict()["sampler_kl"], k3, **EXACT)
+
+
+def test_the_decode_loop_keeps_its_log_probs_and_bf16_sampling_gets_corrected(tiny_qwen25vl_path):
+    """float32: the sampler's log-probs equal the trainer's to ~1e-6. Sampling under bf16
+    autocast (a bf16 inference engine's kernels) against a float32 trainer: a real mismatch,
+    which the token-level correction turns into weights exp(trainer - sampler)."""
+    from test_rollout import _setup
+
+    from safegrpo_pl.rollout.logprobs import completion_logprobs
+    from safegrpo_pl.rollout.sampling import SamplingSettings
+
+    setup = _setup(tiny_qwen25vl_path)
+    settings = SamplingSettings(max_new_tokens=8)
+
+    def sample_and_score(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            rollout = setup.sample(
+                settings, generator=torch.Generator().manual_seed(0), keep_logprobs=True
+            )
+        trainer = completion_logprobs(
+            setup.model, setup.batch, rollout.completion_ids, rollout.completion_mask, group_size=2
+        )
+        return rollout, trainer
+
+    rollout, trainer = sample_and_score(autocast=False)
+    keep = rollout.completion_mask.bool()
+    assert (rollout.sampler_logp[~keep] == 0).all(), "no log-prob after a row's EOS"
+    assert (trainer - rollout.sampler_logp)[keep].abs().max() < 1e-5, "float32: same numbers"
+
+    rollout, trainer = sample_and_score(autocast=True)
+    keep = rollout.completion_mask.bool()
+    gap = (trainer - rollout.sampler_logp)[keep]
+    assert gap.abs().max() > 1e-4, f"bf16 sampling should differ from float32 scoring: {gap}"
+    adv = torch.linspace(-1.0, 1.0, len(rollout)).to(trainer)
+    options = dict(kl_coef=0.0, sampler_logp=rollout.sampler_logp)
+    corrected, stats = grpo_loss(trainer, trainer, None, adv, keep, rollout_is="token", **options)
+    plain, _ = grpo_loss(trainer, trainer, None, adv, keep, **options)
+    # ratio 1 to the old policy: token loss -A * w, w = min(exp(trainer - sampler), 2)
+    weights = torch.exp(trainer - rollout.sampler_logp).clamp(max=2.0) * keep
+    expected = (-adv[:, None] * weights).sum() / keep.sum()
+    torch.testing.assert_close(corrected, expected, atol=1e-6, rtol=0)
+    assert corrected != plain, "the correction must change the loss under a real mismatch"
+    assert stats.as_dict()["sampler_kl"] > 0
