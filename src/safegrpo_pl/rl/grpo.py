@@ -788,13 +788,7 @@ def _loss_stats(
         )
 
 
-def _check_variant_inputs(
-    entropy: Tensor | None,
-    entropy_coef: float,
-    entropy_quantile: float | None,
-    sampler_logp: Tensor | None,
-    rollout_is: str | None,
-) -> None:
+def _check_entropy_settings(entropy_coef: float, entropy_quantile: float | None) -> None:
     if entropy_coef < 0:
         raise ValueError(f"entropy_coef is {entropy_coef}; expected >= 0 (0 = no bonus)")
     if entropy_quantile is not None and not 0.0 <= entropy_quantile < 1.0:
@@ -802,6 +796,16 @@ def _check_variant_inputs(
             f"entropy_quantile is {entropy_quantile}; expected 0 <= q < 1 (0.8 keeps the top "
             "20% highest-entropy tokens) or None"
         )
+
+
+def _check_variant_inputs(
+    entropy: Tensor | None,
+    entropy_coef: float,
+    entropy_quantile: float | None,
+    sampler_logp: Tensor | None,
+    rollout_is: str | None,
+) -> None:
+    _check_entropy_settings(entropy_coef, entropy_quantile)
     if entropy is None and (entropy_coef > 0 or entropy_quantile is not None):
         raise ValueError("entropy_coef and entropy_quantile need the per-token entropy; pass it")
     if rollout_is is not None:
@@ -1034,7 +1038,7 @@ class LossSettings:
             )
         if self.overlong_buffer < 0:
             raise ValueError(f"overlong_buffer is {self.overlong_buffer}; expected >= 0 (0: off)")
-        _check_variant_inputs(None, self.entropy_coef, self.entropy_quantile, None, None)
+        _check_entropy_settings(self.entropy_coef, self.entropy_quantile)
         if self.rollout_is is not None:
             pick_variant(ROLLOUT_IS_LEVELS, self.rollout_is, "rollout_is")
         if not self.rollout_is_cap > 0:
