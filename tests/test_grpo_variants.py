@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from safegrpo_pl.rl import grpo
 from safegrpo_pl.rl.grpo import (
     POLICY_LOSSES,
     LossSettings,
@@ -316,3 +317,19 @@ def test_the_decode_loop_keeps_its_log_probs_and_bf16_sampling_gets_corrected(ti
     torch.testing.assert_close(corrected, expected, atol=1e-6, rtol=0)
     assert corrected != plain, "the correction must change the loss under a real mismatch"
     assert stats.as_dict()["sampler_kl"] > 0
+
+
+def test_a_policy_loss_of_ones_own_is_one_function_and_one_registry_entry(monkeypatch):
+    # docs/method.md 4.15's recipe: plain REINFORCE, loss -A * logp, gradient -A / tokens
+    def reinforce_loss(logp, old_logp, advantages, weights, clip):
+        loss = -advantages[:, None] * logp
+        none = torch.zeros_like(weights, dtype=torch.bool)
+        return grpo.PolicyTerms(loss, torch.ones_like(logp), none, none)
+
+    monkeypatch.setitem(grpo.POLICY_LOSSES, "reinforce", reinforce_loss)
+    settings = LossSettings(policy_loss="reinforce")
+    logp = torch.full((2, 2), -1.0, dtype=F64)
+    adv, mask = t([1.0, -0.5]), t([[1, 1], [1, 0]])
+    loss, grad, _ = _loss_and_grad(logp, logp, adv, mask, **settings.kwargs())
+    torch.testing.assert_close(loss, t((1.0 + 1.0 - 0.5) / 3), **EXACT)
+    torch.testing.assert_close(grad, -adv[:, None] * mask / 3, **EXACT)

@@ -27,6 +27,19 @@ training script and the framework it ran on, not the paper's prose):
 - Half-precision inputs are computed in float32; float64 stays float64.
 - The clip fraction counts tokens where the eps-clip branch is strictly the one taken; tokens
   capped by the dual clip are counted separately as `dual_clip_frac`.
+
+The field's variants (docs/method.md section 4.15), each off by default, and where they depart
+from their reference (verl v0.7.0's `core_algos` unless said):
+- Policy losses by name (`POLICY_LOSSES`: vanilla, gspo, cispo), all under our aggregation
+  over the global mini-batch. GSPO clips in its own range (3e-4, 4e-4) and needs
+  "seq-mean-token-mean", which verl imposes silently; it has no dual clip, nor has CISPO.
+- Advantage estimators by name (`ADVANTAGE_ESTIMATORS`: grpo, rloo,
+  reinforce_plus_plus_baseline); `advantage_scale` is grpo's only. REINFORCE++ whitens over
+  tokens with eps 1e-8 under the root (verl's `masked_whiten`), so a constant group is not 0.
+- The top-entropy mask takes its quantile over the tokens of one `grpo_loss` call (one
+  micro-batch on one rank); dropped tokens add 0 but stay in the denominator.
+- Rollout correction: truncated importance weights `min(pi_old / pi_sampler, cap)` on the
+  policy term only (not on KL or entropy), as verl's `rollout_is_weights`.
 """
 
 from __future__ import annotations
