@@ -86,22 +86,24 @@ class _Entropy(torch.autograd.Function):
     """`H(z) = logsumexp(z) - sum(softmax(z) * z)` over the last dim, differentiable.
 
     Its backward, `dH/dz = -p * (z - sum(p z))`, recomputes `p` from `z`, which the log-prob's
-    logsumexp keeps anyway: the entropy adds no (tokens, V) tensor to what backward holds.
+    logsumexp keeps anyway: the entropy adds no (tokens, V) tensor to what backward holds. The
+    forward has one (tokens, V) float32 temporary at a time, as the logsumexp itself
+    (`safegrpo_pl.plan.memory` counts one).
     """
 
     @staticmethod
     def forward(ctx: Any, z: Tensor) -> Tensor:
         lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (..., 1)
-        entropy = lse.squeeze(-1) - (torch.exp(z - lse) * z).sum(-1)  # (...)
+        entropy = lse.squeeze(-1) - (z - lse).exp_().mul_(z).sum(-1)  # (...)
         ctx.save_for_backward(z, lse)
         return entropy
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         z, lse = ctx.saved_tensors
-        p = torch.exp(z - lse)  # (..., V)
+        p = (z - lse).exp_()  # (..., V)
         mean = (p * z).sum(-1, keepdim=True)  # (..., 1)
-        return -grad.unsqueeze(-1) * p * (z - mean)
+        return p.mul_(z - mean).mul_(-grad.unsqueeze(-1))
 
 
 def logprobs_and_entropy(
