@@ -53,7 +53,7 @@ class PromptSeeded(SafeGRPOModule):
 
     seen: list[list[str]]
 
-    def sample(self, batch, group_size, settings):
+    def sample(self, batch, group_size, settings, keep_logprobs=False):
         rollouts = []
         for row, record in enumerate(batch.records):
             seed = zlib.crc32(f"{record.id}/{self.global_step}".encode())

@@ -434,7 +434,16 @@ def test_loss_settings_defaults_reproduce_the_spec():
         "dual_clip": 3.0,
         "kl_estimator": "k3",
         "aggregation": "token-mean",
+        # the variants of section 4.15, all off: the paper's loss
+        "policy_loss": "vanilla",
+        "entropy_coef": 0.0,
+        "entropy_quantile": None,
+        "rollout_is": None,
+        "rollout_is_cap": 2.0,
     }, "LossSettings defaults drifted from docs/method.md section 4"
+    settings = LossSettings()
+    assert settings.advantage_estimator == "grpo" and not settings.mask_truncated
+    assert settings.overlong_buffer == 0 and not settings.keeps_sampler_logprobs
 
 
 def test_old_logp_carries_no_gradient_even_if_not_detached():

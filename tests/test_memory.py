@@ -42,8 +42,8 @@ class RecordingModule(SafeGRPOModule):
         self.seen: dict[str, list[Any]] = {"rollout": [], "frozen": [], "steps": []}
         self.first_grads: dict[str, torch.Tensor] = {}
 
-    def sample(self, batch, group_size, settings):
-        rollout = super().sample(batch, group_size, settings)
+    def sample(self, batch, group_size, settings, keep_logprobs=False):
+        rollout = super().sample(batch, group_size, settings, keep_logprobs)
         self.seen["rollout"].append(rollout)
         return rollout
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from safegrpo_pl.rl.grpo import LossSettings, LossStats, group_advantages
+from safegrpo_pl.rl.grpo import LossSettings, LossStats, estimate_advantages, group_advantages
 
 
 def is_distributed() -> bool:
@@ -113,8 +113,10 @@ def sync_loss_stats(stats: LossStats) -> LossStats:
     """The statistics of the whole mini-batch over all ranks: sums added, extremes combined."""
     if not is_distributed():
         return stats
+    optional = ("kl_sum", "entropy_sum", "sampler_kl_sum")
+    present = [name for name in optional if getattr(stats, name) is not None]
     sums = [stats.policy_loss, stats.clipped, stats.dual_clipped, stats.ratio_sum]
-    sums += [stats.num_tokens] + ([] if stats.kl_sum is None else [stats.kl_sum])
+    sums += [stats.num_tokens] + [getattr(stats, name) for name in present]
     packed = _on_backend_device(torch.stack([s.detach().double() for s in sums]))
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     low = _on_backend_device(stats.ratio_min.detach().double().reshape(1).clone())
@@ -123,15 +125,18 @@ def sync_loss_stats(stats: LossStats) -> LossStats:
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dtype, device = stats.policy_loss.dtype, stats.policy_loss.device
     values = [v.to(dtype=dtype, device=device) for v in packed.cpu()]
+    summed = dict(zip(present, values[5:], strict=True))
     return LossStats(
         policy_loss=values[0],
-        kl_sum=values[5] if stats.kl_sum is not None else None,
+        kl_sum=summed.get("kl_sum"),
         clipped=values[1],
         dual_clipped=values[2],
         ratio_sum=values[3],
         ratio_min=low.cpu()[0].to(dtype=dtype, device=device),
         ratio_max=high.cpu()[0].to(dtype=dtype, device=device),
         num_tokens=values[4],
+        entropy_sum=summed.get("entropy_sum"),
+        sampler_kl_sum=summed.get("sampler_kl_sum"),
     )
 
 
@@ -152,17 +157,29 @@ def local_slice(values: Tensor, count: int) -> Tensor:
 
 
 def advantages_over_ranks(
-    rewards: Tensor, group_size: int, settings: LossSettings
+    rewards: Tensor, group_size: int, settings: LossSettings, lengths: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(this rank's advantages (N,), every rank's rewards (W * N,)).
 
     Groups never straddle ranks, so "group" scaling needs only this rank's rewards; "batch"
-    scaling takes the std of the whole rollout batch, every rank's rewards together.
+    scaling and the "reinforce_plus_plus_baseline" whitening take the whole rollout batch,
+    every rank's rewards (and completion lengths) together. `lengths` (N,) is needed by
+    estimators other than "grpo" only.
     """
     every_rank = gather_rewards(rewards)
-    advantages = group_advantages(
-        every_rank, group_size, scale=settings.advantage_scale, eps=settings.advantage_eps
-    )
+    if settings.advantage_estimator == "grpo":
+        advantages = group_advantages(
+            every_rank, group_size, scale=settings.advantage_scale, eps=settings.advantage_eps
+        )
+    else:
+        if lengths is None:
+            raise ValueError(f"advantage_estimator {settings.advantage_estimator!r} needs lengths")
+        advantages = estimate_advantages(
+            every_rank,
+            gather_rewards(lengths.to(every_rank.dtype)),
+            group_size,
+            estimator=settings.advantage_estimator,
+        )
     return local_slice(advantages, len(rewards)), every_rank
 
 

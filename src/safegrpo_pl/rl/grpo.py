@@ -27,6 +27,19 @@ training script and the framework it ran on, not the paper's prose):
 - Half-precision inputs are computed in float32; float64 stays float64.
 - The clip fraction counts tokens where the eps-clip branch is strictly the one taken; tokens
   capped by the dual clip are counted separately as `dual_clip_frac`.
+
+The field's variants (docs/method.md section 4.15), each off by default, and where they depart
+from their reference (verl v0.7.0's `core_algos` unless said):
+- Policy losses by name (`POLICY_LOSSES`: vanilla, gspo, cispo), all under our aggregation
+  over the global mini-batch. GSPO clips in its own range (3e-4, 4e-4) and needs
+  "seq-mean-token-mean", which verl imposes silently; it has no dual clip, nor has CISPO.
+- Advantage estimators by name (`ADVANTAGE_ESTIMATORS`: grpo, rloo,
+  reinforce_plus_plus_baseline); `advantage_scale` is grpo's only. REINFORCE++ whitens over
+  tokens with eps 1e-8 under the root (verl's `masked_whiten`), so a constant group is not 0.
+- The top-entropy mask takes its quantile over the tokens of one `grpo_loss` call (one
+  micro-batch on one rank); dropped tokens add 0 but stay in the denominator.
+- Rollout correction: truncated importance weights `min(pi_old / pi_sampler, cap)` on the
+  policy term only (not on KL or entropy), as verl's `rollout_is_weights`.
 """
 
 from __future__ import annotations
@@ -57,6 +70,10 @@ class LossStats:
         ratio_min: smallest ratio over unmasked tokens (+inf when there are none).
         ratio_max: largest ratio over unmasked tokens (-inf when there are none).
         num_tokens: unmasked tokens.
+        entropy_sum: sum of the policy's token entropy over unmasked tokens; None when the
+            entropy was not computed.
+        sampler_kl_sum: sum over unmasked tokens of the k3 estimate of KL(sampler || trainer)
+            (`sampler_kl`); None without the sampler's log-probs.
     """
 
     policy_loss: Tensor
@@ -67,20 +84,25 @@ class LossStats:
     ratio_min: Tensor
     ratio_max: Tensor
     num_tokens: Tensor
+    entropy_sum: Tensor | None = None
+    sampler_kl_sum: Tensor | None = None
 
     def merge(self, other: LossStats) -> LossStats:
         """The statistics of both calls together (sums of sums, max of maxima, min of minima)."""
-        if (self.kl_sum is None) != (other.kl_sum is None):
-            raise ValueError("cannot merge loss statistics with and without a KL term")
+        for name in ("kl_sum", "entropy_sum", "sampler_kl_sum"):
+            if (getattr(self, name) is None) != (getattr(other, name) is None):
+                raise ValueError(f"cannot merge loss statistics with and without {name}")
         return LossStats(
             policy_loss=self.policy_loss + other.policy_loss,
-            kl_sum=None if self.kl_sum is None else self.kl_sum + other.kl_sum,
+            kl_sum=_add_optional(self.kl_sum, other.kl_sum),
             clipped=self.clipped + other.clipped,
             dual_clipped=self.dual_clipped + other.dual_clipped,
             ratio_sum=self.ratio_sum + other.ratio_sum,
             ratio_min=torch.minimum(self.ratio_min, other.ratio_min),
             ratio_max=torch.maximum(self.ratio_max, other.ratio_max),
             num_tokens=self.num_tokens + other.num_tokens,
+            entropy_sum=_add_optional(self.entropy_sum, other.entropy_sum),
+            sampler_kl_sum=_add_optional(self.sampler_kl_sum, other.sampler_kl_sum),
         )
 
     @property
@@ -101,9 +123,19 @@ class LossStats:
             "ratio_max": self.ratio_max if any_token else one,
             "num_tokens": self.num_tokens,
         }
-        if self.kl_sum is not None:
-            figures["kl"] = _share(self.kl_sum, self.num_tokens)
+        optional = {
+            "kl": self.kl_sum,
+            "entropy": self.entropy_sum,
+            "sampler_kl": self.sampler_kl_sum,
+        }
+        for name, total in optional.items():
+            if total is not None:
+                figures[name] = _share(total, self.num_tokens)
         return figures
+
+
+def _add_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return None if a is None or b is None else a + b
 
 
 _T = TypeVar("_T")
@@ -263,6 +295,32 @@ ADVANTAGE_SCALES: dict[str, Callable[[Tensor], Tensor | None]] = {
 }
 
 
+def _check_rewards(rewards: Tensor, group_size: int, eps: float) -> None:
+    if group_size < 2:
+        raise ValueError(
+            f"group_size is {group_size}; GRPO needs at least 2 completions per prompt "
+            "(with one there is nothing to compare). Set group_size >= 2."
+        )
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
+    if rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}; "
+            "expected B * group_size rewards laid out group by group"
+        )
+    if eps < 0:
+        raise ValueError(f"eps is {eps}; expected eps >= 0")
+    if not bool(torch.isfinite(rewards).all()):
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        raise ValueError(f"rewards at indices {bad[:10]} are not finite; fix the reward function")
+
+
+def _zero_constant_groups(grouped: Tensor, advantages: Tensor) -> Tensor:
+    """(N,) `advantages` (B, G) flattened, exactly 0 in groups whose rewards are all equal."""
+    constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(constant, torch.zeros_like(advantages), advantages).reshape(-1)  # (N,)
+
+
 def group_advantages(
     rewards: Tensor, group_size: int, eps: float = 1e-6, scale: str = "group"
 ) -> Tensor:
@@ -284,29 +342,140 @@ def group_advantages(
             finite, or an unknown scale.
     """
     scale_fn = pick_variant(ADVANTAGE_SCALES, scale, "scale")
-    if group_size < 2:
-        raise ValueError(
-            f"group_size is {group_size}; GRPO needs at least 2 completions per prompt "
-            "(with one there is nothing to compare). Set group_size >= 2."
-        )
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
-    if rewards.numel() % group_size:
-        raise ValueError(
-            f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}; "
-            "expected B * group_size rewards laid out group by group"
-        )
-    if eps < 0:
-        raise ValueError(f"eps is {eps}; expected eps >= 0")
-    if not bool(torch.isfinite(rewards).all()):
-        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
-        raise ValueError(f"rewards at indices {bad[:10]} are not finite; fix the reward function")
+    _check_rewards(rewards, group_size, eps)
     grouped = rewards.detach().to(compute_dtype(rewards.dtype)).view(-1, group_size)  # (B, G)
     centred = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
     std = scale_fn(grouped)  # (B, 1) or None
     advantages = centred if std is None else centred / (std + eps)  # (B, G)
-    constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (B, 1)
-    return torch.where(constant, torch.zeros_like(advantages), advantages).reshape(-1)  # (N,)
+    return _zero_constant_groups(grouped, advantages)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): each reward minus the mean of the OTHER G-1 rewards.
+
+    `A_i = r_i - (sum_g - r_i) / (G - 1)`, which is `G / (G - 1)` times the GRPO centring; no
+    std. (N,) rewards group by group -> (N,), exactly 0 for a group whose rewards are equal.
+    """
+    _check_rewards(rewards, group_size, 0.0)
+    grouped = rewards.detach().to(compute_dtype(rewards.dtype)).view(-1, group_size)  # (B, G)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (B, G)
+    return _zero_constant_groups(grouped, grouped - others)
+
+
+WHITEN_EPS = 1e-8  # under the square root, as verl's masked_whiten
+
+
+def reinforce_plus_plus_baseline_advantages(
+    rewards: Tensor, lengths: Tensor, group_size: int
+) -> Tensor:
+    """REINFORCE++ with baseline (Hu et al. 2025): group-mean centring, then batch whitening.
+
+    The centred rewards `c_i = r_i - mean_g` are whitened over the batch's TOKENS, each
+    completion counting once per token (verl's `masked_whiten` over the response mask):
+    `mu = sum(len_i c_i) / sum(len_i)`, `var = sum(len_i (c_i - mu)^2) / (sum(len_i) - 1)`,
+    `A_i = (c_i - mu) / sqrt(var + 1e-8)`. A constant group gets `-mu / sqrt(var + 1e-8)`, not
+    0: the whitening shifts every completion.
+
+    Args:
+        rewards: (N,) rewards of the whole rollout batch (every rank's), group by group.
+        lengths: (N,) completion lengths in tokens (the weights of the whitening).
+        group_size: G.
+
+    Returns:
+        (N,) advantages.
+    """
+    _check_rewards(rewards, group_size, 0.0)
+    if lengths.shape != rewards.shape:
+        raise ValueError(
+            f"lengths has shape {tuple(lengths.shape)} but rewards has {tuple(rewards.shape)}"
+        )
+    dtype = compute_dtype(rewards.dtype)
+    grouped = rewards.detach().to(dtype).view(-1, group_size)  # (B, G)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # (N,)
+    weights = lengths.detach().to(dtype)  # (N,)
+    tokens = weights.sum()
+    if tokens < 2:
+        raise ValueError(
+            f"the rollout batch has {int(tokens)} completion tokens; whitening needs at least 2"
+        )
+    mean = (weights * centred).sum() / tokens
+    var = (weights * (centred - mean).square()).sum() / (tokens - 1)  # unbiased over tokens
+    return (centred - mean) * torch.rsqrt(var + WHITEN_EPS)
+
+
+def _grpo_estimator(
+    rewards: Tensor, lengths: Tensor, group_size: int, eps: float, scale: str
+) -> Tensor:
+    return group_advantages(rewards, group_size, eps, scale)
+
+
+def _rloo_estimator(
+    rewards: Tensor, lengths: Tensor, group_size: int, eps: float, scale: str
+) -> Tensor:
+    return rloo_advantages(rewards, group_size)
+
+
+def _reinforce_pp_estimator(
+    rewards: Tensor, lengths: Tensor, group_size: int, eps: float, scale: str
+) -> Tensor:
+    return reinforce_plus_plus_baseline_advantages(rewards, lengths, group_size)
+
+
+# (rewards (N,), lengths (N,), group_size, eps, scale) -> advantages (N,)
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[Tensor, Tensor, int, float, str], Tensor]] = {
+    "grpo": _grpo_estimator,  # the paper: `group_advantages` with `advantage_scale`
+    "rloo": _rloo_estimator,  # leave-one-out baseline, no std
+    "reinforce_plus_plus_baseline": _reinforce_pp_estimator,  # group centring, batch whitening
+}
+
+
+def estimate_advantages(
+    rewards: Tensor,
+    lengths: Tensor,
+    group_size: int,
+    *,
+    estimator: str = "grpo",
+    eps: float = 1e-6,
+    scale: str = "group",
+) -> Tensor:
+    """(N,) advantages of the whole rollout batch with the named estimator.
+
+    Args:
+        rewards: (N,) rewards, group by group.
+        lengths: (N,) completion lengths (read by "reinforce_plus_plus_baseline" only).
+        group_size: G.
+        estimator: a key of `ADVANTAGE_ESTIMATORS`.
+        eps, scale: the "grpo" estimator's std offset and scaling (`group_advantages`).
+    """
+    return pick_variant(ADVANTAGE_ESTIMATORS, estimator, "advantage_estimator")(
+        rewards, lengths, group_size, eps, scale
+    )
+
+
+def overlong_penalty(
+    lengths: Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0
+) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward.
+
+    0 up to `max_new_tokens - buffer` tokens, then falling along a line to `-factor` at
+    `max_new_tokens`: `min(-(len - (L_max - buffer)) / buffer * factor, 0)`.
+
+    Args:
+        lengths: (N,) completion lengths in tokens (EOS included).
+        max_new_tokens: L_max, the generation budget.
+        buffer: tokens before L_max over which the penalty grows (1 <= buffer <= L_max).
+        factor: the penalty at L_max.
+
+    Returns:
+        (N,) penalties, <= 0, in float32 (or the lengths' float type).
+    """
+    if not 1 <= buffer <= max_new_tokens:
+        raise ValueError(
+            f"overlong_buffer is {buffer}; expected 1 <= buffer <= max_new_tokens "
+            f"({max_new_tokens}), or 0 for no penalty"
+        )
+    exceed = lengths.to(compute_dtype(lengths.dtype)) - (max_new_tokens - buffer)  # (N,)
+    return (-exceed / buffer * factor).clamp(max=0.0)
 
 
 # -- KL estimators ------------------------------------------------------------------------
@@ -354,11 +523,28 @@ def _check_clip_settings(
         raise ValueError(f"dual_clip is {dual_clip}; expected a bound > 1 (3.0) or None (off)")
 
 
-class _Surrogate(NamedTuple):
-    loss: Tensor  # (N, T) per-token loss
-    ratio: Tensor  # (N, T) clamped importance ratio
-    clipped: Tensor  # (N, T) bool: eps-clip branch strictly taken
+class PolicyTerms(NamedTuple):
+    """What a policy loss gives per token, before masking and aggregation."""
+
+    loss: Tensor  # (N, T) per-token loss, carrying the gradient
+    ratio: Tensor  # (N, T) the importance ratio it used (logged: mean, min, max)
+    clipped: Tensor  # (N, T) bool: the eps-clip acted on this token
     dual_clipped: Tensor  # (N, T) bool: capped by the dual clip
+
+
+@dataclass(frozen=True)
+class ClipRange:
+    """The clip settings a policy loss reads.
+
+    Attributes:
+        low: ratios below 1 - low are clipped (when A < 0).
+        high: ratios above 1 + high are clipped (when A > 0).
+        dual: the dual-clip cap for A < 0 (a multiple of -A), or None.
+    """
+
+    low: float
+    high: float
+    dual: float | None
 
 
 def _surrogate(
@@ -368,7 +554,7 @@ def _surrogate(
     clip_eps_low: float,
     clip_eps_high: float,
     dual_clip: float | None,
-) -> _Surrogate:
+) -> PolicyTerms:
     """The PPO/GRPO clipped objective per token, on already-checked inputs."""
     adv = advantages.detach().to(logp.dtype).unsqueeze(1)  # (N, 1), broadcast over tokens
     log_ratio = (logp - old_logp.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -382,7 +568,7 @@ def _surrogate(
         cap = -adv * dual_clip  # (N, 1), constant: no gradient through a capped token
         dual_clipped = (adv < 0) & (loss > cap)
         loss = torch.where(dual_clipped, cap.expand_as(loss), loss)
-    return _Surrogate(loss, ratio, clipped, dual_clipped)
+    return PolicyTerms(loss, ratio, clipped, dual_clipped)
 
 
 def clipped_surrogate(
@@ -421,6 +607,147 @@ def clipped_surrogate(
     return result.loss, result.clipped
 
 
+# -- policy losses ------------------------------------------------------------------------
+#
+# A policy loss maps (logp (N, T), old_logp (N, T), advantages (N,), weights (N, T) float 0/1,
+# clip: ClipRange) to `PolicyTerms`. Its inputs are already checked, in the compute dtype, and
+# zero on masked positions; old_logp and advantages carry no gradient. `grpo_loss` masks and
+# aggregates what it returns and adds the KL and entropy terms. To add one, write the function
+# and add it to POLICY_LOSSES (docs/method.md section 4.15).
+
+SEQUENCE_LOG_RATIO_MAX = 10.0  # GSPO: upper clamp of the sequence log-ratio (verl's)
+
+
+def vanilla_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, clip: ClipRange
+) -> PolicyTerms:
+    """PPO's clipped surrogate with the dual clip, per token (`clipped_surrogate`)."""
+    return _surrogate(logp, old_logp, advantages, clip.low, clip.high, clip.dual)
+
+
+def gspo_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, clip: ClipRange
+) -> PolicyTerms:
+    """GSPO (Zheng et al. 2025), in its token form "GSPO-token": one ratio per sequence.
+
+    `s_i = exp(mean over the sequence's tokens of (logp - old_logp))`, the geometric mean of
+    the token ratios. Per token, `s_it = sg[s_i] * pi_t / sg[pi_t]`: its value is `s_i`, its
+    gradient the token's own log-prob times `s_i`. Loss `max(-A s_it, -A clip(s_it, 1 - low,
+    1 + high))`; no dual clip. The log of `s_it` is clamped above at 10, as verl does. The paper
+    weighs each sequence equally (aggregation "seq-mean-token-mean", which `LossSettings`
+    requires) and clips in a far narrower range than PPO (3e-4, 4e-4).
+    """
+    adv = advantages.unsqueeze(1)  # (N, 1)
+    token_log_ratio = (logp - old_logp) * weights  # (N, T)
+    lengths = weights.sum(1).clamp(min=1.0)  # (N,)
+    sequence_log_ratio = token_log_ratio.sum(1) / lengths  # (N,)
+    log_ratio = logp - logp.detach() + sequence_log_ratio.detach().unsqueeze(1)  # (N, T)
+    ratio = torch.exp(log_ratio.clamp(max=SEQUENCE_LOG_RATIO_MAX))  # (N, T)
+    unclipped = -adv * ratio
+    clipped_loss = -adv * ratio.clamp(1.0 - clip.low, 1.0 + clip.high)
+    clipped = clipped_loss > unclipped
+    loss = torch.where(clipped, clipped_loss, unclipped)
+    return PolicyTerms(loss, ratio, clipped, torch.zeros_like(clipped))
+
+
+def cispo_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, clip: ClipRange
+) -> PolicyTerms:
+    """CISPO (MiniMax-M1, 2025): a clipped, stop-gradient importance weight on REINFORCE.
+
+    Loss `-sg[clip(rho, 1 - low, 1 + high)] * A * logp` per token: every token keeps a
+    gradient (PPO's clip drops the clipped tokens' gradient), only its weight is bounded. The
+    paper bounds the weight from above only (a large `low`); no dual clip. `clipped` marks the
+    tokens whose weight was changed by the clip, on either side (verl's clip fraction).
+    """
+    adv = advantages.unsqueeze(1)  # (N, 1)
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (N, T)
+    weight = ratio.clamp(1.0 - clip.low, 1.0 + clip.high).detach()  # (N, T)
+    loss = -weight * adv * logp
+    clipped = weight != ratio.detach()
+    return PolicyTerms(loss, ratio, clipped, torch.zeros_like(clipped))
+
+
+PolicyLoss = Callable[[Tensor, Tensor, Tensor, Tensor, ClipRange], PolicyTerms]
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "vanilla": vanilla_policy_loss,  # the paper: PPO clip + dual clip, token ratios
+    "gspo": gspo_policy_loss,  # sequence-level ratio, token-level gradient
+    "cispo": cispo_policy_loss,  # clipped stop-gradient IS weight times log-prob
+}
+
+
+# -- sampler/trainer mismatch, entropy ------------------------------------------------------
+
+
+def _rollout_is_token(log_ratio: Tensor, weights: Tensor) -> Tensor:
+    return log_ratio  # (N, T)
+
+
+def _rollout_is_sequence(log_ratio: Tensor, weights: Tensor) -> Tensor:
+    return (log_ratio * weights).sum(1, keepdim=True).expand_as(log_ratio)  # (N, T)
+
+
+# (log(pi_old / pi_sampler) (N, T), weights (N, T)) -> the log of the weight before the cap
+ROLLOUT_IS_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "token": _rollout_is_token,  # one weight per token: biased, low variance
+    "sequence": _rollout_is_sequence,  # the product over the sequence: unbiased, high variance
+}
+
+
+def rollout_correction_weights(
+    old_logp: Tensor, sampler_logp: Tensor, weights: Tensor, level: str, cap: float
+) -> Tensor:
+    """Truncated importance weights `min(pi_old / pi_sampler, cap)` (verl's rollout_correction).
+
+    The sampler (the decode loop, maybe in lower precision or other kernels) and the trainer's
+    old pass compute the same policy's log-probs differently; the tokens were drawn from the
+    sampler's, so the policy loss is reweighted by their ratio, truncated at `cap` (TIS).
+
+    Args:
+        old_logp: (N, T) the trainer's old log-probs.
+        sampler_logp: (N, T) the sampler's log-probs of the same tokens.
+        weights: (N, T) float 0/1 loss tokens.
+        level: "token" (a weight per token) or "sequence" (exp of the summed log-ratio).
+        cap: the truncation, > 0.
+
+    Returns:
+        (N, T) detached weights, 0 on masked positions. The log-ratio is clamped to [-20, 20]
+        before `exp`.
+    """
+    if not cap > 0:
+        raise ValueError(f"rollout_is_cap is {cap}; expected > 0 (2.0 is verl's default)")
+    log_ratio = pick_variant(ROLLOUT_IS_LEVELS, level, "rollout_is")(
+        (old_logp - sampler_logp).detach(), weights
+    )
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (N, T)
+    return (ratio * weights).clamp(max=cap)
+
+
+def sampler_kl_k3(old_logp: Tensor, sampler_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(sampler || trainer) on tokens drawn by the sampler: (N, T).
+
+    With `d = log pi_old - log pi_sampler` (clamped to [-20, 20]): `exp(d) - d - 1` >= 0.
+    """
+    d = (old_logp - sampler_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(d) - d - 1.0
+
+
+def high_entropy_tokens(entropy: Tensor, weights: Tensor, quantile: float) -> Tensor:
+    """(N, T) bool: the loss tokens whose entropy is at least the `quantile` of theirs.
+
+    The "80/20 rule" (Wang et al. 2025): with quantile 0.8 only the ~20% highest-entropy
+    tokens ("forking tokens") keep their gradient. The quantile interpolates linearly between
+    order statistics (`torch.quantile`), over the tokens of this call.
+    """
+    keep = weights.bool()  # (N, T)
+    values = entropy.detach()[keep]  # (M,)
+    if values.numel() == 0:
+        return keep
+    threshold = torch.quantile(values.to(torch.float64), quantile).to(entropy.dtype)
+    return keep & (entropy.detach() >= threshold)
+
+
 # -- the loss -----------------------------------------------------------------------------
 
 
@@ -444,23 +771,63 @@ def _check_advantages(advantages: Tensor, rows: int) -> None:
 
 
 def _loss_stats(
-    terms: _Surrogate, kl: Tensor | None, weights: Tensor, policy_loss: Tensor
+    terms: PolicyTerms,
+    kl: Tensor | None,
+    weights: Tensor,
+    policy_loss: Tensor,
+    entropy: Tensor | None = None,
+    sampler_kl: Tensor | None = None,
 ) -> LossStats:
     """Detached sums over the unmasked tokens (`weights` 1), for logging and merging."""
     with torch.no_grad():
         keep = weights.bool()
         ratio = terms.ratio.detach()  # (N, T)
         inf = torch.tensor(float("inf"), dtype=ratio.dtype, device=ratio.device)
+
+        def total(x: Tensor | None) -> Tensor | None:
+            return None if x is None else (x.detach() * weights).sum()
+
         return LossStats(
             policy_loss=policy_loss,
-            kl_sum=None if kl is None else (kl.detach() * weights).sum(),
+            kl_sum=total(kl),
             clipped=(terms.clipped & keep).to(weights.dtype).sum(),
             dual_clipped=(terms.dual_clipped & keep).to(weights.dtype).sum(),
             ratio_sum=torch.where(keep, ratio, torch.zeros_like(ratio)).sum(),
             ratio_min=torch.where(keep, ratio, inf).min(),
             ratio_max=torch.where(keep, ratio, -inf).max(),
             num_tokens=weights.sum(),
+            entropy_sum=total(entropy),
+            sampler_kl_sum=total(sampler_kl),
         )
+
+
+def _check_entropy_settings(entropy_coef: float, entropy_quantile: float | None) -> None:
+    if entropy_coef < 0:
+        raise ValueError(f"entropy_coef is {entropy_coef}; expected >= 0 (0 = no bonus)")
+    if entropy_quantile is not None and not 0.0 <= entropy_quantile < 1.0:
+        raise ValueError(
+            f"entropy_quantile is {entropy_quantile}; expected 0 <= q < 1 (0.8 keeps the top "
+            "20% highest-entropy tokens) or None"
+        )
+
+
+def _check_variant_inputs(
+    entropy: Tensor | None,
+    entropy_coef: float,
+    entropy_quantile: float | None,
+    sampler_logp: Tensor | None,
+    rollout_is: str | None,
+) -> None:
+    _check_entropy_settings(entropy_coef, entropy_quantile)
+    if entropy is None and (entropy_coef > 0 or entropy_quantile is not None):
+        raise ValueError("entropy_coef and entropy_quantile need the per-token entropy; pass it")
+    if rollout_is is not None:
+        pick_variant(ROLLOUT_IS_LEVELS, rollout_is, "rollout_is")
+        if sampler_logp is None:
+            raise ValueError(
+                f"rollout_is is {rollout_is!r} but sampler_logp is None; pass the sampler's "
+                "log-probs (Rollout.sampler_logp) or set rollout_is to None"
+            )
 
 
 def grpo_loss(
@@ -478,8 +845,15 @@ def grpo_loss(
     aggregation: str = "token-mean",
     loss_normalizer: float | None = None,
     max_completion_length: int | None = None,
+    policy_loss: str = "vanilla",
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    entropy_quantile: float | None = None,
+    sampler_logp: Tensor | None = None,
+    rollout_is: str | None = None,
+    rollout_is_cap: float = 2.0,
 ) -> tuple[Tensor, LossStats]:
-    """The GRPO loss: clipped surrogate plus `kl_coef` times KL, per token, aggregated.
+    """The GRPO loss: a policy loss plus `kl_coef` times KL, per token, aggregated.
 
     Args:
         logp: (N, T) current-policy log-probs of the sampled tokens (carries the gradient).
@@ -487,7 +861,8 @@ def grpo_loss(
         ref_logp: (N, T) reference log-probs, or None when `kl_coef` is 0.
         advantages: (N,) per-completion advantages (`group_advantages`).
         mask: (N, T) 1 on completion tokens, 0 on padding and after EOS (bool or numeric).
-        clip_eps_low, clip_eps_high, dual_clip: see `clipped_surrogate`.
+        clip_eps_low, clip_eps_high, dual_clip: the policy loss's `ClipRange` (see
+            `clipped_surrogate`).
         kl_coef: beta, the weight of the KL term; 0 needs no reference.
         kl_estimator: a key of `KL_ESTIMATORS`.
         aggregation: a key of `AGGREGATIONS`.
@@ -498,16 +873,37 @@ def grpo_loss(
             (token-mean: the mini-batch's token count; seq-mean-token-mean: its number of
             non-empty sequences; seq-mean-token-sum-norm: its rows * max_completion_length.)
         max_completion_length: the generation budget, needed by "seq-mean-token-sum-norm".
+        policy_loss: a key of `POLICY_LOSSES` ("vanilla": the paper's).
+        entropy: (N, T) the policy's token entropy (carries the gradient when `entropy_coef`
+            > 0); logged as `entropy` when given.
+        entropy_coef: weight of the entropy bonus: `- entropy_coef * H` per token.
+        entropy_quantile: keep only the loss tokens whose entropy is at least this quantile
+            of this call's loss tokens (`high_entropy_tokens`); the others add 0 to the loss
+            but stay in its denominator. None keeps every token.
+        sampler_logp: (N, T) the sampler's log-probs of the tokens; when given, `sampler_kl`
+            is logged.
+        rollout_is: "token" or "sequence": multiply the policy loss by the truncated
+            importance weights `rollout_correction_weights` (None: no correction).
+        rollout_is_cap: the truncation of those weights.
 
     Returns:
-        (loss, stats): the 0-dim loss, and a `LossStats` of detached sums (surrogate part of
-        the loss, KL, clipped and dual-clipped tokens, ratio sum and extremes, token count) that
-        merges with the other micro-batches of the mini-batch; `stats.as_dict()` gives the
-        logged figures (token means and shares; `kl` only when `ref_logp` is given).
+        (loss, stats): the 0-dim loss, and a `LossStats` of detached sums (policy part of the
+        loss, KL, clipped and dual-clipped tokens, ratio sum and extremes, token count, entropy
+        and sampler KL when given) that merges with the other micro-batches of the mini-batch;
+        `stats.as_dict()` gives the logged figures (token means and shares).
     """
-    _check_tokens(logp, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
+    _check_tokens(
+        logp,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        mask=mask,
+        entropy=entropy,
+        sampler_logp=sampler_logp,
+    )
     _check_advantages(advantages, logp.shape[0])
     _check_clip_settings(clip_eps_low, clip_eps_high, dual_clip)
+    _check_variant_inputs(entropy, entropy_coef, entropy_quantile, sampler_logp, rollout_is)
+    policy_fn = pick_variant(POLICY_LOSSES, policy_loss, "policy_loss")
     kl_fn = pick_variant(KL_ESTIMATORS, kl_estimator, "kl_estimator")
     aggregate = pick_variant(AGGREGATIONS, aggregation, "aggregation")
     if kl_coef < 0:
@@ -520,24 +916,43 @@ def grpo_loss(
     dtype = compute_dtype(logp.dtype)
     keep = mask.bool()  # (N, T)
     weights = keep.to(dtype)  # (N, T)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
 
     def clean(x: Tensor) -> Tensor:  # zero the padding first: its values must never matter
-        return torch.where(keep, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+        return torch.where(keep, x.to(dtype), zero.to(x.device))
 
     logp_c = clean(logp)  # (N, T)
-    terms = _surrogate(
-        logp_c, clean(old_logp.detach()), advantages, clip_eps_low, clip_eps_high, dual_clip
-    )
-    per_token = terms.loss  # (N, T)
+    old_c = clean(old_logp.detach())  # (N, T)
+    clip = ClipRange(clip_eps_low, clip_eps_high, dual_clip)
+    terms = policy_fn(logp_c, old_c, advantages.detach().to(dtype), weights, clip)
+    policy = terms.loss  # (N, T)
+    sampler_c = None if sampler_logp is None else clean(sampler_logp.detach())
+    if rollout_is is not None:
+        correction = rollout_correction_weights(
+            old_c, sampler_c, weights, rollout_is, rollout_is_cap
+        )
+        policy = policy * correction
+    entropy_c = None if entropy is None else clean(entropy)
+    chosen = None
+    if entropy_quantile is not None:
+        chosen = high_entropy_tokens(entropy_c, weights, entropy_quantile)  # (N, T) bool
+        policy = torch.where(chosen, policy, zero)
+    per_token = policy
     kl = None
     if ref_logp is not None:
         kl = kl_fn(logp_c, clean(ref_logp.detach()))  # (N, T)
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl
+    if entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy_c
+    if chosen is not None:
+        per_token = torch.where(chosen, per_token, zero)  # the KL and entropy terms too
     options = {"normalizer": loss_normalizer, "max_completion_length": max_completion_length}
     loss = aggregate(per_token, weights, **options)
 
-    stats = _loss_stats(terms, kl, weights, aggregate(terms.loss.detach(), weights, **options))
+    policy_part = aggregate(policy.detach(), weights, **options)
+    sampler_kl = None if sampler_c is None else sampler_kl_k3(old_c, sampler_c)
+    stats = _loss_stats(terms, kl, weights, policy_part, entropy_c, sampler_kl)
     return loss, stats
 
 
@@ -548,18 +963,47 @@ def grpo_loss(
 class LossSettings:
     """How the GRPO loss and advantages are computed (defaults reproduce docs/method.md section 4).
 
+    Every option past `drop_zero_variance` is a variant of the field's (docs/method.md 4.15),
+    off by default.
+
     Attributes:
         clip_eps_low: lower clip range: ratios below 1 - clip_eps_low are clipped when A < 0.
         clip_eps_high: upper clip range: ratios above 1 + clip_eps_high are clipped when A > 0
             (DAPO's "clip-higher" uses a larger value, e.g. 0.28).
-        dual_clip: cap on the loss of a token with A < 0, as a multiple of -A; null disables.
+        dual_clip: cap on the loss of a token with A < 0, as a multiple of -A; null disables
+            (read by the vanilla loss only).
         kl_estimator: "k3" (low-variance, default), "k1", "k2" or "low_var_kl" (= k3).
         aggregation: "token-mean" (default), "seq-mean-token-mean" or "seq-mean-token-sum-norm".
-        advantage_scale: "group" (the paper), "batch" or "none" (Dr. GRPO).
+        advantage_scale: "group" (the paper), "batch" or "none" (Dr. GRPO); the "grpo"
+            estimator's only.
         advantage_eps: added to the std when scaling advantages.
         drop_zero_variance: leave the completions of groups whose rewards are all equal out of
             the loss, so that their tokens no longer count in the token-mean's denominator
             (their policy term is zero; their KL term goes with them). Off: the paper's loss.
+        policy_loss: "vanilla" (the paper: PPO clip and dual clip), "gspo" (sequence-level
+            ratio; needs aggregation "seq-mean-token-mean") or "cispo" (clipped stop-gradient
+            weight on REINFORCE), or a name added to `POLICY_LOSSES`.
+        gspo_clip_eps_low: GSPO's lower clip range for its sequence-level ratio (the paper:
+            3e-4); GSPO reads these instead of clip_eps_low / clip_eps_high.
+        gspo_clip_eps_high: GSPO's upper clip range (the paper: 4e-4).
+        advantage_estimator: "grpo" (the paper), "rloo" (leave-one-out baseline) or
+            "reinforce_plus_plus_baseline" (group centring, then whitening over the batch).
+        entropy_coef: weight of an entropy bonus in the loss (- entropy_coef * H per token);
+            0: none (`train/entropy` is logged either way).
+        entropy_quantile: keep only the tokens whose entropy is at least this quantile of the
+            micro-batch's loss tokens (0.8: the "80/20 rule", the top 20%); null: every token.
+        mask_truncated: leave completions cut by max_new_tokens out of the loss.
+        overlong_buffer: DAPO's soft overlong penalty: over the last `overlong_buffer` tokens
+            before max_new_tokens the reward falls linearly, to -overlong_penalty_factor at the
+            limit (logged as `train/overlong_penalty`); 0: none.
+        overlong_penalty_factor: the penalty at max_new_tokens.
+        log_sampler_kl: keep the sampler's per-token log-probs while decoding and log
+            `train/sampler_kl`, the k3 estimate of KL(sampler || trainer's old pass); on
+            whenever rollout_is is set.
+        rollout_is: correct the sampler/trainer mismatch with truncated importance weights
+            min(pi_old / pi_sampler, rollout_is_cap) on the policy loss: "token" or
+            "sequence" (verl's rollout_correction); null: none.
+        rollout_is_cap: the truncation of those weights.
     """
 
     clip_eps_low: float = 0.2
@@ -570,23 +1014,73 @@ class LossSettings:
     advantage_scale: str = "group"
     advantage_eps: float = 1e-6
     drop_zero_variance: bool = False
+    policy_loss: str = "vanilla"
+    gspo_clip_eps_low: float = 3e-4
+    gspo_clip_eps_high: float = 4e-4
+    advantage_estimator: str = "grpo"
+    entropy_coef: float = 0.0
+    entropy_quantile: float | None = None
+    mask_truncated: bool = False
+    overlong_buffer: int = 0
+    overlong_penalty_factor: float = 1.0
+    log_sampler_kl: bool = False
+    rollout_is: str | None = None
+    rollout_is_cap: float = 2.0
 
     def __post_init__(self) -> None:
         _check_clip_settings(self.clip_eps_low, self.clip_eps_high, self.dual_clip)
+        _check_clip_settings(self.gspo_clip_eps_low, self.gspo_clip_eps_high, None)
         pick_variant(KL_ESTIMATORS, self.kl_estimator, "kl_estimator")
         pick_variant(AGGREGATIONS, self.aggregation, "aggregation")
         pick_variant(ADVANTAGE_SCALES, self.advantage_scale, "advantage_scale")
+        pick_variant(POLICY_LOSSES, self.policy_loss, "policy_loss")
+        pick_variant(ADVANTAGE_ESTIMATORS, self.advantage_estimator, "advantage_estimator")
         if self.advantage_eps < 0:
             raise ValueError(f"advantage_eps is {self.advantage_eps}; expected >= 0")
+        if self.policy_loss == "gspo" and self.aggregation != "seq-mean-token-mean":
+            raise ValueError(
+                f"policy_loss is 'gspo' but aggregation is {self.aggregation!r}; GSPO weighs "
+                "each sequence equally (the paper, and verl): set model.loss.aggregation: "
+                "seq-mean-token-mean"
+            )
+        if self.advantage_estimator != "grpo" and self.advantage_scale != "group":
+            raise ValueError(
+                f"advantage_scale is {self.advantage_scale!r} but advantage_estimator is "
+                f"{self.advantage_estimator!r}, which does not read it; leave advantage_scale "
+                "at 'group' or use advantage_estimator: grpo"
+            )
+        if self.overlong_buffer < 0:
+            raise ValueError(f"overlong_buffer is {self.overlong_buffer}; expected >= 0 (0: off)")
+        _check_entropy_settings(self.entropy_coef, self.entropy_quantile)
+        if self.rollout_is is not None:
+            pick_variant(ROLLOUT_IS_LEVELS, self.rollout_is, "rollout_is")
+        if not self.rollout_is_cap > 0:
+            raise ValueError(f"rollout_is_cap is {self.rollout_is_cap}; expected > 0")
+
+    @property
+    def needs_entropy_grad(self) -> bool:
+        """Whether the training forward must give the entropy with its gradient."""
+        return self.entropy_coef > 0
+
+    @property
+    def keeps_sampler_logprobs(self) -> bool:
+        """Whether sampling must keep its per-token log-probs (`log_sampler_kl`, `rollout_is`)."""
+        return self.log_sampler_kl or self.rollout_is is not None
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `grpo_loss` that these settings fix."""
+        gspo = self.policy_loss == "gspo"  # GSPO clips its sequence ratio in its own range
         return {
-            "clip_eps_low": self.clip_eps_low,
-            "clip_eps_high": self.clip_eps_high,
-            "dual_clip": self.dual_clip,
+            "clip_eps_low": self.gspo_clip_eps_low if gspo else self.clip_eps_low,
+            "clip_eps_high": self.gspo_clip_eps_high if gspo else self.clip_eps_high,
+            "dual_clip": None if gspo else self.dual_clip,
             "kl_estimator": self.kl_estimator,
             "aggregation": self.aggregation,
+            "policy_loss": self.policy_loss,
+            "entropy_coef": self.entropy_coef,
+            "entropy_quantile": self.entropy_quantile,
+            "rollout_is": self.rollout_is,
+            "rollout_is_cap": self.rollout_is_cap,
         }
 
 
@@ -608,16 +1102,24 @@ def completion_rows(prompts: Sequence[int], group_size: int) -> list[int]:
 
 
 def loss_mask(
-    completion_mask: Tensor, rewards: Tensor, group_size: int, drop_zero_variance: bool
+    completion_mask: Tensor,
+    rewards: Tensor,
+    group_size: int,
+    drop_zero_variance: bool,
+    truncated: Tensor | None = None,
 ) -> Tensor:
     """The (N, T) tokens the loss counts: every completion token, or with `drop_zero_variance`
-    only those of groups whose rewards are not all equal (`LossSettings.drop_zero_variance`)."""
-    if not drop_zero_variance:
-        return completion_mask
-    grouped = rewards.view(-1, group_size)  # (B, G)
-    informative = (grouped != grouped[:, :1]).any(dim=1)  # (B,)
-    keep = informative.repeat_interleave(group_size).to(completion_mask.dtype)  # (N,)
-    return completion_mask * keep[:, None]
+    only those of groups whose rewards are not all equal (`LossSettings.drop_zero_variance`),
+    and with `truncated` ((N,) bool: `LossSettings.mask_truncated`) none of the cut ones."""
+    mask = completion_mask
+    if drop_zero_variance:
+        grouped = rewards.view(-1, group_size)  # (B, G)
+        informative = (grouped != grouped[:, :1]).any(dim=1)  # (B,)
+        keep = informative.repeat_interleave(group_size).to(completion_mask.dtype)  # (N,)
+        mask = mask * keep[:, None]
+    if truncated is not None:
+        mask = mask * (~truncated.bool()).to(mask.dtype)[:, None]
+    return mask
 
 
 def repeat_per_completion(values: Sequence[str], group_size: int) -> list[str]:

@@ -55,7 +55,7 @@ def prompt_generators(
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 
 
-def pad_right(pieces: Sequence[Tensor], value: int) -> Tensor:
+def pad_right(pieces: Sequence[Tensor], value: float) -> Tensor:
     """Stack (n_i, T_i) pieces row-wise into (sum n_i, max T_i), right-padded with `value`."""
     width = max(piece.shape[1] for piece in pieces)
     padded = [
@@ -65,15 +65,16 @@ def pad_right(pieces: Sequence[Tensor], value: int) -> Tensor:
 
 
 def chunked_decode(
-    decode: Callable[[PromptBatch, Any], Tensor],
+    decode: Callable[[PromptBatch, Any], tuple[Tensor, Tensor | None]],
     batch: PromptBatch,
     chunk_size: int | None,
     generator: torch.Generator | None,
     *,
     per_prompt: bool,
     pad_token_id: int,
-) -> Tensor:
-    """(N, T) ids from `decode(sub_batch, generators)`, a chunk of prompts at a time.
+) -> tuple[Tensor, Tensor | None]:
+    """(N, T) ids and, when `decode` gives them, (N, T) per-token log-probs (else None), from
+    `decode(sub_batch, generators)`, a chunk of prompts at a time.
 
     With `per_prompt`, `decode` gets one generator per prompt of its chunk (`prompt_generators`);
     otherwise it gets `generator` itself (greedy decoding, or a path that cannot use them).
@@ -81,12 +82,16 @@ def chunked_decode(
     chunks = rollout_chunks(len(batch), chunk_size)
     device = batch.input_ids.device
     generators = prompt_generators(len(batch), generator, device) if per_prompt else []
-    pieces = []
+    pieces, logps = [], []
     for prompts in chunks:
         sub = batch if len(chunks) == 1 else batch.select(prompts)
         draws = [generators[p] for p in prompts] if per_prompt else generator
-        pieces.append(decode(sub, draws))
-    return pad_right(pieces, pad_token_id)
+        ids, logp = decode(sub, draws)
+        pieces.append(ids)
+        logps.append(logp)
+    if any(logp is None for logp in logps):
+        return pad_right(pieces, pad_token_id), None
+    return pad_right(pieces, pad_token_id), pad_right(logps, 0)
 
 
 def chunk_rows(prompts: Sequence[int], group_size: int) -> list[int]:

@@ -55,6 +55,15 @@ log = logging.getLogger(__name__)
 HEAD_CHUNK_ELEMENTS = 2**26
 
 
+def _scaled_logits(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
+    if logits.shape[:-1] != ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} disagree")
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
 def per_token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
     """log softmax(logits / temperature) at `ids`, as picked logit minus logsumexp.
 
@@ -68,13 +77,57 @@ def per_token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) ->
     Returns:
         (...) float32 log-probs.
     """
-    if logits.shape[:-1] != ids.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} disagree")
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _scaled_logits(logits, ids, temperature)
     picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (...)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+class _Entropy(torch.autograd.Function):
+    """`H(z) = logsumexp(z) - sum(softmax(z) * z)` over the last dim, differentiable.
+
+    Its backward, `dH/dz = -p * (z - sum(p z))`, recomputes `p` from `z`, which the log-prob's
+    logsumexp keeps anyway: the entropy adds no (tokens, V) tensor to what backward holds. The
+    forward has one (tokens, V) float32 temporary at a time, as the logsumexp itself
+    (`safegrpo_pl.plan.memory` counts one).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor) -> Tensor:
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (..., 1)
+        entropy = lse.squeeze(-1) - (z - lse).exp_().mul_(z).sum(-1)  # (...)
+        ctx.save_for_backward(z, lse)
+        return entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        z, lse = ctx.saved_tensors
+        p = (z - lse).exp_()  # (..., V)
+        mean = (p * z).sum(-1, keepdim=True)  # (..., 1)
+        return p.mul_(z - mean).mul_(-grad.unsqueeze(-1))
+
+
+def logprobs_and_entropy(
+    logits: Tensor, ids: Tensor, temperature: float = 1.0, entropy_grad: bool = False
+) -> tuple[Tensor, Tensor]:
+    """`per_token_logprobs` and the entropy of softmax(logits / temperature), per position.
+
+    Args:
+        logits: (..., V) logits of any float dtype (computed in float32).
+        ids: (...) token ids.
+        temperature: the sampling temperature (> 0).
+        entropy_grad: the entropy carries a gradient (an entropy term in the loss); otherwise
+            it is computed without one (logging only).
+
+    Returns:
+        ((...) float32 log-probs, (...) float32 entropies in nats).
+    """
+    z = _scaled_logits(logits, ids, temperature)  # (..., V)
+    picked = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (...)
+    logp = picked - torch.logsumexp(z, dim=-1)
+    if entropy_grad:
+        return logp, _Entropy.apply(z)
+    with torch.no_grad():
+        return logp, _Entropy.apply(z)
 
 
 def completion_logprobs(
@@ -111,10 +164,68 @@ def completion_logprobs(
     Returns:
         (N, T) float32 log-probs, 0 where the mask is 0.
     """
+    options = dict(group_size=group_size, temperature=temperature, shared_prefix=shared_prefix)
+    return _completion_scores(
+        model, batch, completion_ids, completion_mask, **options, recompute_head=recompute_head
+    )[0]
+
+
+def completion_logprobs_and_entropy(
+    model: Any,
+    batch: PromptBatch,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    group_size: int,
+    temperature: float = 1.0,
+    shared_prefix: bool = True,
+    recompute_head: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """`completion_logprobs` and the policy's token entropy at the same positions.
+
+    The entropy of softmax(logits / temperature) is computed chunk by chunk from the same
+    LM-head logits as the log-probs (`logprobs_and_entropy`), so no extra (tokens, V) tensor
+    outlives its chunk. `entropy_grad`: the entropy carries a gradient (an entropy bonus);
+    otherwise it is computed without one.
+
+    Returns:
+        ((N, T) float32 log-probs, (N, T) float32 entropies), both 0 where the mask is 0.
+    """
+    options = dict(group_size=group_size, temperature=temperature, shared_prefix=shared_prefix)
+    logp, entropy = _completion_scores(
+        model,
+        batch,
+        completion_ids,
+        completion_mask,
+        **options,
+        recompute_head=recompute_head,
+        entropy=True,
+        entropy_grad=entropy_grad,
+    )
+    assert entropy is not None
+    return logp, entropy
+
+
+def _completion_scores(
+    model: Any,
+    batch: PromptBatch,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    group_size: int,
+    temperature: float,
+    shared_prefix: bool,
+    recompute_head: bool,
+    entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(N, T) log-probs and, with `entropy`, (N, T) entropies (see `completion_logprobs`)."""
     _check_completions(batch, completion_ids, completion_mask, group_size, temperature)
     base = unwrap_model(model)
     if completion_ids.shape[1] == 0:
-        return completion_mask.new_zeros(completion_ids.shape, dtype=torch.float32)
+        empty = completion_mask.new_zeros(completion_ids.shape, dtype=torch.float32)
+        return empty, (empty.clone() if entropy else None)
     hidden_states = _prompt_context_hidden if shared_prefix else repeated_pixels_hidden
     return _masked_head_logprobs(
         base.get_output_embeddings(),
@@ -123,6 +234,8 @@ def completion_logprobs(
         completion_mask,
         temperature,
         recompute_head,
+        entropy=entropy,
+        entropy_grad=entropy_grad,
     )
 
 
@@ -222,8 +335,12 @@ def _masked_head_logprobs(
     completion_mask: Tensor,
     temperature: float,
     recompute: bool,
-) -> Tensor:
-    """LM head + log-probs on the mask-1 positions only, in chunks: (N, T) float32."""
+    *,
+    entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """LM head + log-probs (and entropies) on the mask-1 positions only, in chunks: (N, T)
+    float32 each; the entropies are None unless `entropy`."""
     keep = completion_mask.bool()  # (N, T)
     states = hidden[keep]  # (M, H)
     targets = completion_ids[keep]  # (M,)
@@ -233,14 +350,24 @@ def _masked_head_logprobs(
     def score(states_chunk: Tensor, targets_chunk: Tensor) -> Tensor:
         return per_token_logprobs(head(states_chunk), targets_chunk, temperature)
 
+    def score_with_entropy(states_chunk: Tensor, targets_chunk: Tensor) -> tuple[Tensor, Tensor]:
+        return logprobs_and_entropy(head(states_chunk), targets_chunk, temperature, entropy_grad)
+
+    scorer = score_with_entropy if entropy else score
     pieces = []
     for start in range(0, states.shape[0], chunk):
         args = (states[start : start + chunk], targets[start : start + chunk])
         if recompute and torch.is_grad_enabled():
-            pieces.append(torch.utils.checkpoint.checkpoint(score, *args, use_reentrant=False))
+            pieces.append(torch.utils.checkpoint.checkpoint(scorer, *args, use_reentrant=False))
         else:
-            pieces.append(score(*args))
-    values = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device).masked_scatter(
-        keep, values
-    )
+            pieces.append(scorer(*args))
+
+    def scatter(values: list[Tensor]) -> Tensor:
+        flat = torch.cat(values) if values else states.new_zeros(0, dtype=torch.float32)
+        return torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device).masked_scatter(
+            keep, flat
+        )
+
+    if not entropy:
+        return scatter(pieces), None
+    return scatter([p[0] for p in pieces]), scatter([p[1] for p in pieces])

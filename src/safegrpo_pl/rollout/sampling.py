@@ -192,6 +192,9 @@ class Rollout:
         lengths: (N,) long, number of tokens under the mask.
         truncated: (N,) bool, the completion hit max_new_tokens without an EOS.
         group_size: G.
+        sampler_logp: (N, T) float32 log-probs of the sampled tokens under the sampler's own
+            logits (divided by the temperature, before top-k / top-p / suppression), 0 off the
+            mask; None unless asked for (`sample_groups(keep_logprobs=True)`).
     """
 
     completion_ids: Tensor
@@ -200,6 +203,7 @@ class Rollout:
     lengths: Tensor
     truncated: Tensor
     group_size: int
+    sampler_logp: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -215,6 +219,7 @@ class DecodeSpec:
     pad_token_id: int
     suppress_token_ids: tuple[int, ...]
     sync_ranks: bool = False
+    keep_logprobs: bool = False
 
 
 def rollout_from_ids(
@@ -225,6 +230,7 @@ def rollout_from_ids(
     pad_token_id: int,
     max_new_tokens: int,
     group_size: int,
+    sampler_logp: Tensor | None = None,
 ) -> Rollout:
     """Mask, lengths, truncation flags and texts for raw completion ids (any content after EOS).
 
@@ -235,9 +241,10 @@ def rollout_from_ids(
         pad_token_id: written after each first EOS.
         max_new_tokens: the limit the completions were sampled under (for `truncated`).
         group_size: G.
+        sampler_logp: (N, T) the sampler's log-probs of `completion_ids`, or None.
 
     Returns:
-        The `Rollout`, with ids right-trimmed to the longest completion.
+        The `Rollout`, with ids (and log-probs) right-trimmed to the longest completion.
     """
     ids = completion_ids.long()
     eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=ids.device)
@@ -252,6 +259,8 @@ def rollout_from_ids(
     truncated = ~is_eos.any(-1) & (lengths >= max_new_tokens)
     rows = [row[:n] for row, n in zip(ids.tolist(), lengths.tolist(), strict=True)]
     texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    if sampler_logp is not None:
+        sampler_logp = sampler_logp[:, :width].float().masked_fill(~keep, 0.0)
     return Rollout(
         completion_ids=ids,
         completion_mask=keep.float(),
@@ -259,6 +268,7 @@ def rollout_from_ids(
         lengths=lengths,
         truncated=truncated,
         group_size=group_size,
+        sampler_logp=sampler_logp,
     )
 
 
@@ -279,6 +289,7 @@ def sample_groups(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     sync_ranks: bool = False,
+    keep_logprobs: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for every prompt of `batch`.
 
@@ -301,6 +312,9 @@ def sample_groups(
         chunk_size: prompts decoded at once (whole groups); None = all of them. Memory only.
         sync_ranks: decode until every row of every rank has ended (see the module doc); all
             ranks must call this together (with the same number of prompts and chunks).
+        keep_logprobs: keep the sampler's log-prob of every sampled token
+            (`Rollout.sampler_logp`), to measure and correct the sampler/trainer mismatch;
+            shared-prefix sampling only.
 
     Returns:
         The `Rollout` of N = B * G completions, group by group.
@@ -308,6 +322,11 @@ def sample_groups(
     check_group_size(group_size)
     if not eos_token_ids:
         raise ValueError("eos_token_ids is empty: completions could never end before the limit")
+    if keep_logprobs and not shared_prefix:
+        raise ValueError(
+            "the sampler's log-probs are kept by the shared-prefix decoder only; set "
+            "model.shared_prefix: true, or turn off model.loss.log_sampler_kl and rollout_is"
+        )
     spec = DecodeSpec(
         group_size,
         settings,
@@ -315,10 +334,11 @@ def sample_groups(
         pad_token_id,
         tuple(suppress_token_ids),
         sync_ranks=sync_ranks,
+        keep_logprobs=keep_logprobs,
     )
-    decode = _decode_shared_prefix if shared_prefix else generate_completions
+    decode = _decode_shared_prefix if shared_prefix else _generate_without_logprobs
     per_prompt = shared_prefix and settings.do_sample  # the naive path's generate takes none
-    ids = chunked_decode(
+    ids, sampler_logp = chunked_decode(
         lambda sub, draws: decode(model, sub, spec, draws),
         batch,
         chunk_size,
@@ -333,12 +353,13 @@ def sample_groups(
         pad_token_id=pad_token_id,
         max_new_tokens=settings.max_new_tokens,
         group_size=group_size,
+        sampler_logp=sampler_logp,
     )
 
 
 def _decode_shared_prefix(
     model: Any, batch: PromptBatch, spec: DecodeSpec, generator: Generators
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
     """The decode loop in inference and eval mode; returns (N, T) ids usable with autograd.
 
     Inference mode: a decode step is hundreds of tiny ops, and skipping autograd's version
@@ -348,17 +369,19 @@ def _decode_shared_prefix(
     """
     grad_mode = torch.no_grad() if spec.sync_ranks else torch.inference_mode()
     with grad_mode, eval_mode(model):
-        ids = _decode_shared(unwrap_model(model), batch, spec, generator)
-    return ids.clone()
+        ids, logp = _decode_shared(unwrap_model(model), batch, spec, generator)
+    return ids.clone(), None if logp is None else logp.clone()
 
 
 def _decode_shared(
     base: Any, batch: PromptBatch, spec: DecodeSpec, generator: Generators
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
     """Prefill B prompts once, then decode N = B*G rows against the shared prompt cache.
 
     Returns:
-        (N, T) sampled ids, T <= max_new_tokens (the loop stops once every row has ended).
+        (N, T) sampled ids, T <= max_new_tokens (the loop stops once every row has ended),
+        and with `spec.keep_logprobs` (N, T) their log-probs under the loop's own logits
+        divided by the temperature (0 after a row has finished); else None.
     """
     device = batch.input_ids.device
     head = base.get_output_embeddings()
@@ -377,17 +400,28 @@ def _decode_shared(
     tokens = torch.full((logits.shape[0], max_new), pad, dtype=torch.long, device=device)
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     token_positions = step_positions(next_position, max_new, positions)  # (.., N, max_new)
+    logps = (
+        torch.zeros(tokens.shape, dtype=torch.float32, device=device)
+        if spec.keep_logprobs
+        else None
+    )
+    scale = spec.settings.temperature if spec.settings.do_sample else 1.0
     with context:
         for step in range(max_new):
+            if logps is not None:  # the full distribution's normaliser, as the trainer's
+                normaliser = torch.logsumexp(logits / scale, dim=-1)  # (N,)
             if suppress.numel():
                 logits = logits.index_fill_(1, suppress, float("-inf"))
             chosen = choose_next_tokens(logits, spec.settings, generator)  # (N,)
             chosen = chosen.masked_fill(finished, pad)
             tokens[:, step] = chosen
+            if logps is not None:
+                picked = logits.gather(1, chosen[:, None]).squeeze(1) / scale - normaliser
+                logps[:, step] = picked.masked_fill(finished, 0.0)
             finished |= torch.isin(chosen, eos)
             done = all_done(finished) if spec.sync_ranks else bool(finished.all())
             if step + 1 == max_new or done:
-                return tokens[:, : step + 1]
+                return tokens[:, : step + 1], None if logps is None else logps[:, : step + 1]
             out = body(
                 input_ids=tokens[:, step : step + 1],
                 attention_mask=None if attention is None else attention[:, : prompt_len + step + 1],
@@ -397,7 +431,7 @@ def _decode_shared(
                 **step_kwargs,
             )
             logits = head(out.last_hidden_state[:, -1]).float()  # (N, V)
-    return tokens
+    return tokens, logps
 
 
 def _only_full_attention(base: Any) -> bool:
@@ -431,6 +465,12 @@ def _decode_state(
     prompt_mask = batch.attention_mask.repeat_interleave(group_size, 0)  # (N, L)
     attention = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], max_new)], 1)
     return {}, attention, prompt_cache, contextlib.nullcontext()
+
+
+def _generate_without_logprobs(
+    model: Any, batch: PromptBatch, spec: DecodeSpec, generator: torch.Generator | None
+) -> tuple[Tensor, None]:
+    return generate_completions(model, batch, spec, generator), None
 
 
 def generate_completions(

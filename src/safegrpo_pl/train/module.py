@@ -42,10 +42,17 @@ from safegrpo_pl.policy.precision import DTYPES, check_trainable_dtype
 from safegrpo_pl.rl.distributed import (
     advantages_over_ranks,
     check_equal_across_ranks,
+    gather_rewards,
     global_seed,
     sampling_generator,
 )
-from safegrpo_pl.rl.grpo import LossSettings, loss_mask, prompt_chunks, repeat_per_completion
+from safegrpo_pl.rl.grpo import (
+    LossSettings,
+    loss_mask,
+    overlong_penalty,
+    prompt_chunks,
+    repeat_per_completion,
+)
 from safegrpo_pl.rollout.sampling import Rollout, SamplingSettings
 from safegrpo_pl.train.checkpoints import read_extras, write_extras
 from safegrpo_pl.train.fsdp import shard_models
@@ -323,9 +330,36 @@ class SafeGRPOModule(LightningModule):
 
     # -- the pieces of a step -------------------------------------------------------------
 
-    def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings) -> Rollout:
-        """Sample `group_size` completions per prompt with the current policy."""
-        return self.runner.sample(batch, group_size, settings, generator=self.sampling_generator)
+    def sample(
+        self,
+        batch: PromptBatch,
+        group_size: int,
+        settings: SamplingSettings,
+        keep_logprobs: bool = False,
+    ) -> Rollout:
+        """Sample `group_size` completions per prompt with the current policy (`keep_logprobs`:
+        with the sampler's own log-probs)."""
+        return self.runner.sample(
+            batch,
+            group_size,
+            settings,
+            generator=self.sampling_generator,
+            keep_logprobs=keep_logprobs,
+        )
+
+    def shaped_rewards(self, rewards: Tensor, rollout: Rollout) -> tuple[Tensor, Tensor | None]:
+        """(rewards the advantages are computed from (N,), the overlong penalty (N,) or None):
+        the rule rewards plus DAPO's soft overlong penalty when `loss.overlong_buffer` > 0."""
+        settings = self.loss_settings
+        if settings.overlong_buffer == 0:
+            return rewards, None
+        penalty = overlong_penalty(
+            rollout.lengths,
+            self.sampling.max_new_tokens,
+            settings.overlong_buffer,
+            settings.overlong_penalty_factor,
+        ).to(rewards)
+        return rewards + penalty, penalty
 
     def score(self, batch: PromptBatch, rollout: Rollout) -> list[RewardParts]:
         """Rule rewards of every completion against its record's tags."""
@@ -357,16 +391,21 @@ class SafeGRPOModule(LightningModule):
     # -- Lightning hooks ------------------------------------------------------------------
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        settings = self.loss_settings
         with self.timer.phase("generation"):
-            rollout = self.sample(batch, self.group_size, self.sampling)
+            rollout = self.sample(
+                batch, self.group_size, self.sampling, settings.keeps_sampler_logprobs
+            )
         with self.timer.phase("reward"):
             parts = self.score(batch, rollout)
             rewards = torch.tensor([p.total for p in parts], device=self.device)
+            shaped, penalty = self.shaped_rewards(rewards, rollout)
             advantages, every_rank = advantages_over_ranks(
-                rewards, self.group_size, self.loss_settings
+                shaped, self.group_size, settings, lengths=rollout.lengths
             )
+        truncated = rollout.truncated if settings.mask_truncated else None
         mask = loss_mask(
-            rollout.completion_mask, rewards, self.group_size, self.loss_settings.drop_zero_variance
+            rollout.completion_mask, shaped, self.group_size, settings.drop_zero_variance, truncated
         )
         minibatches = prompt_chunks(len(batch), self.mini_batch_size)
         steps = self.num_iterations * len(minibatches)
@@ -386,7 +425,9 @@ class SafeGRPOModule(LightningModule):
             for index, prompts in enumerate(minibatches):
                 fresh = iteration == 0 and index == 0
                 step_figures.append(self.optimise(scored, prompts, fresh))
-        self._log_train(rollout, parts, every_rank, step_figures, len(batch))
+        if penalty is not None:  # the rule reward is logged on its own, the penalty apart
+            every_rank = gather_rewards(rewards)
+        self._log_train(rollout, parts, every_rank, step_figures, len(batch), penalty)
 
     def _log_train(
         self,
@@ -395,10 +436,13 @@ class SafeGRPOModule(LightningModule):
         rewards: Tensor,
         step_figures: Sequence[StepFigures],
         batch_size: int,
+        penalty: Tensor | None = None,
     ) -> None:
         figures = rollout_figures(
             rewards, parts, rollout.lengths, rollout.truncated, rollout.group_size
         )
+        if penalty is not None:
+            figures["overlong_penalty"] = penalty.float().mean()
         figures.update(mean_over_steps(step_figures))
         logs: dict[str, Any] = {f"train/{k}": v for k, v in figures.items()}
         logs["train/lr"] = self.optimizers().param_groups[0]["lr"]

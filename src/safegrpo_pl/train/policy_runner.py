@@ -25,7 +25,7 @@ from safegrpo_pl.policy.inputs import PromptBatch
 from safegrpo_pl.policy.model import DecodeIds, PolicySettings
 from safegrpo_pl.policy.precision import DTYPES, cast_trainable, place_reference
 from safegrpo_pl.rollout.chunking import chunked_scores, rollout_chunks
-from safegrpo_pl.rollout.logprobs import completion_logprobs
+from safegrpo_pl.rollout.logprobs import completion_logprobs, completion_logprobs_and_entropy
 from safegrpo_pl.rollout.prefill import eval_mode
 from safegrpo_pl.rollout.sampling import Rollout, SamplingSettings, sample_groups
 from safegrpo_pl.train.fsdp import gathered_weights, is_sharded
@@ -124,11 +124,13 @@ class PolicyRunner:
         group_size: int,
         settings: SamplingSettings,
         generator: torch.Generator | None = None,
+        keep_logprobs: bool = False,
     ) -> Rollout:
         """`group_size` completions per prompt from the current policy, in eval mode.
 
         Sharded (FSDP2) weights are gathered once for the whole decode, and every rank decodes
-        until all ranks' rows have ended (`sample_groups(sync_ranks=True)`).
+        until all ranks' rows have ended (`sample_groups(sync_ranks=True)`). `keep_logprobs`:
+        keep the sampler's own log-probs (`Rollout.sampler_logp`).
         """
         sharded = is_sharded(self.model)
         with eval_mode(self.model), gathered_weights(self.model):
@@ -143,6 +145,7 @@ class PolicyRunner:
                 chunk_size=self.rollout_chunk,
                 generator=generator,
                 sync_ranks=sharded,
+                keep_logprobs=keep_logprobs,
             )
 
     def logprobs(
@@ -160,6 +163,30 @@ class PolicyRunner:
                 group_size=group_size,
                 temperature=temperature,
                 shared_prefix=self.shared_prefix,
+            )
+
+    def logprobs_and_entropy(
+        self,
+        model: Any,
+        batch: PromptBatch,
+        ids: Tensor,
+        mask: Tensor,
+        temperature: float,
+        entropy_grad: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """`logprobs` and the token entropy at the same positions, (N, T) each; the entropy
+        carries a gradient with `entropy_grad`."""
+        group_size = ids.shape[0] // len(batch)
+        with dropout_off(model):
+            return completion_logprobs_and_entropy(
+                model,
+                batch,
+                ids,
+                mask,
+                group_size=group_size,
+                temperature=temperature,
+                shared_prefix=self.shared_prefix,
+                entropy_grad=entropy_grad,
             )
 
     @torch.no_grad()

@@ -369,8 +369,15 @@ class PolicyUpdate:
         tokens, ids = tokens[:, :width], rollout.completion_ids[rows, :width]
         loss_tokens = scored.loss_mask[rows, :width]  # a subset of `tokens`
         with self.timer.phase("policy_forward_backward"):
-            logp = self.runner.logprobs(
-                self.runner.model, scored.batch.select(micro), ids, tokens, settings.temperature
+            # The entropy comes from the same LM-head chunks (logged as train/entropy); it
+            # carries a gradient only for an entropy bonus.
+            logp, entropy = self.runner.logprobs_and_entropy(
+                self.runner.model,
+                scored.batch.select(micro),
+                ids,
+                tokens,
+                settings.temperature,
+                entropy_grad=settings.loss.needs_entropy_grad,
             )
             if old_logp is None or fresh:
                 old = logp.detach()
@@ -379,6 +386,7 @@ class PolicyUpdate:
             else:
                 old = old_logp[rows, :width]
             ref = None if ref_logp is None else ref_logp[rows, :width]
+            sampler = rollout.sampler_logp
             loss, stats = grpo_loss(
                 logp,
                 old,
@@ -389,6 +397,8 @@ class PolicyUpdate:
                 kl_coef=settings.kl_coef,
                 loss_normalizer=normalizer,
                 max_completion_length=settings.max_new_tokens,
+                entropy=entropy,
+                sampler_logp=None if sampler is None else sampler[rows, :width],
             )
             # DDP and FSDP average gradients over ranks; the loss is a share of a global sum.
             host.manual_backward(loss * gradient_scale(data_parallel_size(host._trainer)))
