@@ -89,7 +89,7 @@ def _unknown_options(message: str) -> list[str]:
 
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """Up to `n` of `choices` close to `word`: similar enough (difflib ratio >= 0.75) and near
-    the best match (within 0.1 of its ratio), so that a shared `--model.` prefix alone is not
+    the best match (within 0.05 of its ratio), so that a shared `--model.` prefix alone is not
     a suggestion."""
     scored = sorted(
         ((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in choices), reverse=True
@@ -97,7 +97,7 @@ def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     if not scored or scored[0][0] < 0.75:
         return []
     best = scored[0][0]
-    return [c for ratio, c in scored[:n] if ratio >= max(0.75, best - 0.1)]
+    return [c for ratio, c in scored[:n] if ratio >= max(0.75, best - 0.05)]
 
 
 def parser_error_line(message: str, known: Iterable[str], help_command: str) -> str:
