@@ -49,7 +49,7 @@ def _start_job(job: dict[str, Any]) -> tuple[stats.BenchSettings, str, Any]:
     """What every job does first: its settings, torch threads and seed, its model's encoder."""
     import _bench_api as api
 
-    settings = stats.BenchSettings(**job["settings"])
+    settings = stats.BenchSettings.from_dict(job["settings"])
     _setup_torch(settings.threads, settings.seed)
     path = job["model_path"]
     return settings, path, api.PromptEncoder.from_pretrained(path)
@@ -64,8 +64,11 @@ def demo_prompts(count: int, *, image_size: int = 64, seed: int = 0) -> list[Any
     """The first `count` records of the demo set's train split (deterministic)."""
     import _bench_api as api
 
-    # Typographic images are at least 112 px (the demo's default), else as large as the pictures.
-    config = api.DemoConfig(image_size=image_size, typographic_size=max(112, image_size), seed=seed)
+    # Typographic images keep the demo's size unless the pictures are larger.
+    smallest = api.DemoConfig().typographic_size
+    config = api.DemoConfig(
+        image_size=image_size, typographic_size=max(smallest, image_size), seed=seed
+    )
     return api.make_demo_split("train", count, config)
 
 
@@ -332,7 +335,7 @@ def run_mfu(job: dict[str, Any]) -> dict[str, Any]:
     """The train pass's achieved FLOP/s against the matmul peak and a plain transformers pass."""
     import _bench_mfu as mfu
 
-    settings = stats.BenchSettings(**job["settings"])
+    settings = stats.BenchSettings.from_dict(job["settings"])
     _setup_torch(settings.threads, settings.seed)
     return mfu.train_pass_efficiency(
         job["model_path"],

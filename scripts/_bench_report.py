@@ -243,7 +243,7 @@ TABLES: tuple[TableSpec, ...] = (
         paired_columns("shared prefix", "naive", "speed-up", label="CPU seconds"),
     ),
     TableSpec(
-        "Reference memory (tiny Qwen2.5-VL, hidden 1024)",
+        lambda rm: f"Reference memory (tiny Qwen2.5-VL, hidden {rm.get('hidden_size', 1024)})",
         "ref_memory",
         lambda rm, report: [{"training": k, **v} for k, v in rm.items() if isinstance(v, dict)],
         (
@@ -255,7 +255,8 @@ TABLES: tuple[TableSpec, ...] = (
     ),
     TableSpec(
         lambda m: (
-            f"Train pass vs the matmul peak (tiny Qwen3 text, hidden 1024, 4 layers, "
+            f"Train pass vs the matmul peak (tiny Qwen3 text, hidden {m.get('hidden_size', 1024)}, "
+            f"4 layers, "
             f"{m['rows']} x ({m['prompt_tokens']} + {m['completion_tokens']}) tokens)"
         ),
         "mfu",

@@ -58,11 +58,19 @@ def build_models(
         ),
         # Wide enough for matmuls to dominate the train pass (train-pass efficiency).
         "text_mfu": api.TinyModelSpec(
-            arch="qwen3_text", hidden_size=1024, num_layers=4, num_heads=8, seed=settings.seed
+            arch="qwen3_text",
+            hidden_size=settings.wide_size,
+            num_layers=4,
+            num_heads=8,
+            seed=settings.seed,
         ),
         # Wide enough that one more copy of the weights (~150 MB) would show in peak RSS.
         "vl_wide": api.TinyModelSpec(
-            arch="qwen2_5_vl", hidden_size=1024, num_layers=4, num_heads=8, seed=settings.seed
+            arch="qwen2_5_vl",
+            hidden_size=settings.wide_size,
+            num_layers=4,
+            num_heads=8,
+            seed=settings.seed,
         ),
     }
     corpus = api.demo_corpus()
@@ -181,7 +189,7 @@ def scaling(
     paths: dict[str, str], settings: stats.BenchSettings, workdir: Path, full_grid: bool
 ) -> dict[str, Any]:
     """Our step time over G x completion length (a cross in --quick, the 3x3 grid otherwise)."""
-    groups, lengths = (4, 8, 16), (32, 64, 128)
+    groups, lengths = settings.scaling_groups, settings.scaling_lengths
     if full_grid:
         grid = [(g, t) for g in groups for t in lengths]
     else:
@@ -255,6 +263,7 @@ def reference_memory(
             "ratio": stats.ratio(with_kl, without),
         }
     out["ref_memory_ratio"] = out["lora"]["ratio"]
+    out["hidden_size"] = settings.wide_size
     return out
 
 
@@ -264,4 +273,5 @@ def train_pass_efficiency(
     """The policy forward+backward's FLOP/s against the matmul peak and a plain transformers
     pass on the same model and tokens, measured in one process (`scripts/_bench_mfu.py`)."""
     job = {"kind": "mfu", "model_path": paths["text_mfu"], "settings": settings.as_dict()}
-    return run_job("mfu", {**job, "repeats": repeats}, workdir, settings.threads)
+    result = run_job("mfu", {**job, "repeats": repeats}, workdir, settings.threads)
+    return {**result, "hidden_size": settings.wide_size}

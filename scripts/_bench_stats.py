@@ -73,7 +73,11 @@ class BenchSettings:
         rollout_chunk: our `rollout_micro_batch_size` (prompts sampled and re-scored at once):
             on, at half the rollout batch, so the comparison times the memory-bounded path.
         mfu_rows, mfu_prompt, mfu_completion: the train-pass efficiency section's work: rows
-            of prompt + completion tokens through a tiny Qwen3 of hidden 1024 and 4 layers.
+            of prompt + completion tokens through a tiny Qwen3 of width `wide_size`.
+        wide_size: width of the two wide models (4 layers, 8 heads): the train-pass efficiency
+            model, where matmuls must dominate, and the reference-memory Qwen2.5-VL, where a
+            second copy of the weights (~150 MB at 1024) must show in the peak RSS.
+        scaling_groups, scaling_lengths: the scaling section's G and completion lengths.
     """
 
     prompts_per_step: int = 4
@@ -93,6 +97,9 @@ class BenchSettings:
     mfu_rows: int = 16
     mfu_prompt: int = 128
     mfu_completion: int = 128
+    wide_size: int = 1024
+    scaling_groups: tuple[int, ...] = (4, 8, 16)
+    scaling_lengths: tuple[int, ...] = (32, 64, 128)
 
     @property
     def completions_per_step(self) -> int:
@@ -109,9 +116,33 @@ class BenchSettings:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> BenchSettings:
+        """The settings `as_dict` wrote (JSON turned the tuples into lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
 
 QUICK = BenchSettings(steps=3, repeats=2)
 """`--quick`: fewer timed steps and repeats (the whole run stays under 5 minutes on 2 cores)."""
+
+SMOKE = BenchSettings(
+    prompts_per_step=2,
+    group_size=2,
+    max_new_tokens=8,
+    steps=1,
+    repeats=1,
+    hidden_size=64,
+    num_layers=1,
+    rollout_chunk=1,
+    mfu_rows=2,
+    mfu_prompt=16,
+    mfu_completion=16,
+    wide_size=128,
+    scaling_groups=(2, 4),
+    scaling_lengths=(4, 8),
+)
+"""`--smoke`: every job at the smallest size that still runs its code (the test suite's run);
+its figures mean nothing."""
 
 
 def peak_rss_mb() -> float:

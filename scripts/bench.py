@@ -3,6 +3,7 @@
     python scripts/bench.py --quick            # < 5 minutes on 2 cores; writes bench.json
     python scripts/bench.py                    # the full run (more steps, repeats, a 3x3 grid)
     python scripts/bench.py --out runs/bench/bench.json --threads 1
+    python scripts/bench.py --smoke --out /tmp/b/bench.json   # every job at the smallest size
 
 Sections, each measured in fresh child processes (`scripts/_bench_jobs.py`), so that every
 peak resident memory belongs to one job alone:
@@ -88,7 +89,13 @@ def _json_safe(value: Any) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps/repeats (< 5 min)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer steps/repeats (< 5 min)")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every job once at the smallest size (the test suite's check; figures mean nothing)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -108,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--widths",
         default="auto",
-        help="extra model widths for the ours/TRL ratio (e.g. 128,512); auto: 128, none in --quick",
+        help="extra model widths for the ours/TRL ratio (e.g. 128,512, or none); auto: 128, "
+        "none in --quick and --smoke",
     )
     parser.add_argument("--lora", action="store_true", help="LoRA in both trainers")
     parser.add_argument(
@@ -129,6 +137,8 @@ def parse_widths(text: str, *, quick: bool, headline: int) -> tuple[int, ...]:
     """The extra widths of `--widths`: "auto" is 128 (none with --quick); the headline is skipped."""
     if text == "auto":
         return () if quick else tuple(w for w in (128,) if w != headline)
+    if text == "none":
+        return ()
     try:
         widths = tuple(int(w) for w in text.split(",") if w.strip())
     except ValueError as err:
@@ -139,7 +149,7 @@ def parse_widths(text: str, *, quick: bool, headline: int) -> tuple[int, ...]:
 
 
 def settings_from(args: argparse.Namespace) -> stats.BenchSettings:
-    settings = stats.QUICK if args.quick else stats.BenchSettings()
+    settings = stats.SMOKE if args.smoke else stats.QUICK if args.quick else stats.BenchSettings()
     changes = {
         k: v
         for k, v in (("repeats", args.repeats), ("steps", args.steps), ("threads", args.threads))
@@ -174,7 +184,8 @@ def section_runs(
     widths: tuple[int, ...],
 ) -> list[tuple[str, Callable[[], Any]]]:
     """Every section, in order, as (name, a function that measures it)."""
-    full = not args.quick
+    full = not (args.quick or args.smoke)
+    repeats = 1 if args.smoke else 2 if args.quick else 5
     return [
         ("compare", lambda: sections.compare_with_trl(paths["text"], settings, workdir)),
         ("widths", lambda: sections.width_sensitivity(paths, settings, workdir, widths)),
@@ -182,13 +193,15 @@ def section_runs(
         (
             "rollout",
             lambda: sections.rollout_vs_naive(
-                paths, settings, workdir, repeats=5 if full else 2, image_size=224
+                paths, settings, workdir, repeats=repeats, image_size=64 if args.smoke else 224
             ),
         ),
         ("refmem", lambda: sections.reference_memory(paths, settings, workdir, control=full)),
         (
             "mfu",
-            lambda: sections.train_pass_efficiency(paths, settings, workdir, 5 if full else 3),
+            lambda: sections.train_pass_efficiency(
+                paths, settings, workdir, 1 if args.smoke else max(repeats, 3)
+            ),
         ),
     ]
 
@@ -238,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": [Path(sys.executable).name, *sys.argv],
         "quick": args.quick,
+        "smoke": args.smoke,
         "machine": machine_info(settings.threads),
         "settings": settings.as_dict(),
         "fairness": FAIRNESS,
         "errors": [],
     }
-    widths = parse_widths(args.widths, quick=args.quick, headline=settings.hidden_size)
+    widths = parse_widths(
+        args.widths, quick=args.quick or args.smoke, headline=settings.hidden_size
+    )
     paths = sections.build_models(workdir, settings, widths)
     log.info("models ready in %.0f s: %s", time.perf_counter() - started, paths)
     run_sections(report, section_runs(args, settings, workdir, paths, widths), chosen, widths)

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python scripts/plan_check.py           # the table, ~30 s on 2 cores
     PYTHONPATH=src python scripts/plan_check.py --json out.json
+    PYTHONPATH=src python scripts/plan_check.py --case lora     # one case (the tests run this)
 
 What is measured: one training step of `Trainer.fit` (one rollout batch: sampling, reference
 and old log-probs, two optimiser steps over two mini-batches, so that AdamW's state exists
@@ -228,12 +229,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--chunk", type=int, help="model.rollout_micro_batch_size, if it exists")
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=[c.name for c in CASES],
+        help="measure only this case (repeatable; default: every case)",
+    )
     args = parser.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    cases = CASES
+    cases = tuple(c for c in CASES if not args.case or c.name in args.case)
     if args.chunk:
-        cases = tuple(replace(c, rollout_micro_batch_size=args.chunk) for c in CASES)
+        cases = tuple(replace(c, rollout_micro_batch_size=args.chunk) for c in cases)
     rows = [check(case) for case in cases]
     print(f"{'case':<12} {'estimate MiB':>13} {'measured MiB':>13} {'ratio':>6}  peak phase")
     for row in rows:

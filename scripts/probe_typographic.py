@@ -3,6 +3,7 @@
     python scripts/probe_typographic.py [--model SPEC] [--steps 300] [--jitter 4 2 1 0]
     python scripts/probe_typographic.py --spread MODEL_DIR [MODEL_DIR ...]
     python scripts/probe_typographic.py --drawings [--jitter 1 0]
+    python scripts/probe_typographic.py --smoke      # every mode once, tiny (the tests run it)
 
 Trains the tiny model's vision tower with a linear head on its visual tokens, supervised, to tell
 safe from unsafe rendered phrases, on exactly the typographic records of the demo's training
@@ -32,7 +33,7 @@ import itertools
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -222,6 +223,49 @@ def drawing_spread(model_spec: str = DEMO_MODEL, jitter: int = 0, drawings: int 
     }
 
 
+def print_drawings(model: str, jitters: list[int]) -> None:
+    """The `--drawings` table: distances between drawings of one phrase and between phrases."""
+    print(f"{model}: the untrained tower's visual tokens of the key's rows")
+    print("| jitter | two drawings of one phrase | two keys, same drawing | ratio |")
+    print("| ---: | ---: | ---: | ---: |")
+    for jitter in jitters:
+        spread = drawing_spread(model, jitter)
+        ratio = spread["same_phrase"] / spread["other_key"]
+        print(
+            f"| {jitter} | {spread['same_phrase']:.3f} | {spread['other_key']:.3f} | {ratio:.2f} |"
+        )
+
+
+def print_spread(paths: list[str], demo: DemoConfig) -> None:
+    """The `--spread` lines: what each model's visual tokens carry, without training."""
+    for path in paths:
+        spread = phrase_spread(resolve_model_path(path), demo)
+        print(
+            f"{path}: visual token norm {spread['token_norm']:.3f}, between-phrase share of "
+            f"the mean token {spread['between_phrase_share']:.3%} "
+            f"({spread['phrases']:.0f} phrases)"
+        )
+
+
+def print_probe(model: str, demo: DemoConfig, jitters: list[int], steps: int, frozen: bool) -> None:
+    """The probe's table: one supervised probe per jitter, its train and held-out accuracy."""
+    what = "a linear head on the fixed tower" if frozen else "the tower and a linear head"
+    print(f"{model}: {what}, {steps} supervised steps of 16 images")
+    print("| jitter | train / held-out records | visual tokens | train | held-out | by novelty |")
+    print("| ---: | ---: | ---: | ---: | ---: | --- |")
+    for jitter in jitters:
+        start = time.monotonic()
+        result = probe(
+            model, replace(demo, typographic_jitter=jitter), steps=steps, train_tower=not frozen
+        )
+        novelty = ", ".join(f"{k} {v:.1%}" for k, v in result.by_novelty.items())
+        print(
+            f"| {jitter} | {result.train_records} / {result.held_out_records} | "
+            f"{result.visual_tokens} | {result.train_accuracy:.1%} | "
+            f"{result.held_out_accuracy:.1%} | {novelty} ({time.monotonic() - start:.0f} s) |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEMO_MODEL)
@@ -229,6 +273,9 @@ def main() -> None:
     parser.add_argument("--jitter", type=int, nargs="+", default=[4, 2, 1, 0])
     parser.add_argument(
         "--num-train", type=int, default=DemoConfig.num_train, help="records in the train split"
+    )
+    parser.add_argument(
+        "--num-val", type=int, default=512, help="held-out records (~15%% typographic)"
     )
     parser.add_argument(
         "--frozen", action="store_true", help="train the linear head alone, not the tower"
@@ -239,49 +286,25 @@ def main() -> None:
         action="store_true",
         help="distances between drawings of one phrase and between phrases, per --jitter",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every mode once at the smallest size (the test suite's check; figures mean nothing)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.drawings:
-        print(f"{args.model}: the untrained tower's visual tokens of the key's rows")
-        print("| jitter | two drawings of one phrase | two keys, same drawing | ratio |")
-        print("| ---: | ---: | ---: | ---: |")
-        for jitter in args.jitter:
-            spread = drawing_spread(args.model, jitter)
-            ratio = spread["same_phrase"] / spread["other_key"]
-            print(
-                f"| {jitter} | {spread['same_phrase']:.3f} | {spread['other_key']:.3f} "
-                f"| {ratio:.2f} |"
-            )
-        return
-    if args.spread:
-        for path in args.spread:
-            spread = phrase_spread(resolve_model_path(path))
-            print(
-                f"{path}: visual token norm {spread['token_norm']:.3f}, between-phrase share of "
-                f"the mean token {spread['between_phrase_share']:.3%} "
-                f"({spread['phrases']:.0f} phrases)"
-            )
-        return
-    what = "a linear head on the fixed tower" if args.frozen else "the tower and a linear head"
-    print(f"{args.model}: {what}, {args.steps} supervised steps of 16 images")
-    print("| jitter | train / held-out records | visual tokens | train | held-out | by novelty |")
-    print("| ---: | ---: | ---: | ---: | ---: | --- |")
-    for jitter in args.jitter:
-        start = time.monotonic()
-        result = probe(
-            args.model,
-            DemoConfig(
-                num_train=args.num_train, num_val=512, num_test=0, typographic_jitter=jitter
-            ),
-            steps=args.steps,
-            train_tower=not args.frozen,
-        )
-        novelty = ", ".join(f"{k} {v:.1%}" for k, v in result.by_novelty.items())
-        print(
-            f"| {jitter} | {result.train_records} / {result.held_out_records} | "
-            f"{result.visual_tokens} | {result.train_accuracy:.1%} | "
-            f"{result.held_out_accuracy:.1%} | {novelty} ({time.monotonic() - start:.0f} s) |"
-        )
+    demo = DemoConfig(num_train=args.num_train, num_val=args.num_val, num_test=0)
+    if args.smoke:
+        small = replace(demo, num_train=64, num_val=64)
+        print_drawings(args.model, [0])
+        print_spread([args.model], replace(small, num_val=0))
+        print_probe(args.model, small, [0], steps=2, frozen=args.frozen)
+    elif args.drawings:
+        print_drawings(args.model, args.jitter)
+    elif args.spread:
+        print_spread(args.spread, replace(demo, num_val=0))
+    else:
+        print_probe(args.model, demo, args.jitter, args.steps, args.frozen)
 
 
 if __name__ == "__main__":

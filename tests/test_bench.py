@@ -336,3 +336,42 @@ def test_bench_api_has_every_name_the_scripts_take_from_the_library() -> None:
 
     missing = [name for name in api.__all__ if not hasattr(api, name)]
     assert not missing, f"scripts/_bench_api.py lost {missing}: fix its imports"
+
+
+# -- the whole benchmark, at the smallest size ---------------------------------------------
+
+
+def _nulls(value: Any, where: str = "") -> list[str]:
+    """Where `value` (a parsed JSON document) holds a null."""
+    if value is None:
+        return [where or "/"]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in _nulls(v, f"{where}/{k}")]
+    if isinstance(value, list):
+        return [n for i, v in enumerate(value) for n in _nulls(v, f"{where}[{i}]")]
+    return []
+
+
+def test_nulls_finds_every_missing_figure() -> None:
+    assert _nulls({"a": [1, None], "b": {"c": None}, "d": 0}) == ["/a[1]", "/b/c"]
+
+
+@pytest.mark.slow
+def test_smoke_bench_runs_every_job_and_writes_no_null(tmp_path: Path) -> None:
+    """`scripts/bench.py --smoke` as a user types it: every section, every job kind, TRL too."""
+    pytest.importorskip("trl", reason="the bench compares with TRL: pip install -e '.[bench]'")
+    import os
+
+    from processes import run_in_own_group
+
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(SCRIPTS / "bench.py"), "--smoke", "--out", str(out)]
+    command += ["--workdir", str(tmp_path / "work")]
+    code, output = run_in_own_group(command, dict(os.environ), timeout=600)
+    assert code == 0, f"bench --smoke exited {code}:\n{output[-3000:]}"
+    report = json.loads(out.read_text())
+    assert report["errors"] == [], report["errors"]
+    assert _nulls(report) == [], f"bench.json has nulls (a job lost its figure): {_nulls(report)}"
+    logs = {p.stem.split("-")[0] for p in (tmp_path / "work" / "logs").glob("*.log")}
+    assert logs == set(jobs.JOBS), f"job logs {sorted(logs)}; every kind in JOBS must run"
+    assert out.with_suffix(".md").read_text().startswith("Machine:")

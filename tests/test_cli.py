@@ -159,3 +159,109 @@ def test_cli_hides_the_manual_optimisation_note_and_nothing_else():
         )
         rank_zero_warn("some other note")
     assert [str(w.message) for w in caught] == ["some other note"]
+
+
+# -- a command line that forgives ------------------------------------------------------------
+
+
+def _typed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m safegrpo_pl ARGS` as a user types it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SAFEGRPO_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "safegrpo_pl", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_top_level_help_lists_every_subcommand_with_one_line() -> None:
+    from safegrpo_pl.cli import EXTRA_COMMANDS, TRAINER_COMMANDS
+
+    result = _typed("--help")
+    assert result.returncode == 0, result.stderr
+    for command in (*TRAINER_COMMANDS, *EXTRA_COMMANDS, "plan", "evaluate"):
+        (line,) = [x for x in result.stdout.splitlines() if x.split()[:1] == [command]]
+        assert len(line.split()) > 3, f"{command} needs a one-line summary in --help: {line!r}"
+
+
+def test_a_mistyped_command_gets_one_line_with_the_closest() -> None:
+    result = _typed("fitt", "--config", "configs/tiny.yaml")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: unknown command 'fitt' (did you mean fit?); `python -m safegrpo_pl --help` "
+        "lists the commands: fit, validate, test, predict, plan, evaluate"
+    ]
+
+
+@pytest.mark.slow
+def test_a_mistyped_option_gets_one_line_with_the_closest_known_ones() -> None:
+    result = _typed("fit", "--config", "configs/tiny.yaml", "--model.groupsize", "4")
+    assert result.returncode == 2, "argparse's status for a usage error"
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown option --model.groupsize (did you mean --model.group_size?); "
+        "`python -m safegrpo_pl fit --help` lists every option"
+    ], "one line, not the 117-line usage"
+
+
+@pytest.mark.slow
+def test_an_abbreviated_option_is_refused_not_expanded() -> None:
+    result = _typed("fit", "--config", "configs/tiny.yaml", "--trainer.max_step", "5")
+    assert result.returncode == 2, "--trainer.max_step must not be read as --trainer.max_steps"
+    assert "unknown option --trainer.max_step (did you mean --trainer.max_steps?)" in (
+        result.stderr
+    )
+
+
+@pytest.mark.slow
+def test_fsdp1_on_the_cpu_is_refused_with_the_strategies_that_run() -> None:
+    result = _typed("fit", "--config", "configs/tiny.yaml", "--trainer.strategy", "fsdp")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, "a one-line error, not Lightning's traceback"
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "--trainer.strategy ModelParallelStrategy" in line and "--trainer.strategy ddp" in line
+
+
+def test_a_config_file_key_that_is_not_an_option_gets_the_closest() -> None:
+    from safegrpo_pl.core.errors import parser_error_line
+
+    message = "Problem with given config: Group 'model' does not accept option 'groupsize'"
+    line = parser_error_line(message, ["--model.group_size", "--model.lr"], "fit --help")
+    assert line == (
+        "error: unknown option --model.groupsize (did you mean --model.group_size?); "
+        "`fit --help` lists every option"
+    )
+
+
+def test_another_parser_error_is_kept_on_one_line() -> None:
+    from safegrpo_pl.core.errors import parser_error_line
+
+    message = "Parser key \"trainer.max_steps\":\n  Expected a <class 'int'>. Got value: abc"
+    line = parser_error_line(message, [], "fit --help")
+    assert "\n" not in line and "Got value: abc" in line
+
+
+@pytest.mark.parametrize(
+    ("strategy", "accelerator", "gpu", "refused"),
+    [
+        ("fsdp", "cpu", False, True),
+        ("deepspeed_stage_3", "auto", False, True),
+        ({"class_path": "lightning.pytorch.strategies.FSDPStrategy"}, "auto", False, True),
+        ("fsdp", "auto", True, False),  # a GPU is there: Lightning decides
+        ("ddp", "cpu", False, False),
+        ({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}, "cpu", False, False),
+    ],
+)
+def test_check_strategy_refuses_gpu_only_strategies_on_the_cpu(
+    strategy, accelerator, gpu, refused
+) -> None:
+    from safegrpo_pl.run.trainer_cli import check_strategy
+
+    if refused:
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            check_strategy(strategy, accelerator, gpu_available=gpu)
+    else:
+        check_strategy(strategy, accelerator, gpu_available=gpu)

@@ -161,16 +161,29 @@ trainer:
 """
 
 
-def test_readme_fit_ends_on_two_ddp_processes(tmp_path):
-    """The README's command with `--trainer.devices 2 --trainer.strategy ddp`, shortened: it
-    used to hang after training (a rank-zero-only collective in the report)."""
+STRATEGIES = {
+    "ddp": ("--trainer.strategy", "ddp"),
+    "fsdp2": (
+        *("--trainer.strategy", "ModelParallelStrategy"),
+        *("--trainer.strategy.data_parallel_size", "2"),
+        *("--trainer.strategy.tensor_parallel_size", "1"),
+    ),
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_readme_fit_ends_on_two_processes(tmp_path, strategy):
+    """The README's commands on two CPU processes (DDP, and FSDP2 through
+    `ModelParallelStrategy`), shortened: DDP used to hang after training (a rank-zero-only
+    collective in the report)."""
     extra = tmp_path / "callbacks.yaml"
     extra.write_text(CLI_CALLBACKS)
     root = tmp_path / "run"
     args = [
         *("-m", "safegrpo_pl", "fit", "--config", str(ROOT / "configs" / "tiny.yaml")),
         *("--config", str(extra), "--trainer.accelerator", "cpu", "--trainer.devices", "2"),
-        *("--trainer.strategy", "ddp", "--trainer.max_steps", "2", "--model.warmup.steps", "2"),
+        *STRATEGIES[strategy],
+        *("--trainer.max_steps", "2", "--model.warmup.steps", "2"),
         *("--data.demo.num_train", "64", "--data.demo.num_val", "5"),
         *("--trainer.val_check_interval", "1", "--trainer.default_root_dir", str(root)),
         *("--trainer.enable_progress_bar", "false"),

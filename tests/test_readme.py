@@ -1,5 +1,6 @@
 """The README's examples, exactly as written: the data forms load, the TensorBoard snippet logs,
-and every command line parses (those that run in seconds also run)."""
+every command line parses (those that run in seconds also run), and every output it shows is
+what its command prints."""
 
 from __future__ import annotations
 
@@ -129,6 +130,31 @@ def test_every_readme_command_line_parses(tmp_path):
             args.append("--print_config")
         result = _run(args, ROOT, tmp_path)
         assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
+
+
+def _output_blocks() -> list[tuple[str, str]]:
+    """(command, what it prints) of every ```text block that opens with `$ python -m
+    safegrpo_pl`: the README's shown output."""
+    blocks = []
+    for block in re.findall(r"```text\n(\$ python -m safegrpo_pl .*?)```", README, re.DOTALL):
+        command, _, output = block.partition("\n")
+        blocks.append((command.removeprefix("$ "), output.rstrip("\n")))
+    return blocks
+
+
+def test_the_readme_shows_output_blocks() -> None:
+    assert len(_output_blocks()) >= 3, "the plan examples and the mistyped option"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "shown"), _output_blocks())
+def test_every_output_block_is_what_its_command_prints(tmp_path, command, shown):
+    """The README cannot drift from the tools: each shown output is printed again, and must be
+    the same text."""
+    result = _run(shlex.split(command)[1:], ROOT, tmp_path)
+    assert (result.stdout + result.stderr).strip() == shown, (
+        f"README shows for `{command}`:\n{shown}\n\nbut it prints:\n{result.stdout}{result.stderr}"
+    )
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -152,11 +153,27 @@ def test_moving_average_is_trailing_and_keeps_length():
         (">= 0.9", 0.89, False),
         ("<= 0.05", 0.05, True),
         ("<=0.05", 0.06, False),
-        (">= 0.9", None, False),
+        (">= 0.9", None, None),
     ],
 )
 def test_targets_compare_inclusively(spec, value, met):
     assert target_met(value, spec) is met
+
+
+def test_a_figure_not_measured_is_n_a_not_a_missed_target():
+    before, after = _summaries()
+    after = replace(after, compositional_safety_score=None)
+    text = summary_markdown(
+        before,
+        after,
+        wall_time_s=1.0,
+        steps=1,
+        targets={"compositional_safety_score": ">= 0.5", "mean_reward": ">= 0.99"},
+    )
+    (row,) = [x for x in text.splitlines() if x.startswith("| compositional")]
+    assert row.endswith("| n/a | ≥ 50% | n/a |"), f"n/a is not a miss: {row}"
+    (row,) = [x for x in text.splitlines() if x.startswith("| mean reward")]
+    assert row.endswith("| NO |"), "a measured figure short of its target is still a miss"
 
 
 def test_target_without_an_operator_is_refused():

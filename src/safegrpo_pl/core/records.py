@@ -9,7 +9,10 @@ name the record.
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +81,20 @@ def normalize_tag(value: Any) -> str | None:
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
+# Limits on one image: PIL's own decompression-bomb threshold (89.5 M pixels; PIL only warns
+# below twice that), and bytes read from one file (a path to a device or a huge file must not
+# hang or exhaust memory).
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_BYTES = 256 * 2**20
+
+
 class ImageDecodeError(ValueError):
     """An image cell that cannot become a record's image.
 
     Attributes:
-        kind: "missing_image", "unreadable_image" (a path that cannot be read) or
-            "corrupt_image" (bytes PIL cannot decode).
+        kind: "missing_image", "unreadable_image" (a path that cannot or may not be read),
+            "corrupt_image" (bytes PIL cannot decode) or "oversized_image" (more pixels or
+            bytes than one record may have).
         found: what was found, in words, for the error message.
     """
 
@@ -92,39 +103,99 @@ class ImageDecodeError(ValueError):
         self.kind, self.found = kind, found
 
 
+def _too_many_pixels(what: str, width: int, height: int) -> ImageDecodeError:
+    return ImageDecodeError(
+        "oversized_image",
+        f"{what} of {width} x {height} pixels ({width * height / 1e6:.1f} M), more than the "
+        f"{MAX_IMAGE_PIXELS / 1e6:.1f} M one image may have (a decompression bomb?); resize it",
+    )
+
+
 def _decode_bytes(data: bytes, what: str) -> Image.Image:
+    if not data:
+        raise ImageDecodeError("corrupt_image", f"{what}: empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():  # the size is checked below, before any pixel
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise _too_many_pixels(what, image.width, image.height)
             image.load()  # decode every pixel now: a truncated file fails here, not mid-epoch
             return image.convert("RGB")
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-    ) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(
+            "oversized_image", f"{what} with too many pixels ({err}); resize it"
+        ) from err
+    except UnidentifiedImageError as err:
+        raise ImageDecodeError(
+            "corrupt_image",
+            f"{what} that PIL cannot decode: in no image format it reads (it starts with "
+            f"{data[:12]!r})",
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, ImageDecodeError):
+            raise
         reason = _OBJECT_ADDRESS.sub("the data", str(err))  # no "<_io.BytesIO object at 0x..>"
         raise ImageDecodeError(
             "corrupt_image", f"{what} that PIL cannot decode ({reason})"
         ) from err
 
 
+def _image_path(value: str, base_dir: Path | None) -> Path:
+    """The file an image path names; a relative path must stay inside `base_dir`."""
+    path = Path(value)
+    if path.is_absolute() or base_dir is None:
+        return path
+    inside = Path(os.path.normpath(base_dir / path))  # lexically: a symlinked folder is fine
+    if not inside.is_relative_to(os.path.normpath(base_dir)):
+        raise ImageDecodeError(
+            "unreadable_image",
+            f"path {value!r}, which leads out of the data folder {str(base_dir)!r}; keep images "
+            "inside it, or give an absolute path",
+        )
+    return inside
+
+
+def _read_image_file(path: Path) -> bytes:
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise ImageDecodeError("unreadable_image", f"path {str(path)!r} ({err.strerror})") from err
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageDecodeError(
+            "unreadable_image", f"path {str(path)!r}, which is not a regular file"
+        )
+    if info.st_size > MAX_IMAGE_BYTES:
+        raise ImageDecodeError(
+            "oversized_image",
+            f"file {str(path)!r} of {info.st_size / 2**20:.0f} MiB, more than the "
+            f"{MAX_IMAGE_BYTES / 2**20:.0f} MiB one image may have",
+        )
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ImageDecodeError("unreadable_image", f"path {str(path)!r} ({err.strerror})") from err
+
+
 def decode_image(value: Any, base_dir: Path | None = None) -> Image.Image:
     """Decode one image cell to the RGB PIL image a `SafetyRecord` holds.
 
     Accepts what `datasets` and data files hold: a PIL image, bytes, a path (relative paths
-    start at `base_dir`), a `{"bytes": ..., "path": ...}` dict (bytes first), or a list of
-    those (SafeTag-VL-3K's `images` column), whose first item is used.
+    start at `base_dir` and must stay inside it), a `{"bytes": ..., "path": ...}` dict (bytes
+    first), or a list of those (SafeTag-VL-3K's `images` column), whose first item is used.
 
     Raises:
-        ImageDecodeError: its `kind` says whether the image is missing, unreadable or corrupt.
+        ImageDecodeError: its `kind` says whether the image is missing, unreadable, corrupt or
+            oversized.
     """
     if isinstance(value, list | tuple):
         if not value:
             raise ImageDecodeError("missing_image", "an empty list")
         value = value[0]
     if isinstance(value, Image.Image):
+        if value.width * value.height > MAX_IMAGE_PIXELS:
+            raise _too_many_pixels("an image", value.width, value.height)
         return value.convert("RGB")
     if isinstance(value, Mapping):
         value = value.get("bytes") or value.get("path")
@@ -134,11 +205,5 @@ def decode_image(value: Any, base_dir: Path | None = None) -> Image.Image:
         return _decode_bytes(bytes(value), f"{len(value)} bytes")
     if not isinstance(value, str):
         raise ImageDecodeError("unreadable_image", f"a {type(value).__name__}")
-    path = Path(value)
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ImageDecodeError("unreadable_image", f"path {str(path)!r} ({err.strerror})") from err
-    return _decode_bytes(data, f"file {str(path)!r}")
+    path = _image_path(value, base_dir)
+    return _decode_bytes(_read_image_file(path), f"file {str(path)!r}")

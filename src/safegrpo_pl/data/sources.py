@@ -22,6 +22,7 @@ Departures from the authors' pipeline:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -44,9 +45,11 @@ BAD_RECORD_KINDS: tuple[str, ...] = (
     "missing_image",
     "unreadable_image",
     "corrupt_image",
+    "oversized_image",
     "bad_tag",
     "empty_prompt",
     "prompt_too_long",
+    "duplicate_id",
 )
 FILE_BUILDERS: dict[str, str] = {
     ".parquet": "parquet",
@@ -212,10 +215,22 @@ def validate_rows(
     `max_prompt_length` when an encoder is given.
     """
     kept: dict[int, str] = {}
+    first_with_id: dict[str, int] = {}
     report = BadRecordReport(split=converter.split)
     for index, row in _iter_rows(rows, indices):
         try:
             record = converter(row, index)
+            if record.id in first_with_id:
+                problem = (
+                    f"is {record.id!r}, as record {first_with_id[record.id]}'s; expected an id "
+                    "no other record of the split has (predictions and reports name records "
+                    "by id): give each record its own, or drop the id column to have ids made "
+                    "from the split and row number"
+                )
+                raise converter.error(
+                    "duplicate_id", index, record.id, record.source, "id", problem
+                )
+            first_with_id[record.id] = index
             if encoder is not None and max_prompt_length is not None:
                 length = encoder.prompt_length(record)
                 if length > max_prompt_length:
@@ -276,8 +291,7 @@ def load_raw(
                 f"dataset file {str(path)!r}: unsupported extension "
                 f"{path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}"
             )
-        loaded = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir)
-        return RawData(path.stem, dict(loaded), path.parent.resolve())
+        return RawData(path.stem, _load_file(path, builder, cache_dir), path.parent.resolve())
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
@@ -291,6 +305,62 @@ def load_raw(
         ) from err
     base = path.resolve() if path.is_dir() else None
     return RawData(dataset.rstrip("/").split("/")[-1], dict(loaded), base)
+
+
+def _load_file(path: Path, builder: str, cache_dir: str | None) -> dict[str, Rows]:
+    """The splits of a data file; an empty, non-UTF-8 or malformed file is a `ValueError`
+    naming the file, the line and the fix, not `datasets`' traceback."""
+    where = f"dataset file {str(path)!r}"
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16)
+    whole = len(head) == path.stat().st_size
+    if whole and not head.strip():
+        raise ValueError(
+            f"{where} is empty; expected {FILE_SHAPES[builder]}. Fill it, or point "
+            "--data.dataset at the file that holds the records."
+        )
+    if whole and builder == "csv" and len([x for x in head.splitlines() if x.strip()]) < 2:
+        raise ValueError(f"{where} has a header and no records; expected {FILE_SHAPES['csv']}")
+    try:
+        loaded = dict(datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir))
+    except Exception as err:  # datasets wraps the cause; find it and say it in words
+        raise ValueError(f"{where}: {_why_unreadable(path, builder, err)}") from err
+    if not any(len(rows) for rows in loaded.values()):
+        raise ValueError(f"{where} holds no records; expected {FILE_SHAPES[builder]}")
+    return loaded
+
+
+FILE_SHAPES = {
+    "json": "one JSON object per line (JSON Lines) with the columns prompt, image, image_tag, "
+    "text_tag, combine_tag",
+    "csv": "a header line (prompt,image,image_tag,text_tag,combine_tag) and one line per record",
+    "parquet": "a parquet table with the columns prompt, image, image_tag, text_tag, combine_tag",
+}
+
+
+def _why_unreadable(path: Path, builder: str, err: BaseException) -> str:
+    """What is wrong with a data file `datasets` could not read, in words, with the fix."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            return (
+                f"not UTF-8 text (byte {cause.object[cause.start : cause.start + 1]!r} at "
+                f"offset {cause.start}); save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+            )
+        cause = cause.__cause__ or cause.__context__
+    if builder == "json":
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"line {number} is not JSON ({bad.msg}); expected {FILE_SHAPES['json']}"
+            if not isinstance(value, dict):
+                found = type(value).__name__
+                return f"line {number} is a JSON {found}; expected {FILE_SHAPES['json']}"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"cannot be read as {builder} ({reason}); expected {FILE_SHAPES[builder]}"
 
 
 def seeded_split(count: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:

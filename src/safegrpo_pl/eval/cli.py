@@ -14,12 +14,17 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from safegrpo_pl.core.errors import OneLineParserErrors
 from safegrpo_pl.eval.run import evaluate
+
+
+class _Parser(OneLineParserErrors, ArgumentParser):
+    """jsonargparse's parser, with one-line errors and no abbreviated options."""
 
 
 def build_parser() -> ArgumentParser:
     """The parser of `evaluate`'s arguments (a YAML config, then overrides)."""
-    parser = ArgumentParser(
+    parser = _Parser(
         prog="python -m safegrpo_pl evaluate",
         description="Evaluate base and tuned models on the safety benchmarks; write a report.",
         parser_mode="omegaconf",

@@ -211,6 +211,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chart_note(report: dict[str, Any]) -> str | None:
+    """What the chart says in words when its bars would show nothing (None: they show)."""
+    columns = [c for c in _main_columns(report) if c[1]]
+    values = [figs.get(k, {}).get(m) for figs in report["models"].values() for k, m, _ in columns]
+    if not any(v is not None for v in values):
+        return "no figure to draw:\nno benchmark was scored"
+    if not any(values):
+        return "every figure is 0:\nno bar has any height\n(report.md has the table)"
+    return None
+
+
 def render_chart(report: dict[str, Any], path: Path) -> Path:
     """A bar chart, base vs tuned, of each benchmark's headline figure."""
     import matplotlib
@@ -233,6 +244,9 @@ def render_chart(report: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("0-100")
     comparable = "" if report["comparable_with_paper"] else " (not comparable with the paper)"
     ax.set_title(f"judge: {report['judge']}{comparable}", fontsize=9)
+    note = chart_note(report)
+    if note:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=11)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from safegrpo_pl.core.errors import OneLineParserErrors
 from safegrpo_pl.plan.dims import ModelDims, model_dims
 from safegrpo_pl.plan.memory import GIB, MemoryPlan, RunShape, estimate
 
@@ -91,7 +92,8 @@ class _ParseOnlyCLI:
                 SafeGRPOModule,
                 SafeTagDataModule,
                 run=False,
-                parser_kwargs={"parser_mode": "omegaconf"},
+                # fit's options: a mistake in them points to `fit --help`
+                parser_kwargs={"parser_mode": "omegaconf", "prog": "python -m safegrpo_pl fit"},
                 args=list(args),
             )
         return cli.config
@@ -286,8 +288,8 @@ def plan_report(plan: MemoryPlan, run: RunShape, result: Verdict) -> str:
     else:
         lines.append(
             f"does NOT fit {result.gpu_memory / GIB:.0f} GiB (needs {plan.peak / GIB:.2f}); no "
-            "chunk, checkpointing or micro-batch setting fits: shard (strategy: fsdp), LoRA or "
-            "shorter lengths"
+            "chunk, checkpointing or micro-batch setting fits: shard (FSDP2, as "
+            "configs/qwen-full.yaml), LoRA or shorter lengths"
         )
     return "\n".join(lines)
 
@@ -315,9 +317,13 @@ def plan_json(dims: ModelDims, run: RunShape, plan: MemoryPlan, result: Verdict)
     }
 
 
+class _Parser(OneLineParserErrors, argparse.ArgumentParser):
+    """`plan`'s own options: one-line errors, no abbreviations."""
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """`plan`: the estimate for a `fit` config; returns what `--json` writes."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m safegrpo_pl plan",
         description="Per-device peak memory of `fit` with the same config; nothing is loaded.",
         epilog="Any other argument (--config FILE, --model.key value) is read as by `fit`.",

@@ -29,6 +29,16 @@ VAL_KEYS: tuple[tuple[str, str], ...] = (
     ("val/compositional_safety_score", "compositional"),
     ("val/reward", "mean reward"),
 )
+# The held-out figures in two panels: the refusal rate (safe pairs refused: lower is better)
+# apart from the rest (higher is better), so that a policy refusing everything, at 1.0 in both,
+# does not draw one line over the other.
+VAL_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "held-out (greedy): unsafe pairs refused, reward; higher is better",
+        ("val/safety_score", "val/compositional_safety_score", "val/reward"),
+    ),
+    ("held-out (greedy): safe pairs refused; lower is better", ("val/refusal_rate",)),
+)
 
 
 @dataclass
@@ -88,9 +98,10 @@ def build_figure(
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
+    figure, grid = plt.subplots(2, 2, figsize=(13, 8.5), constrained_layout=True)
+    axes = list(grid.flat)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    reward_ax, kl_ax, val_ax = axes
+    reward_ax, kl_ax, *val_axes = axes
     train_keys = (*TRAIN_REWARD_KEYS, (KL_KEY, "KL"))
     for index, (key, label) in enumerate(train_keys):
         steps, values = history.series("train", key)
@@ -115,22 +126,28 @@ def build_figure(
         title="train reward and its parts (sampled)", xlabel="optimiser step", ylim=(-0.03, 1.03)
     )
     kl_ax.set(title="KL to the reference (initial policy)", xlabel="optimiser step")
-    for (key, label), colour, (line, marker) in zip(
-        VAL_KEYS, colours[5:] + colours[:5], STYLES, strict=False
-    ):
-        steps, values = history.series("val", key)
-        if steps:
-            val_ax.plot(
+    labels = dict(VAL_KEYS)
+    val_colours = colours[5:] + colours[:5]
+    for ax, (panel_title, keys) in zip(val_axes, VAL_PANELS, strict=True):
+        for index, key in enumerate(keys):
+            steps, values = history.series("val", key)
+            if not steps:
+                continue
+            position = [k for k, _ in VAL_KEYS].index(key)
+            line, marker = STYLES[position % len(STYLES)]
+            ax.plot(
                 steps,
                 values,
                 linestyle=line,
                 marker=marker,
-                markersize=4,
-                color=colour,
+                markersize=9 - 2.5 * index,  # hollow, each smaller: equal points nest, visibly
+                markerfacecolor="none",
+                markeredgewidth=1.5,
+                color=val_colours[position % len(val_colours)],
                 linewidth=2,
-                label=label,
+                label=labels[key],
             )
-    val_ax.set(title="held-out split (greedy)", xlabel="optimiser step", ylim=(-0.03, 1.03))
+        ax.set(title=panel_title, xlabel="optimiser step", ylim=(-0.03, 1.03))
     # What thin and thick mean, as legend entries of their own.
     key_lines = [
         Line2D([], [], color="grey", alpha=0.3, linewidth=0.8, label="per step"),
@@ -141,7 +158,7 @@ def build_figure(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         handles, _ = ax.get_legend_handles_labels()
         if handles:
-            extra = key_lines if ax is not val_ax else []
+            extra = key_lines if ax in (reward_ax, kl_ax) else []
             ax.legend(handles=handles + extra, loc="best", fontsize=9)
     figure.suptitle(title)
     return figure
@@ -158,8 +175,8 @@ def plot_curves(
 
     Panels: train reward and its parts (thin: per step; thick: trailing mean of `smoothing`
     steps, each with its own line style and markers so coinciding curves stay visible), KL to
-    the reference, and the held-out safety score, refusal rate, compositional safety score and
-    mean reward at each evaluation. Step ticks are integers, the same optimiser-step numbers as
+    the reference, the held-out safety score, compositional safety score and mean reward at
+    each evaluation, and the held-out refusal rate in a panel of its own (`VAL_PANELS`). Step ticks are integers, the same optimiser-step numbers as
     `metrics.csv` and `summary.json`.
     """
     import matplotlib.pyplot as plt

@@ -211,12 +211,17 @@ def parse_target(spec: str) -> tuple[str, float]:
     raise ValueError(f"target {spec!r}: expected '>= number' or '<= number', e.g. '>= 0.9'")
 
 
-def target_met(value: float | None, spec: str) -> bool:
-    """Whether `value` meets a target such as `">= 0.9"` (None never does)."""
+def target_met(value: float | None, spec: str) -> bool | None:
+    """Whether `value` meets a target such as `">= 0.9"`; None when there is no value (a
+    figure not measured is neither met nor missed)."""
     op, bound = parse_target(spec)
     if value is None:
-        return False
+        return None
     return value >= bound if op == ">=" else value <= bound
+
+
+MET_WORDS = {True: "yes", False: "NO", None: "n/a"}
+"""How summary.md's `met` column shows `target_met`."""
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -289,7 +294,7 @@ def summary_markdown(
         if targets:
             spec = targets.get(key)
             row += (
-                f" {_fmt_target(key, spec)} | {'yes' if target_met(a, spec) else 'NO'} |"
+                f" {_fmt_target(key, spec)} | {MET_WORDS[target_met(a, spec)]} |"
                 if spec
                 else " | |"
             )

@@ -10,6 +10,8 @@ What this adds to LightningCLI:
   model, report, predictions); a `trainer.logger` set in a config is used as given;
 - `--ckpt_path last` finds the newest `last.ckpt` under `trainer.default_root_dir`, and a run
   from a fit's checkpoint writes into that fit's folder (`safegrpo_pl.run.folders`);
+- a strategy that needs a GPU, asked for on the CPU, is refused with the settings that run;
+- a mistyped option prints one line with the closest known ones; abbreviations are refused;
 - `predict` writes `predictions.jsonl` into the run's folder; the progress bar counts
   optimiser steps; the model summary is short (`safegrpo_pl.run.console`);
 - the optimiser is the module's own (AdamW, `model.lr`, `model.lr_decay`), so there is no
@@ -24,9 +26,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary, ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from safegrpo_pl.core.errors import OneLineParserErrors
 from safegrpo_pl.run.console import (
     PolicySummary,
     StepProgressBar,
@@ -43,6 +47,48 @@ class NothingToTrainError(ValueError):
     """A resumed fit whose `max_steps` the checkpoint has already reached."""
 
 
+# Lightning strategies that need a CUDA GPU (FSDP1 and DeepSpeed).
+GPU_ONLY_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
+CPU_STRATEGIES = (
+    "FSDP2 (sharded, as configs/qwen-full.yaml on GPUs): --trainer.devices 2 "
+    "--trainer.strategy ModelParallelStrategy --trainer.strategy.data_parallel_size 2 "
+    "--trainer.strategy.tensor_parallel_size 1; or data parallel: --trainer.devices 2 "
+    "--trainer.strategy ddp"
+)
+
+
+def strategy_class_name(strategy: Any) -> str:
+    """The class name of a `trainer.strategy` setting: a registered name ('fsdp'), a
+    `class_path` section, or an instance."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if isinstance(strategy, str):
+        known = strategy in StrategyRegistry  # its .get() builds the strategy: not wanted here
+        return StrategyRegistry[strategy]["strategy"].__name__ if known else strategy
+    class_path = getattr(strategy, "class_path", None) or (
+        strategy.get("class_path") if isinstance(strategy, dict) else None
+    )
+    return str(class_path).rsplit(".", 1)[-1] if class_path else type(strategy).__name__
+
+
+def check_strategy(strategy: Any, accelerator: Any, gpu_available: bool) -> None:
+    """Refuse, before Lightning does with a traceback, a strategy that needs a GPU on a run
+    that has none; the error names the settings that run here."""
+    name = strategy_class_name(strategy)
+    on_cpu = str(accelerator) == "cpu" or (str(accelerator) == "auto" and not gpu_available)
+    if name in GPU_ONLY_STRATEGIES and on_cpu:
+        shown = strategy if isinstance(strategy, str) else name
+        raise ValueError(
+            f"trainer.strategy is {shown!r} (Lightning's {name}), which needs a CUDA GPU, and "
+            f"this run is on the CPU (trainer.accelerator {accelerator!r}). What runs here: "
+            f"{CPU_STRATEGIES}."
+        )
+
+
+class CommandLineParser(OneLineParserErrors, LightningArgumentParser):
+    """LightningCLI's parser, with one-line errors and no abbreviated options."""
+
+
 class SafeGRPOCLI(LightningCLI):
     """LightningCLI with the data's prompt encoder tied to the model being trained, the format
     warm-up run as a stage of its own before every subcommand, run folders that resumes and
@@ -53,6 +99,7 @@ class SafeGRPOCLI(LightningCLI):
         # The module builds its own optimiser (configure_optimizers): LightningCLI's automatic
         # --optimizer / --lr_scheduler would be ignored or break, so they are not offered.
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", CommandLineParser)
         super().__init__(*args, **kwargs)
 
     def add_core_arguments_to_parser(self, parser) -> None:
@@ -124,6 +171,11 @@ class SafeGRPOCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The configured Trainer, plus the defaults described in this module's docstring."""
         config = self._get(self.config_init, "trainer", default={})
+        check_strategy(
+            config.get("strategy", "auto"),
+            config.get("accelerator", "auto"),
+            gpu_available=torch.cuda.is_available(),
+        )
         stage = self.subcommand or "fit"
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             ckpt = self._get(self.config_init, "ckpt_path") if self.subcommand else None
@@ -177,8 +229,5 @@ class SafeGRPOCLI(LightningCLI):
 def _plain_strategy(trainer_config: Any) -> bool:
     """Whether the strategy writes one checkpoint file through a `CheckpointIO` (single
     process, DDP); FSDP2 (`ModelParallelStrategy`) writes sharded folders of its own."""
-    strategy = trainer_config.get("strategy")
-    name = strategy if isinstance(strategy, str) else type(strategy).__name__
-    if hasattr(strategy, "get"):
-        name = str(strategy.get("class_path", ""))
-    return "ModelParallel" not in name and "fsdp" not in name.lower()
+    name = strategy_class_name(trainer_config.get("strategy") or "auto")
+    return name not in ("ModelParallelStrategy", *GPU_ONLY_STRATEGIES)

@@ -1,0 +1,80 @@
+"""Every script in `scripts/` runs as a user types it, at its smallest size, exits 0 and writes
+its output. A new script needs a row here (or a test elsewhere, named in `TESTED_ELSEWHERE`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from processes import run_in_own_group
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+# script -> the test that runs it as a user does (too slow or too specific to repeat here)
+TESTED_ELSEWHERE = {
+    "bench.py": ("test_bench.py", "test_smoke_bench_runs_every_job_and_writes_no_null"),
+    "make_typographic.py": ("test_data.py", "test_make_typographic_writes_a_loadable_dataset"),
+}
+# script -> what its smoke run prints (its output is stdout)
+SMOKE_OUTPUT = {
+    "plan_check.py": "estimate MiB",
+    "demo_budget.py": "| demo-typographic | 168 | 36 |",
+    "demo_fit.py": "demo-typographic",
+    "probe_typographic.py": "held-out",
+}
+
+
+def _run(args: list[str], timeout: float = 300) -> str:
+    code, output = run_in_own_group([sys.executable, *args], dict(os.environ), timeout)
+    assert code == 0, f"{' '.join(args)} exited {code}:\n{output[-3000:]}"
+    return output
+
+
+def test_every_script_has_a_smoke_test() -> None:
+    scripts = {p.name for p in SCRIPTS.glob("*.py") if not p.name.startswith("_")}
+    untested = scripts - set(SMOKE_OUTPUT) - set(TESTED_ELSEWHERE)
+    assert not untested, f"{sorted(untested)}: add a smoke run to tests/test_scripts.py"
+    for script, (test_file, test_name) in TESTED_ELSEWHERE.items():
+        text = (ROOT / "tests" / test_file).read_text()
+        assert re.search(rf"def {test_name}\(", text), f"{script}: {test_file}::{test_name} gone"
+
+
+@pytest.mark.slow
+def test_plan_check_measures_one_case_and_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    printed = _run([str(SCRIPTS / "plan_check.py"), "--case", "lora", "--json", str(out)])
+    assert SMOKE_OUTPUT["plan_check.py"] in printed
+    rows = json.loads(out.read_text())
+    assert [row["case"] for row in rows] == ["lora"], "--case must pick that case alone"
+    assert rows[0]["measured_mib"] > 0
+
+
+@pytest.mark.slow
+def test_demo_budget_prints_each_source_of_the_demo_config() -> None:
+    printed = _run([str(SCRIPTS / "demo_budget.py"), "--config", str(ROOT / "configs/tiny.yaml")])
+    assert SMOKE_OUTPUT["demo_budget.py"] in printed, printed
+    assert "| demo-picture | 64 | 4 |" in printed, printed
+
+
+@pytest.mark.slow
+def test_demo_fit_prints_each_split_of_a_model(tmp_path: Path, tiny_qwen25vl_path: Path) -> None:
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump({"data": {"demo": {"num_train": 16, "num_val": 16}}}))
+    script = str(SCRIPTS / "demo_fit.py")
+    printed = _run([script, str(tiny_qwen25vl_path), "--config", str(config), "--limit", "1"])
+    for split in ("train", "validation", "test"):
+        assert re.search(rf"^\s+{split}\s+demo-picture", printed, re.M), printed
+
+
+@pytest.mark.slow
+def test_probe_typographic_smoke_runs_every_mode() -> None:
+    printed = _run([str(SCRIPTS / "probe_typographic.py"), "--smoke"])
+    assert "two drawings of one phrase" in printed, "--drawings mode did not run"
+    assert "between-phrase share" in printed, "--spread mode did not run"
+    assert re.search(r"^\| 0 \| \d+ / \d+ \|", printed, re.M), "the probe's row is missing"
