@@ -90,13 +90,20 @@ class KeywordJudge:
 
 @dataclass(frozen=True)
 class RefusalRulesJudge:
-    """The first-person refusal detector of `safegrpo_pl.eval.refusal`."""
+    """The rule-based refusal detector of `safegrpo_pl.eval.refusal`; it reads the request too."""
 
     name: str = "refusal-rules"
     comparable: bool = False
 
     def judge(self, records: Sequence[EvalRecord], responses: Sequence[str]) -> list[Verdict]:
-        return _refusal_verdicts(self.name, is_refusal_by_rules, responses)
+        return [
+            Verdict(
+                "refusal" if is_refusal_by_rules(text, record.request if record else "")
+                else "compliance",
+                self.name,
+            )
+            for record, text in zip(records, responses, strict=True)
+        ]
 
 
 def answer_verdicts(records: Sequence[EvalRecord], responses: Sequence[str]) -> list[Verdict]:
