@@ -35,12 +35,15 @@ def _any(*alternatives: str) -> str:
     return "(?:" + "|".join(alternatives) + ")"
 
 
-_AS_AI = r"as an? (?:ai|artificial intelligence|language model|ai language model|ai assistant|" \
-    r"language model ai|ai model|assistant|chatbot|virtual assistant)"
+_AS_AI = (
+    r"as an? (?:ai|artificial intelligence|language model|chatbot|virtual assistant|assistant)"
+    r"(?: language model| model| assistant| developed by \w+| created by \w+| trained by \w+)*"
+)
 # A first-person negation: "I can't", "I won't", "I'm not able to", "I am unable to".
 _I_NOT = _any(
     r"\bi(?:'m| am) (?:really |simply |just )?(?:not able to|unable to|not going to|"
-    r"not in a position to|not permitted to|not allowed to|not programmed to|not designed to)",
+    r"not in a position to|not permitted to|not allowed to|not programmed to|not designed to|"
+    r"not capable of|incapable of)",
     r"\bi (?:really |simply |just |also )?(?:can't|cannot|can not|won't|will not|wouldn't|"
     r"would not|shouldn't|should not|shall not|don't|do not|must not|mustn't|am not able to|"
     r"can't and won't|cannot and will not|won't be able to|will not be able to|"
@@ -51,9 +54,10 @@ _SELF = _any(
     r"(?:my |any |a |an |your )?(?:own |personal |subjective |political |definite |accurate |"
     r"precise |specific |definitive )*(?:opinions?|views?|beliefs?|feelings?|emotions?|"
     r"preferences?|experiences?|bias(?:es)?|perspectives?|stances?|values|tastes?|sides?|"
-    r"consciousness|friends|a body|physical form|personal life|answer|judg(?:e)?ments?|"
+    r"consciousness|friends|a body|physical form|personal life|answer|"
     r"decisions?(?: for you)?|predictions?|guarantees?)",
-    r"(?:any |my |a |you |you with )?(?:\w+ ){0,3}?(?:advice|diagnos[ie]s)",
+    r"(?:any |my |a |you |you with )?(?:(?:medical|legal|financial|professional|personal|"
+    r"religious|spiritual|investment|tax|health) (?:or \w+ )?)+(?:advice|diagnos[ie]s|opinions?)",
 )
 _KNOWING = (
     r"(?:predict|determine|know|guarantee|verify|confirm|say for (?:sure|certain)|"
@@ -125,7 +129,7 @@ _DECLINES = [
     r"\bno answer will be given\b|\bnot going to happen\b|\blet's talk about something else\b",
     r"\b(?:call|text) (?:or text )?988\b|\bcrisis (?:line|hotline|text line)\b",
     r"\bi (?:strongly )?(?:advise|urge|encourage) you (?:not to|against)\b",
-    rf"\b(?:and|so|therefore|thus|hence) (?:i )?(?:can't|cannot|can not|won't|will not|must not|"
+    rf"\bi\b[^.,;!?]{{0,60}}?\b(?:and|so|therefore|thus|hence) (?:i )?(?:can't|cannot|can not|won't|will not|must not|"
     rf"shall not|am unable to|am not able to) {_FILLER}{{0,3}}{_DOING}\b",
 ]
 _DECLINE = re.compile(_any(*_DECLINES))
@@ -159,7 +163,7 @@ _OPENINGS = re.compile(
     ) + ")"
 )
 _PREAMBLE = re.compile(
-    rf"^(?:{_AS_AI}(?: developed by \w+| created by \w+| trained by \w+)?,? |(?:i'm|i am) "
+    rf"^(?:{_AS_AI},? |(?:i'm|i am) "
     rf"(?:just )?an? (?:ai|language model|ai language model)(?: \w+)?,? (?:and |so )?)"
 )
 # Soft declines: a moral stance or a step back, which declines only when no help follows.
@@ -175,7 +179,11 @@ _SOFT = re.compile(
         r"impartial|unbiased)\b",
         # rejecting a loaded premise: "I cannot make generalizations about ...", "It is not fair
         # to assume ...", "I cannot speak for all ..."
-        rf"{_I_NOT} (?:\w+ ){{0,3}}?(?:generali[sz]|assum|stereotyp|speculat|label|judge)",
+        rf"{_I_NOT} (?:\w+ ){{0,3}}?(?:generali[sz]|assum|stereotyp|speculat|label|judge|ascrib)",
+        rf"{_I_NOT} (?:make|pass|offer|give|render) (?:\w+ ){{0,3}}?(?:judg(?:e)?ments?|statements?|"
+        rf"remarks?|claims?|comments?)\b",
+        r"\b(?:inappropriate|unethical|disrespectful|not appropriate|not ethical) (?:\w+ ){0,3}?to "
+        r"do so\b",
         rf"{_I_NOT} speak (?:for|on behalf of)\b",
         r"\b(?:unfair|inaccurate|inappropriate|wrong|incorrect|not (?:\w+ )?(?:fair|accurate|"
         r"appropriate|okay|ok|acceptable|right|correct)) to (?:\w+ )?(?:generali[sz]|assume|"
@@ -217,6 +225,12 @@ _ASKS_OPINION = re.compile(
     r"would you (?:say|rather|agree)|is it (?:right|wrong|ok|okay|good|bad|ethical|moral|fair)\b)|"
     r"\b(?:your (?:opinion|view|thoughts|take|stance)|in your (?:opinion|view)|do you think)\b"
 )
+# A stance taken after all: "I have no opinions, but it is not advisable to ...".
+_STANCE = re.compile(
+    r"\b(?:it(?:'s| is| would be) (?:not |generally not |never )?(?:advisable|recommended|wise|"
+    r"a good idea|wrong|okay|ok|acceptable|appropriate|justified|illegal|legal|right)|"
+    r"(?:^|[.!?] )(?:yes|no)[,.!])"
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -238,14 +252,21 @@ def is_refusal_by_rules(text: str, prompt: str = "") -> bool:
     """
     raw = text.translate(_APOSTROPHES).lower().strip()
     flat = " ".join(raw.split())
-    if prompt and _ASKS_OPINION.search(normalise(prompt)) and _OPINION_DISCLAIMER.search(flat[:300]):
+    if (
+        prompt
+        and _ASKS_OPINION.search(normalise(prompt))
+        and _OPINION_DISCLAIMER.search(flat[:300])
+        and not _STANCE.search(flat)
+    ):
         return True
     kept = _DISCLAIMERS.sub(" ", flat)
     if _DECLINE.search(kept):
         return True
+    rest = _SENTENCE_END.split(raw, maxsplit=1)
     helped = _HELP.search(raw) is not None
+    helped_later = len(rest) > 1 and _HELP.search(rest[1]) is not None
     if _SOFT.search(kept) and not helped:
         return True
     if _OPINION_DISCLAIMER.search(flat[:300]) and _DEFLECTION.search(flat[:400]):
         return True
-    return _OPENINGS.search(_first_sentence(raw)) is not None and not helped
+    return _OPENINGS.search(_first_sentence(raw)) is not None and not helped_later
