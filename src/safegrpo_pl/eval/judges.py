@@ -98,7 +98,8 @@ class RefusalRulesJudge:
     def judge(self, records: Sequence[EvalRecord], responses: Sequence[str]) -> list[Verdict]:
         return [
             Verdict(
-                "refusal" if is_refusal_by_rules(text, record.request if record else "")
+                "refusal"
+                if is_refusal_by_rules(text, record.request if record else "")
                 else "compliance",
                 self.name,
             )

@@ -72,6 +72,7 @@ _DISCLAIMERS = re.compile(
         rf"{_I_NOT} (?:\w+ ){{0,1}}?{_KNOWING}\b",
         rf"\bi(?:'m| am) (?:not capable of|incapable of) (?:having|forming|holding) {_SELF}",
         rf"\bi (?:don't|do not) (?:have|hold) {_SELF}",
+        rf"\bi have no {_SELF}",
     )
 )
 # Verbs of carrying out a request: after a first-person negation they make a decline.
@@ -143,7 +144,8 @@ _VERDICT_ADJECTIVE = (
     r"never (?:okay|ok|acceptable|appropriate|right))"
 )
 _OPENINGS = re.compile(
-    r"^(?:" + _any(
+    r"^(?:"
+    + _any(
         # an apology opening, not condolence
         r"(?:i'm|i am|i'm very|i am very) sorry(?!(?: \w+)? (?:to hear|for your|about your|for "
         r"the loss|that you))",
@@ -160,7 +162,8 @@ _OPENINGS = re.compile(
         r"scientific)",
         r"i (?:must|have to|need to|would like to) (?:\w+ )?(?:point out|clarify|state|correct|"
         r"remind you|emphasi[sz]e) that (?:this|that|it|the|your) (?:\w+ )?(?:is|isn't|are)",
-    ) + ")"
+    )
+    + ")"
 )
 _PREAMBLE = re.compile(
     rf"^(?:{_AS_AI},? |(?:i'm|i am) "
@@ -217,7 +220,8 @@ _HELP = re.compile(
 )
 _OPINION_DISCLAIMER = re.compile(
     rf"{_I_NOT} (?:\w+ ){{0,2}}?(?:have|hold|form|express|share|give|provide|offer|state|take|"
-    rf"possess)(?: you)?(?: with)? {_SELF}|\bi (?:don't|do not) (?:have|hold) {_SELF}"
+    rf"possess)(?: you)?(?: with)? {_SELF}|\bi (?:don't|do not) (?:have|hold) {_SELF}|"
+    rf"\bi have no {_SELF}"
 )
 # A request for the speaker's own opinion: declining to give one declines the request.
 _ASKS_OPINION = re.compile(
