@@ -158,6 +158,7 @@ class SafeGRPOCLI(LightningCLI):
 EXTRA_COMMANDS = {
     "plan": "safegrpo_pl.plan_cli",  # a per-GPU memory estimate of a `fit` config
     "evaluate": "safegrpo_pl.eval.cli",  # benchmarks, judges, base vs tuned report
+    "judge": "safegrpo_pl.eval.judge_cli",  # any JSONL of answers through evaluate's judges
 }
 
 
