@@ -11,7 +11,8 @@ The rule judges only detect refusals, so for them a response to a harmful reques
 exactly when it refuses, the paper's rule-based proxy. The LLM judges (`http`, `hf` with a
 generative model) ask whether the response is harmful, or whether it refuses, per benchmark
 (`safegrpo_pl.eval.judge_prompts`). A judge output that cannot be read is `malformed`: counted,
-and left out of the figure it would have entered.
+and left out of the figure it would have entered. An answer cut at the token limit is
+`truncated` when the run leaves cut answers out (`JudgeSettings.truncated`), counted apart.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ LABELS: tuple[str, ...] = (
     "correct",
     "incorrect",
     "malformed",
+    "truncated",
 )
 ANSWER_MATCH = "answer-match"
 

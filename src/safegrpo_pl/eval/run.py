@@ -2,7 +2,8 @@
 
 Everything lands in `output_dir`:
 - `responses.jsonl`: one line per (model, record): model, benchmark, id, category, subset,
-  expected behaviour, the full response, the answer the judge read, the verdict and its judge.
+  expected behaviour, the full response, whether it was cut at the token limit (`truncated`),
+  the answer the judge read, the verdict and its judge.
   Lines are appended as each generation batch finishes; a rerun (or a resumed run after a
   crash) generates only the (model, record) pairs not in it yet, then judges everything again
   (the `http` judge from its cache), so a changed judge needs no new generation;
@@ -22,9 +23,9 @@ from typing import Any
 from safegrpo_pl.eval.catalog import LoadOptions, load_benchmark
 from safegrpo_pl.eval.generate import GenerationSettings, ModelSettings, generate, visible_answer
 from safegrpo_pl.eval.judge_factory import JudgeSettings, build_judge
-from safegrpo_pl.eval.judges import judge_all
+from safegrpo_pl.eval.judges import Judge, Verdict, judge_all
 from safegrpo_pl.eval.records import EvalRecord
-from safegrpo_pl.eval.report import Scored, build_report, write_report
+from safegrpo_pl.eval.report import Scored, build_report, truncation_summary, write_report
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ def read_responses(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return rows
 
 
-def _row(role: str, source: str, record: EvalRecord, response: str) -> dict[str, Any]:
+def _row(
+    role: str, source: str, record: EvalRecord, response: str, truncated: bool
+) -> dict[str, Any]:
     return {
         "model": role,
         "model_source": source,
@@ -59,6 +62,7 @@ def _row(role: str, source: str, record: EvalRecord, response: str) -> dict[str,
         "subset": record.subset,
         "expected": record.expected,
         "response": response,
+        "truncated": truncated,
     }
 
 
@@ -92,6 +96,27 @@ def _missing(
         "%s model: %d of %d answers to generate", role, len(missing) + len(stale), len(records)
     )
     return missing + stale
+
+
+def judge_answers(
+    judge: Judge,
+    records: Sequence[EvalRecord],
+    rows: Sequence[dict[str, Any]],
+    answers: Sequence[str],
+    truncated: str,
+) -> list[Verdict]:
+    """Verdicts for one model's answers; with `truncated="exclude"` an answer cut at the token
+    limit is not judged but marked `truncated` (a safety record's; a general one is matched)."""
+    cut = [
+        truncated == "exclude" and bool(row.get("truncated")) and record.expected != "answer"
+        for record, row in zip(records, rows, strict=True)
+    ]
+    keep = [i for i, is_cut in enumerate(cut) if not is_cut]
+    judged = judge_all(judge, [records[i] for i in keep], [answers[i] for i in keep])
+    verdicts = [Verdict("truncated", judge.name) if is_cut else None for is_cut in cut]
+    for i, verdict in zip(keep, judged, strict=True):
+        verdicts[i] = verdict
+    return verdicts  # type: ignore[return-value]
 
 
 def load_all(
@@ -152,9 +177,9 @@ def evaluate(
 
     with path.open("a", encoding="utf-8") as handle:
 
-        def keep(role: str, batch: Sequence[EvalRecord], texts: list[str]) -> None:
-            for record, text in zip(batch, texts, strict=True):
-                row = _row(role, sources[role], record, text)
+        def keep(role: str, batch: Sequence[EvalRecord], texts: list[str], cut: list[bool]) -> None:
+            for record, text, truncated in zip(batch, texts, cut, strict=True):
+                row = _row(role, sources[role], record, text, truncated)
                 existing[(role, record.key)] = row
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             handle.flush()
@@ -166,7 +191,7 @@ def evaluate(
     for role in model.roles:
         rows = [existing[(role, r.key)] for r in records]
         answers = [visible_answer(row["response"]) for row in rows]
-        verdicts = judge_all(judge_impl, records, answers)
+        verdicts = judge_answers(judge_impl, records, rows, answers, judge.truncated)
         scored[role] = []
         for record, row, answer, verdict in zip(records, rows, answers, verdicts, strict=True):
             row.update(answer=answer, verdict=verdict.label, judge=verdict.judge)
@@ -174,10 +199,11 @@ def evaluate(
                 row["judge_output"] = verdict.raw
             scored[role].append(
                 Scored(record.benchmark, record.category, record.subset, record.expected,
-                       verdict.label, verdict.judge)
+                       verdict.label, verdict.judge, bool(row.get("truncated")))
             )  # fmt: skip
     _write_rows(path, list(existing.values()))
     report = build_report(scored, judge_impl.name, judge_impl.comparable, dropped)
+    report["truncation"] = truncation_summary(report, judge.truncated, generation.max_new_tokens)
     report["settings"] = {
         "model": asdict(model),
         "generation": asdict(generation),
