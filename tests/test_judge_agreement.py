@@ -233,3 +233,24 @@ def test_every_source_names_its_licence_commit_and_mapping():
         assert source.licence and len(source.commit) == 40 and len(source.sha256) == 64
         assert source.commit in source.url and source.path in source.url
         assert set(source.mapping.values()) <= {"refusal", "compliance", None}
+
+
+def test_the_report_names_the_judge_and_its_agreement_with_people():
+    from safegrpo_pl.eval.report import Scored, build_report, render_markdown
+
+    rows = {"base": [Scored("figstep", "c", "", "refuse", "refusal", "refusal-rules")]}
+    report = build_report(rows, "refusal-rules", False, {})
+    measured = judge_agreement("refusal-rules")
+    assert report["judge_agreement"] == measured and measured, "the committed figures are quoted"
+    first = measured[0]
+    assert {"set", "licence", "n", "accuracy", "refusal_recall", "false_refusal_rate"} <= set(first)
+    markdown = render_markdown(report)
+    assert (
+        f"Its agreement with answers that people labelled: {first['set']} ({first['licence']}, "
+        f"heldout, n={first['n']}): accuracy {first['accuracy']:.3f}" in markdown
+    )
+    unmeasured = build_report(
+        {"base": [Scored("figstep", "c", "", "refuse", "safe", "http:m")]}, "http:m", True, {}
+    )
+    assert unmeasured["judge_agreement"] == []
+    assert "Its agreement with people is not measured" in render_markdown(unmeasured)
