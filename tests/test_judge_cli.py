@@ -100,3 +100,19 @@ def _http_settings(base_url: str):
     from safegrpo_pl.eval.http_judge import HttpJudgeSettings
 
     return HttpJudgeSettings(base_url=base_url, model="fake", backoff_s=0.0, api_key_env="NO_KEY")
+
+
+def test_hf_judge_through_the_command(tiny_qwen25vl_path, tmp_path):
+    from test_eval_judges import _tiny_judge_model
+
+    model = _tiny_judge_model(tiny_qwen25vl_path, tmp_path / "cls", "classifier")
+    source = _write(tmp_path / "answers.jsonl", ANSWERS)
+    out = tmp_path / "verdicts.jsonl"
+    code, printed = _cli(
+        "--judge", "hf", "--hf.path", str(model), "--input", str(source), "--output", str(out)
+    )
+    assert code == 0, printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and {r["judge"] for r in rows} == {f"hf:{model}"}
+    assert {r["verdict"] for r in rows} <= {"refusal", "compliance"}
+    assert f"4 answers judged by hf:{model}" in printed

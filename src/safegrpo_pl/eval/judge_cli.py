@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from safegrpo_pl.eval.hf_judge import HFJudgeSettings
 from safegrpo_pl.eval.http_judge import HttpJudgeSettings
@@ -141,6 +141,7 @@ def build_parser() -> ArgumentParser:
         prog="python -m safegrpo_pl judge",
         description="Judge the answers of a JSONL file with one of evaluate's judges.",
     )
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these keys")
     parser.add_function_arguments(judge_file, fail_untyped=True)
     return parser
 
@@ -150,6 +151,6 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     config = parser.instantiate_classes(parser.parse_args(list(args) if args is not None else None))
-    result = judge_file(**{k: v for k, v in vars(config).items()})
+    result = judge_file(**{k: v for k, v in vars(config).items() if k != "config"})
     sys.stdout.write(summary(result) + "\n")
     return result
