@@ -123,19 +123,23 @@ def load_all(
     benchmarks: Mapping[str, str], options: LoadOptions, demo_dir: Path
 ) -> tuple[list[EvalRecord], dict[str, dict]]:
     """Every benchmark's records, in config order, and what each dropped. A root of `demo`
-    is the benchmark's tiny stand-in (`safegrpo_pl.eval.demo_benchmarks`), written to
-    `demo_dir/<name>` and read by the same loader as a real release."""
+    is the benchmark's tiny stand-in (`safegrpo_pl.eval.demo_benchmarks`), `demo-vocab` one
+    made of the demo set's held-out records (vlguard, mossbench), written to `demo_dir/<name>`
+    and read by the same loader as a real release."""
     if not benchmarks:
         raise ValueError("benchmarks is empty; give at least one name: root folder")
     records: list[EvalRecord] = []
     dropped: dict[str, dict] = {}
     for name, root in benchmarks.items():
-        if root == "demo":
-            from safegrpo_pl.eval.demo_benchmarks import WRITERS
+        if root in ("demo", "demo-vocab"):
+            from safegrpo_pl.eval.demo_benchmarks import DEMO_VOCAB_WRITERS, WRITERS
 
-            if name not in WRITERS:
-                raise ValueError(f"benchmarks.{name}: no demo stand-in; known: {sorted(WRITERS)}")
-            root = str(WRITERS[name](demo_dir / name))
+            writers = WRITERS if root == "demo" else DEMO_VOCAB_WRITERS
+            if name not in writers:
+                raise ValueError(
+                    f"benchmarks.{name}: no {root} stand-in; known: {sorted(writers)}"
+                )
+            root = str(writers[name](demo_dir / name))
         loaded = load_benchmark(name, root, options)
         records.extend(loaded.records)
         report = loaded.dropped
@@ -155,7 +159,9 @@ def evaluate(
 
     Args:
         benchmarks: benchmark name -> root folder of its public release (or parquet file for
-            pope / scienceqa-img), or `demo` for a tiny stand-in in the same layout. Names:
+            pope / scienceqa-img), or `demo` for a tiny stand-in in the same layout, or
+            `demo-vocab` (vlguard, mossbench) for one made of the demo set's held-out records,
+            which the models `make demo` trains can read. Names:
             figstep, figstep-tiny, vlguard, mm-safetybench, siuo, mossbench, pope,
             scienceqa-img.
         output_dir: where responses.jsonl and the report go; an existing run there is resumed.
