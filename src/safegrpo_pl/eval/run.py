@@ -136,9 +136,7 @@ def load_all(
 
             writers = WRITERS if root == "demo" else DEMO_VOCAB_WRITERS
             if name not in writers:
-                raise ValueError(
-                    f"benchmarks.{name}: no {root} stand-in; known: {sorted(writers)}"
-                )
+                raise ValueError(f"benchmarks.{name}: no {root} stand-in; known: {sorted(writers)}")
             root = str(writers[name](demo_dir / name))
         loaded = load_benchmark(name, root, options)
         records.extend(loaded.records)
