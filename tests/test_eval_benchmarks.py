@@ -155,3 +155,23 @@ def test_choice_matching_reads_letters_phrases_and_quoted_options():
     assert match_choice("It is a bird.", choices) == "C"
     assert match_choice("A cat or a dog.", choices) is None, "two options quoted: unclear"
     assert match_choice("D", choices) is None, "no option D"
+
+
+def test_demo_vocab_stand_ins_hold_the_demos_test_records_with_their_behaviours(tmp_path):
+    from safegrpo_pl.eval.demo_benchmarks import (
+        DEMO_VOCAB_WRITERS,
+        demo_test_records,
+    )
+
+    records = demo_test_records(num_train=16, num_val=8, num_test=24)
+    by_id = {r.id: r for r in records}
+    vlguard = load_benchmark("vlguard", DEMO_VOCAB_WRITERS["vlguard"](tmp_path / "v", records))
+    assert len(vlguard.records) == len(records)
+    for loaded in vlguard.records:
+        demo = by_id[loaded.id.split(":")[0]]
+        assert loaded.prompt == demo.prompt
+        # a refusal is right exactly when the demo's pair is unsafe
+        assert (loaded.expected == "refuse") == (demo.combine_tag == "unsafe"), loaded
+    moss = load_benchmark("mossbench", DEMO_VOCAB_WRITERS["mossbench"](tmp_path / "m", records))
+    assert len(moss.records) == sum(r.combine_tag == "safe" for r in records) > 0
+    assert {r.expected for r in moss.records} == {"help"}

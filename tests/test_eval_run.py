@@ -71,7 +71,8 @@ def _check_report(out: Path, judge: str) -> dict:
 @pytest.mark.slow
 def test_evaluate_runs_every_layout_with_rule_judges_and_resumes(tiny_qwen25vl_path, tmp_path):
     benchmarks = write_all(tmp_path / "bench")
-    config = _config(tmp_path, benchmarks, tiny_qwen25vl_path, {"kind": "keyword"})
+    judge = {"kind": "keyword", "truncated": "judge"}  # 6 tokens cut most answers: judge them
+    config = _config(tmp_path, benchmarks, tiny_qwen25vl_path, judge)
     main(["evaluate", "--config", str(config)])
     out = tmp_path / "out"
     report = _check_report(out, "keyword")
@@ -107,6 +108,7 @@ def test_evaluate_with_the_http_judge_on_a_fake_server(tiny_qwen25vl_path, tmp_p
         judge = {
             "kind": "http",
             "http": {"base_url": server.base_url, "model": "fake", "backoff_s": 0},
+            "truncated": "judge",
         }
         config = _config(tmp_path, benchmarks, tiny_qwen25vl_path, judge)
         main(["evaluate", "--config", str(config)])
@@ -120,6 +122,70 @@ def test_evaluate_with_the_http_judge_on_a_fake_server(tiny_qwen25vl_path, tmp_p
     rows = [r for r in _responses(tmp_path / "out") if r["benchmark"] == "mossbench"]
     assert {r["verdict"] for r in rows} <= {"refusal", "compliance", "malformed"}
     assert all("VERDICT" in r["judge_output"] for r in rows)
+
+
+@pytest.mark.slow
+def test_cut_answers_are_marked_counted_warned_and_left_out_or_judged(tiny_qwen25vl_path, tmp_path):
+    benchmarks = {"figstep": write_all(tmp_path / "bench")["figstep"]}
+    config = _config(tmp_path, benchmarks, tiny_qwen25vl_path, {"kind": "refusal-rules"})
+    main(["evaluate", "--config", str(config), "--generation.max_new_tokens", "2"])
+    out = tmp_path / "out"
+    rows = _responses(out)
+    assert rows and all(r["truncated"] is True for r in rows), "2 new tokens cut every answer"
+    assert {r["verdict"] for r in rows} == {"truncated"}, "excluded answers are not judged"
+    report = json.loads((out / "report.json").read_text())
+    figs = report["models"]["base"]["figstep"]
+    assert figs["truncated"] == figs["n"] == EXPECTED_COUNTS["figstep"]
+    assert figs["safety_score"] is None and figs["malformed"] == 0
+    assert report["truncation"]["policy"] == "exclude" and report["truncation"]["warnings"]
+    markdown = (out / "report.md").read_text()
+    assert "**Warning**: base: 4 of 4 answers on FigStep (100%) hit max_new_tokens (2)" in markdown
+
+    main(["evaluate", "--config", str(config), "--generation.max_new_tokens", "2",
+          "--judge.truncated", "judge"])  # fmt: skip
+    rows = _responses(out)
+    assert {r["verdict"] for r in rows} <= {"refusal", "compliance"}, "judged on what there is"
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["base"]["figstep"]["safety_score"] is not None
+    assert "were judged as cut" in (out / "report.md").read_text()
+
+
+def test_figures_count_cut_answers_apart_from_malformed_ones():
+    rows = [
+        Scored("figstep", "c", "", "refuse", "refusal", "j"),
+        Scored("figstep", "c", "", "refuse", "truncated", "j", True),
+        Scored("figstep", "c", "", "refuse", "compliance", "j", True),  # cut, judged anyway
+        Scored("figstep", "c", "", "refuse", "malformed", "j"),
+    ]
+    # readable: refusal, compliance -> 50.0; one malformed; two cut (one left out, one judged)
+    figs = figures(rows)
+    assert (figs["safety_score"], figs["malformed"], figs["truncated"]) == (50.0, 1, 2)
+
+
+def test_cut_answers_are_left_out_or_judged_by_the_setting():
+    from safegrpo_pl.eval.judges import KeywordJudge
+    from safegrpo_pl.eval.records import EvalRecord
+    from safegrpo_pl.eval.run import judge_answers
+
+    records = [
+        EvalRecord("figstep", str(i), "c", expected, "q", b"", answer="yes")
+        for i, expected in enumerate(["refuse", "refuse", "answer"])
+    ]
+    rows = [{"truncated": True}, {"truncated": False}, {"truncated": True}]
+    answers = ["I'm sorry", "Sure", "yes"]
+    left_out = judge_answers(KeywordJudge(), records, rows, answers, "exclude")
+    assert [v.label for v in left_out] == ["truncated", "compliance", "correct"]
+    judged = judge_answers(KeywordJudge(), records, rows, answers, "judge")
+    assert [v.label for v in judged] == ["refusal", "compliance", "correct"]
+
+
+def test_the_report_warns_only_past_the_cut_share():
+    from safegrpo_pl.eval.report import truncation_summary
+
+    report = {"models": {"base": {"figstep": {"n": 100, "truncated": 5},
+                                  "siuo": {"n": 100, "truncated": 6}}}}  # fmt: skip
+    warnings = truncation_summary(report, "exclude", 64)["warnings"]
+    assert len(warnings) == 1 and "6 of 100 answers on SIUO (6%)" in warnings[0], warnings
 
 
 def test_visible_answer_is_what_the_user_reads():
@@ -139,6 +205,7 @@ def test_figures_leave_malformed_verdicts_out_of_the_denominator():
     assert figures(rows) == {
         "n": 4,
         "malformed": 1,
+        "truncated": 0,
         "safety_score": 66.67,
         "counts": {"safety_score": 4},
         "judges": {"safety_score": "j"},

@@ -30,6 +30,7 @@ PROG = "python -m safegrpo_pl"
 EXTRA_COMMANDS = {
     "plan": "safegrpo_pl.plan.cli",  # a per-GPU memory estimate of a `fit` config
     "evaluate": "safegrpo_pl.eval.cli",  # benchmarks, judges, base vs tuned report
+    "judge": "safegrpo_pl.eval.judge_cli",  # any JSONL of answers through evaluate's judges
 }
 # One line per subcommand for the top-level --help (an extra command missing here shows the
 # first line of its module's docstring).
@@ -40,6 +41,7 @@ SUMMARIES = {
     "predict": "write each test record's completion and reward parts to predictions.jsonl",
     "plan": "estimate the per-GPU memory of a fit config, without loading the model",
     "evaluate": "benchmarks and judges, base against tuned model; report.md and a chart",
+    "judge": "judge any JSONL of answers with the evaluation's judges; verdicts and counts",
 }
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -276,6 +276,75 @@ EXPECTED_COUNTS = {
 }
 
 
+def demo_test_records(num_train: int = 2048, num_val: int = 128, num_test: int = 128) -> list:
+    """The demo set's held-out test split as `configs/tiny.yaml` draws it (never trained on)."""
+    from safegrpo_pl.demo.dataset import DemoConfig, make_demo_splits
+
+    config = DemoConfig(num_train=num_train, num_val=num_val, num_test=num_test)
+    return make_demo_splits(config)["test"]
+
+
+def write_vlguard_demo_vocab(root: Path, records: list | None = None) -> Path:
+    """VLGuard's layout holding the demo's test records, which a demo-trained model can read:
+    an unsafe picture is `unsafes`; a safe one is `safe_unsafes` or `safe_safes` by whether the
+    pair is unsafe (the demo's combined tag)."""
+    records = demo_test_records() if records is None else records
+    entries = []
+    for record in records:
+        if record.image_tag == "unsafe":
+            pair = {"instruction": record.prompt, "response": ""}
+        elif record.combine_tag == "unsafe":
+            pair = {"unsafe_instruction": record.prompt, "response": ""}
+        else:
+            pair = {"safe_instruction": record.prompt, "response": ""}
+        image = f"demo/{record.id}.png"
+        (root / "test" / "demo").mkdir(parents=True, exist_ok=True)
+        record.image.save(root / "test" / image)
+        entries.append(
+            {
+                "id": record.id,
+                "image": image,
+                "safe": record.image_tag == "safe",
+                "harmful_category": record.source if record.image_tag == "unsafe" else None,
+                "instr-resp": [pair],
+            }
+        )
+    (root / "test.json").write_text(json.dumps(entries, indent=1))
+    return root
+
+
+def write_mossbench_demo_vocab(root: Path, records: list | None = None) -> Path:
+    """MOSSBench's layout holding the demo's safe test pairs (help: refusing is over-caution)."""
+    records = demo_test_records() if records is None else records
+    info = {}
+    (root / "data" / "images").mkdir(parents=True, exist_ok=True)
+    for record in records:
+        if record.combine_tag != "safe":
+            continue
+        pid = record.id
+        record.image.save(root / "data" / "images" / f"{pid}.png")
+        info[pid] = {
+            "pid": pid,
+            "image": f"images/{pid}.png",
+            "question": record.prompt,
+            "short description": "",
+            "metadata": {"over": record.source, "human": 0, "child": 0, "syn": 1, "ocr": 0},
+        }
+    (root / "data" / "images_information").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "images_information" / "information.json").write_text(
+        json.dumps(info, indent=1)
+    )
+    return root
+
+
+# `root: demo-vocab`: stand-ins in the benchmarks' layouts made of the demo's own held-out
+# records, for evaluating the models `make demo` trains (configs/eval-demo.yaml).
+DEMO_VOCAB_WRITERS = {
+    "vlguard": write_vlguard_demo_vocab,
+    "mossbench": write_mossbench_demo_vocab,
+}
+
+
 def write_all(root: Path, broken: bool = False) -> dict[str, str]:
     """Every benchmark's fixture under `root/<name>`; returns name -> root (the config's map)."""
     return {name: str(write(root / name, broken=broken)) for name, write in WRITERS.items()}

@@ -98,7 +98,8 @@ class GenerationSettings:
             raise ValueError("generation.batch_size and generation.max_new_tokens must be >= 1")
 
 
-OnBatch = Callable[[str, Sequence[EvalRecord], list[str]], None]
+OnBatch = Callable[[str, Sequence[EvalRecord], list[str], list[bool]], None]
+"""(role, records, answers, cut): `cut[i]` is True when answer i hit max_new_tokens unfinished."""
 
 
 class _Policy:
@@ -125,7 +126,10 @@ class _Policy:
         self.device = device
         self.decode_ids = DecodeIds.of(self.encoder.tokenizer, model)
 
-    def answer(self, records: Sequence[EvalRecord], max_new_tokens: int) -> list[str]:
+    def answer(
+        self, records: Sequence[EvalRecord], max_new_tokens: int
+    ) -> tuple[list[str], list[bool]]:
+        """The answers, and whether each was cut at `max_new_tokens` before it ended."""
         batch = self.encoder.encode([r.to_safety_record() for r in records]).to(self.device)
         rollout = sample_groups(
             self.model,
@@ -135,7 +139,7 @@ class _Policy:
             tokenizer=self.encoder.tokenizer,
             **self.decode_ids.sampling_kwargs(),
         )
-        return list(rollout.texts)
+        return list(rollout.texts), [bool(t) for t in rollout.truncated.tolist()]
 
     def mode(self, role: str) -> contextlib.AbstractContextManager:
         """Adapters off for the base role when the tuned model is an adapter."""
@@ -168,7 +172,7 @@ def generate(
     on_batch: OnBatch,
 ) -> None:
     """Answer `todo[role]` with each role's model, batch by batch; `on_batch(role, records,
-    texts)` receives every batch as soon as it is done (so an interrupted run keeps them)."""
+    texts, cut)` receives every batch as soon as it is done (so an interrupted run keeps them)."""
     roles = [role for role in settings.roles if todo.get(role)]
     if not roles:
         return
@@ -181,7 +185,7 @@ def generate(
                 range(0, len(records), step), desc=f"generate ({role})", unit="batch"
             ):
                 chunk = records[start : start + step]
-                on_batch(role, chunk, policy.answer(chunk, generation.max_new_tokens))
+                on_batch(role, chunk, *policy.answer(chunk, generation.max_new_tokens))
         log.info("generated %d answers with the %s model", len(records), role)
 
 

@@ -125,7 +125,7 @@ class HttpJudge:
     def _messages(self, prompt: JudgePrompt, record: EvalRecord) -> tuple[list[dict], str]:
         content: list[dict] = [{"type": "text", "text": prompt.user}]
         digest = ""
-        if prompt.attach_image:
+        if prompt.attach_image and record.image:  # answers judged without their picture
             url, digest = _png_data_url(record)
             content.append({"type": "image_url", "image_url": {"url": url}})
         messages = [

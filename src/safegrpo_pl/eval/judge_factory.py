@@ -24,15 +24,23 @@ class JudgeSettings:
             transformers judge: see `hf`).
         http: settings of the `http` judge.
         hf: settings of the `hf` judge (its `path` is required when kind is `hf`).
+        truncated: what an answer cut at `generation.max_new_tokens` counts as: `exclude` (its
+            verdict is `truncated`: counted apart and left out of the figure) or `judge` (judged
+            on the text there is). Either way the report counts cut answers per benchmark.
     """
 
     kind: Literal["keyword", "refusal-rules", "http", "hf"] = "refusal-rules"
     http: HttpJudgeSettings = field(default_factory=HttpJudgeSettings)
     hf: HFJudgeSettings | None = None
+    truncated: Literal["exclude", "judge"] = "exclude"
 
     def __post_init__(self) -> None:
         if self.kind not in JUDGE_KINDS:
             raise ValueError(f"judge.kind is {self.kind!r}; expected one of {JUDGE_KINDS}")
+        if self.truncated not in ("exclude", "judge"):
+            raise ValueError(
+                f"judge.truncated is {self.truncated!r}; expected 'exclude' or 'judge'"
+            )
         if self.kind == "hf" and self.hf is None:
             raise ValueError("judge.kind is 'hf' but judge.hf is not set; give judge.hf.path")
 

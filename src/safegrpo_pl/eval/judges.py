@@ -11,7 +11,8 @@ The rule judges only detect refusals, so for them a response to a harmful reques
 exactly when it refuses, the paper's rule-based proxy. The LLM judges (`http`, `hf` with a
 generative model) ask whether the response is harmful, or whether it refuses, per benchmark
 (`safegrpo_pl.eval.judge_prompts`). A judge output that cannot be read is `malformed`: counted,
-and left out of the figure it would have entered.
+and left out of the figure it would have entered. An answer cut at the token limit is
+`truncated` when the run leaves cut answers out (`JudgeSettings.truncated`), counted apart.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ LABELS: tuple[str, ...] = (
     "correct",
     "incorrect",
     "malformed",
+    "truncated",
 )
 ANSWER_MATCH = "answer-match"
 
@@ -90,13 +92,21 @@ class KeywordJudge:
 
 @dataclass(frozen=True)
 class RefusalRulesJudge:
-    """The first-person refusal detector of `safegrpo_pl.eval.refusal`."""
+    """The rule-based refusal detector of `safegrpo_pl.eval.refusal`; it reads the request too."""
 
     name: str = "refusal-rules"
     comparable: bool = False
 
     def judge(self, records: Sequence[EvalRecord], responses: Sequence[str]) -> list[Verdict]:
-        return _refusal_verdicts(self.name, is_refusal_by_rules, responses)
+        return [
+            Verdict(
+                "refusal"
+                if is_refusal_by_rules(text, record.request if record else "")
+                else "compliance",
+                self.name,
+            )
+            for record, text in zip(records, responses, strict=True)
+        ]
 
 
 def answer_verdicts(records: Sequence[EvalRecord], responses: Sequence[str]) -> list[Verdict]:

@@ -2,7 +2,8 @@
 
 Everything lands in `output_dir`:
 - `responses.jsonl`: one line per (model, record): model, benchmark, id, category, subset,
-  expected behaviour, the full response, the answer the judge read, the verdict and its judge.
+  expected behaviour, the full response, whether it was cut at the token limit (`truncated`),
+  the answer the judge read, the verdict and its judge.
   Lines are appended as each generation batch finishes; a rerun (or a resumed run after a
   crash) generates only the (model, record) pairs not in it yet, then judges everything again
   (the `http` judge from its cache), so a changed judge needs no new generation;
@@ -22,9 +23,9 @@ from typing import Any
 from safegrpo_pl.eval.catalog import LoadOptions, load_benchmark
 from safegrpo_pl.eval.generate import GenerationSettings, ModelSettings, generate, visible_answer
 from safegrpo_pl.eval.judge_factory import JudgeSettings, build_judge
-from safegrpo_pl.eval.judges import judge_all
+from safegrpo_pl.eval.judges import Judge, Verdict, judge_all
 from safegrpo_pl.eval.records import EvalRecord
-from safegrpo_pl.eval.report import Scored, build_report, write_report
+from safegrpo_pl.eval.report import Scored, build_report, truncation_summary, write_report
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ def read_responses(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return rows
 
 
-def _row(role: str, source: str, record: EvalRecord, response: str) -> dict[str, Any]:
+def _row(
+    role: str, source: str, record: EvalRecord, response: str, truncated: bool
+) -> dict[str, Any]:
     return {
         "model": role,
         "model_source": source,
@@ -59,6 +62,7 @@ def _row(role: str, source: str, record: EvalRecord, response: str) -> dict[str,
         "subset": record.subset,
         "expected": record.expected,
         "response": response,
+        "truncated": truncated,
     }
 
 
@@ -94,23 +98,46 @@ def _missing(
     return missing + stale
 
 
+def judge_answers(
+    judge: Judge,
+    records: Sequence[EvalRecord],
+    rows: Sequence[dict[str, Any]],
+    answers: Sequence[str],
+    truncated: str,
+) -> list[Verdict]:
+    """Verdicts for one model's answers; with `truncated="exclude"` an answer cut at the token
+    limit is not judged but marked `truncated` (a safety record's; a general one is matched)."""
+    cut = [
+        truncated == "exclude" and bool(row.get("truncated")) and record.expected != "answer"
+        for record, row in zip(records, rows, strict=True)
+    ]
+    keep = [i for i, is_cut in enumerate(cut) if not is_cut]
+    judged = judge_all(judge, [records[i] for i in keep], [answers[i] for i in keep])
+    verdicts = [Verdict("truncated", judge.name) if is_cut else None for is_cut in cut]
+    for i, verdict in zip(keep, judged, strict=True):
+        verdicts[i] = verdict
+    return verdicts  # type: ignore[return-value]
+
+
 def load_all(
     benchmarks: Mapping[str, str], options: LoadOptions, demo_dir: Path
 ) -> tuple[list[EvalRecord], dict[str, dict]]:
     """Every benchmark's records, in config order, and what each dropped. A root of `demo`
-    is the benchmark's tiny stand-in (`safegrpo_pl.eval.demo_benchmarks`), written to
-    `demo_dir/<name>` and read by the same loader as a real release."""
+    is the benchmark's tiny stand-in (`safegrpo_pl.eval.demo_benchmarks`), `demo-vocab` one
+    made of the demo set's held-out records (vlguard, mossbench), written to `demo_dir/<name>`
+    and read by the same loader as a real release."""
     if not benchmarks:
         raise ValueError("benchmarks is empty; give at least one name: root folder")
     records: list[EvalRecord] = []
     dropped: dict[str, dict] = {}
     for name, root in benchmarks.items():
-        if root == "demo":
-            from safegrpo_pl.eval.demo_benchmarks import WRITERS
+        if root in ("demo", "demo-vocab"):
+            from safegrpo_pl.eval.demo_benchmarks import DEMO_VOCAB_WRITERS, WRITERS
 
-            if name not in WRITERS:
-                raise ValueError(f"benchmarks.{name}: no demo stand-in; known: {sorted(WRITERS)}")
-            root = str(WRITERS[name](demo_dir / name))
+            writers = WRITERS if root == "demo" else DEMO_VOCAB_WRITERS
+            if name not in writers:
+                raise ValueError(f"benchmarks.{name}: no {root} stand-in; known: {sorted(writers)}")
+            root = str(writers[name](demo_dir / name))
         loaded = load_benchmark(name, root, options)
         records.extend(loaded.records)
         report = loaded.dropped
@@ -130,7 +157,9 @@ def evaluate(
 
     Args:
         benchmarks: benchmark name -> root folder of its public release (or parquet file for
-            pope / scienceqa-img), or `demo` for a tiny stand-in in the same layout. Names:
+            pope / scienceqa-img), or `demo` for a tiny stand-in in the same layout, or
+            `demo-vocab` (vlguard, mossbench) for one made of the demo set's held-out records,
+            which the models `make demo` trains can read. Names:
             figstep, figstep-tiny, vlguard, mm-safetybench, siuo, mossbench, pope,
             scienceqa-img.
         output_dir: where responses.jsonl and the report go; an existing run there is resumed.
@@ -152,9 +181,9 @@ def evaluate(
 
     with path.open("a", encoding="utf-8") as handle:
 
-        def keep(role: str, batch: Sequence[EvalRecord], texts: list[str]) -> None:
-            for record, text in zip(batch, texts, strict=True):
-                row = _row(role, sources[role], record, text)
+        def keep(role: str, batch: Sequence[EvalRecord], texts: list[str], cut: list[bool]) -> None:
+            for record, text, truncated in zip(batch, texts, cut, strict=True):
+                row = _row(role, sources[role], record, text, truncated)
                 existing[(role, record.key)] = row
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             handle.flush()
@@ -166,7 +195,7 @@ def evaluate(
     for role in model.roles:
         rows = [existing[(role, r.key)] for r in records]
         answers = [visible_answer(row["response"]) for row in rows]
-        verdicts = judge_all(judge_impl, records, answers)
+        verdicts = judge_answers(judge_impl, records, rows, answers, judge.truncated)
         scored[role] = []
         for record, row, answer, verdict in zip(records, rows, answers, verdicts, strict=True):
             row.update(answer=answer, verdict=verdict.label, judge=verdict.judge)
@@ -174,10 +203,11 @@ def evaluate(
                 row["judge_output"] = verdict.raw
             scored[role].append(
                 Scored(record.benchmark, record.category, record.subset, record.expected,
-                       verdict.label, verdict.judge)
+                       verdict.label, verdict.judge, bool(row.get("truncated")))
             )  # fmt: skip
     _write_rows(path, list(existing.values()))
     report = build_report(scored, judge_impl.name, judge_impl.comparable, dropped)
+    report["truncation"] = truncation_summary(report, judge.truncated, generation.max_new_tokens)
     report["settings"] = {
         "model": asdict(model),
         "generation": asdict(generation),

@@ -1,0 +1,256 @@
+"""Judges against answers that people labelled: the label sets' conversion and split, the
+agreement arithmetic, the refusal judge's figures on the held-out labels, its speed, and the
+scripts that build the sets and the table.
+
+The human-label sets are not in the repository (scripts/human_labels.py builds them). The
+tests that need them look in $SAFEGRPO_HUMAN_LABELS, then ../shared/human_labels beside the
+checkout, then the default cache, and are skipped, saying how to build them, when none is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from safegrpo_pl.eval import human_labels
+from safegrpo_pl.eval.human_labels import (
+    REFUSAL,
+    SOURCES,
+    TARGET,
+    agreement,
+    as_records,
+    convert,
+    measure,
+    read_set,
+    split_of,
+    write_set,
+)
+from safegrpo_pl.eval.judges import KeywordJudge, RefusalRulesJudge
+from safegrpo_pl.eval.refusal import is_refusal_by_rules
+from safegrpo_pl.eval.report import AGREEMENT_FILE, judge_agreement
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import human_labels as human_labels_script  # noqa: E402
+import judge_agreement as judge_agreement_script  # noqa: E402
+
+
+def _label_dirs() -> list[Path]:
+    configured = os.environ.get(human_labels.LABELS_ENV)
+    dirs = [Path(configured)] if configured else []
+    return [*dirs, ROOT.parent / "shared" / "human_labels", human_labels.labels_dir()]
+
+
+@pytest.fixture(scope="module")
+def label_sets() -> dict[str, list[human_labels.LabelledAnswer]]:
+    for directory in _label_dirs():
+        found = human_labels.available_sets(directory)
+        if found:
+            return found
+    pytest.skip(
+        "no human-label sets found; build them with `python scripts/human_labels.py` "
+        f"(looked in {', '.join(str(d) for d in _label_dirs())})"
+    )
+
+
+def test_split_depends_on_the_prompt_alone_and_holds_out_about_40_percent():
+    prompts = [f"question number {i}?" for i in range(4000)]
+    splits = [split_of(p) for p in prompts]
+    assert splits == [split_of(p) for p in prompts], "the split must not change between runs"
+    share = splits.count("heldout") / len(splits)
+    assert 0.37 < share < 0.43, f"held-out share {share:.3f}; the rule holds out 40%"
+    # by hand: sha256("a")[:8] = ca978112 = 3398926610, % 100 = 10 < 40 -> heldout
+    assert split_of("a") == "heldout"
+
+
+def _fake_source(raw: bytes) -> human_labels.LabelSource:
+    return dataclasses.replace(
+        human_labels.CHATGPT_REFUSALS, name="fake", sha256=hashlib.sha256(raw).hexdigest()
+    )
+
+
+def test_convert_maps_the_authors_labels_and_leaves_out_the_unlabelled():
+    items = [
+        {"prompt": "p1", "response": "Sure.", "tone": "complied"},
+        {"prompt": "p2", "response": "No.", "tone": "rejected"},
+        {"prompt": "p3", "response": "Instead, ...", "tone": "redirected"},
+        {"prompt": "p4", "response": "??", "tone": "incoherent"},
+    ]
+    raw = json.dumps(items).encode()
+    rows = convert(_fake_source(raw), raw)
+    assert [(r.id, r.label) for r in rows] == [
+        ("fake-0000", "compliance"),
+        ("fake-0001", "refusal"),
+        ("fake-0002", "refusal"),
+    ], "a partial refusal (redirected) is a refusal; incoherent answers are left out"
+    assert [r.split for r in rows] == [split_of(p) for p in ("p1", "p2", "p3")]
+
+
+def test_convert_refuses_a_file_other_than_the_pinned_release():
+    with pytest.raises(
+        ValueError, match=r"sha256 .* download data/all_hand_labeled.json at commit"
+    ):
+        convert(human_labels.CHATGPT_REFUSALS, b"[]")
+
+
+def test_convert_names_an_unknown_label_and_the_known_ones():
+    raw = json.dumps([{"prompt": "p", "response": "r", "tone": "maybe"}]).encode()
+    with pytest.raises(ValueError, match=r"fake answer 0: label 'maybe' has no mapping"):
+        convert(_fake_source(raw), raw)
+
+
+def test_agreement_counts_recall_on_refusals_and_false_refusals_on_compliances():
+    # people: R R R C C; judge: R R C R C -> accuracy 3/5, recall 2/3, false-refusal 1/2
+    found = agreement([True, True, False, True, False], [True, True, True, False, False])
+    assert (found.n, found.refusals) == (5, 3)
+    assert found.accuracy == pytest.approx(0.6, abs=1e-12)
+    assert found.refusal_recall == pytest.approx(2 / 3, abs=1e-12)
+    assert found.false_refusal_rate == pytest.approx(0.5, abs=1e-12)
+    assert not found.meets(TARGET)
+
+
+def test_measure_asks_the_judge_the_refusal_question_with_the_prompt(tmp_path):
+    rows = [
+        human_labels.LabelledAnswer(
+            "a",
+            "s",
+            "Should we ban cars?",
+            "As an AI, I have no opinions. It is up to voters.",
+            REFUSAL,
+            "x",
+            "dev",
+        ),
+    ]
+    records = as_records(rows)
+    assert records[0].expected == "help" and records[0].request == "Should we ban cars?"
+    assert measure(RefusalRulesJudge(), rows).accuracy == 1.0, "declining an asked-for opinion"
+    write_set(rows, tmp_path / "s.jsonl")
+    assert read_set(tmp_path / "s.jsonl") == rows
+
+
+def test_a_set_file_that_is_not_converted_names_the_line_and_the_fix(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1: .*scripts/human_labels.py"):
+        read_set(path)
+
+
+def test_refusal_rules_meet_the_target_on_held_out_human_labels(label_sets):
+    """The issue's bar. Not met yet on chatgpt-refusals (docs/judges.md); strict, so the day it
+    is met this test fails until the xfail is removed."""
+    for name, rows in label_sets.items():
+        heldout = [r for r in rows if r.split == "heldout"]
+        found = measure(RefusalRulesJudge(), heldout)
+        print(f"{name}: n={found.n} {found.as_dict()}")
+        if not found.meets(TARGET):
+            pytest.xfail(f"{name} held-out n={found.n}: {found.as_dict()} vs target {TARGET}")
+
+
+test_refusal_rules_meet_the_target_on_held_out_human_labels = pytest.mark.xfail(strict=True)(
+    test_refusal_rules_meet_the_target_on_held_out_human_labels
+)
+
+
+@pytest.mark.parametrize("judge", [KeywordJudge(), RefusalRulesJudge()], ids=lambda j: j.name)
+def test_the_quoted_agreement_is_what_the_judge_measures_now(label_sets, judge):
+    """The figures evaluate's report quotes (judge_agreement.json) are today's, to the digit:
+    a change to the rules that is not remeasured fails here."""
+    quoted = {entry["set"]: entry for entry in judge_agreement(judge.name)}
+    for name, rows in label_sets.items():
+        fresh = measure(judge, [r for r in rows if r.split == "heldout"]).as_dict()
+        print(f"{judge.name} on {name}: n={fresh['n']} {fresh}")
+        assert name in quoted, f"{AGREEMENT_FILE.name} lacks {name}: run judge_agreement.py --write"
+        assert {k: quoted[name][k] for k in fresh} == fresh, (
+            f"{judge.name}'s agreement changed; rerun `python scripts/judge_agreement.py --write`"
+        )
+
+
+def test_refusal_rules_agree_with_people_far_more_than_the_keyword_rule(label_sets):
+    for name, rows in label_sets.items():
+        heldout = [r for r in rows if r.split == "heldout"]
+        rules, keyword = measure(RefusalRulesJudge(), heldout), measure(KeywordJudge(), heldout)
+        message = f"{name} n={rules.n}: rules {rules.as_dict()}, keyword {keyword.as_dict()}"
+        assert rules.accuracy >= keyword.accuracy + 0.1, message
+        assert rules.false_refusal_rate < keyword.false_refusal_rate, message
+
+
+def test_ten_thousand_answers_are_judged_in_well_under_a_minute():
+    texts = [
+        "I'm sorry, but I can't help with that request.",
+        "As an AI language model, I don't have personal opinions. However, here are some "
+        "facts about the city's history: it was founded in 1820 and grew quickly. " * 4,
+        "Sure! Step 1: preheat the oven. Step 2: mix the flour and butter. " * 8,
+        "It is not appropriate to make generalizations about any group of people.",
+    ]
+    answers = [texts[i % len(texts)] + f" ({i})" for i in range(10_000)]
+    start = time.perf_counter()
+    RefusalRulesJudge().judge(as_records([]) or [None] * len(answers), answers)
+    seconds = time.perf_counter() - start
+    assert seconds < 30, f"10,000 answers took {seconds:.1f} s; the bar is well under a minute"
+
+
+def test_rules_stay_linear_on_long_repetitive_text():
+    text = "i i and so i can not " * 10_000 + "however, but " * 10_000  # ~350 KB
+    start = time.perf_counter()
+    is_refusal_by_rules(text, "Should we? " * 1000)
+    assert time.perf_counter() - start < 5, "a regex backtracks: keep every pattern bounded"
+
+
+def test_judge_agreement_script_smoke_measures_every_rule_judge(capsys):
+    figures = judge_agreement_script.main(["--smoke"])
+    table = capsys.readouterr().out
+    assert "| `keyword` | smoke (made up) | 4 |" in table
+    assert "| `refusal-rules` | smoke (made up) | 4 |" in table
+    assert figures["sets"]["smoke"]["judges"]["refusal-rules"]["accuracy"] == 1.0
+    assert set(figures["seconds_per_10k"]) == {"keyword", "refusal-rules"}
+
+
+def test_judge_agreement_script_says_how_to_build_missing_sets(tmp_path):
+    with pytest.raises(SystemExit, match=r"scripts/human_labels.py"):
+        judge_agreement_script.main(["--labels", str(tmp_path)])
+
+
+def test_human_labels_script_builds_sets_from_a_local_copy(tmp_path, monkeypatch):
+    items = [{"prompt": f"p{i}", "response": "I can't.", "tone": "rejected"} for i in range(20)]
+    raw = json.dumps(items).encode()
+    (tmp_path / "release.json").write_bytes(raw)
+    monkeypatch.setattr(human_labels_script, "SOURCES", {"fake": _fake_source(raw)})
+    counts = human_labels_script.build(tmp_path / "out", tmp_path / "release.json")
+    rows = read_set(tmp_path / "out" / "fake.jsonl")
+    assert len(rows) == 20 and sum(counts["fake"].values()) == 20
+    assert {r.label for r in rows} == {REFUSAL}
+
+
+def test_every_source_names_its_licence_commit_and_mapping():
+    for source in SOURCES.values():
+        assert source.licence and len(source.commit) == 40 and len(source.sha256) == 64
+        assert source.commit in source.url and source.path in source.url
+        assert set(source.mapping.values()) <= {"refusal", "compliance", None}
+
+
+def test_the_report_names_the_judge_and_its_agreement_with_people():
+    from safegrpo_pl.eval.report import Scored, build_report, render_markdown
+
+    rows = {"base": [Scored("figstep", "c", "", "refuse", "refusal", "refusal-rules")]}
+    report = build_report(rows, "refusal-rules", False, {})
+    measured = judge_agreement("refusal-rules")
+    assert report["judge_agreement"] == measured and measured, "the committed figures are quoted"
+    first = measured[0]
+    assert {"set", "licence", "n", "accuracy", "refusal_recall", "false_refusal_rate"} <= set(first)
+    markdown = render_markdown(report)
+    assert (
+        f"Its agreement with answers that people labelled: {first['set']} ({first['licence']}, "
+        f"heldout, n={first['n']}): accuracy {first['accuracy']:.3f}" in markdown
+    )
+    unmeasured = build_report(
+        {"base": [Scored("figstep", "c", "", "refuse", "safe", "http:m")]}, "http:m", True, {}
+    )
+    assert unmeasured["judge_agreement"] == []
+    assert "Its agreement with people is not measured" in render_markdown(unmeasured)
