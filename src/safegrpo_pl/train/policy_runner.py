@@ -146,10 +146,17 @@ class PolicyRunner:
             )
 
     def logprobs(
-        self, model: Any, batch: PromptBatch, ids: Tensor, mask: Tensor, temperature: float
+        self,
+        model: Any,
+        batch: PromptBatch,
+        ids: Tensor,
+        mask: Tensor,
+        temperature: float,
+        *,
+        recompute_head: bool = False,
     ) -> Tensor:
         """(N, T) log-probs of completions `ids` under `model` (grad flows if enabled), with
-        dropout off."""
+        dropout off; `recompute_head`: LM-head logits recomputed in backward, not kept."""
         group_size = ids.shape[0] // len(batch)
         with dropout_off(model):
             return completion_logprobs(
@@ -160,6 +167,7 @@ class PolicyRunner:
                 group_size=group_size,
                 temperature=temperature,
                 shared_prefix=self.shared_prefix,
+                recompute_head=recompute_head,
             )
 
     @torch.no_grad()

@@ -227,6 +227,8 @@ class UpdateSettings:
         micro_batch_size: prompts per forward/backward; None = the mini-batch.
         temperature: the sampling temperature the log-probs are computed at.
         max_new_tokens: the completion budget (some aggregations divide by it).
+        recompute_head: the training forward keeps no full-vocabulary logits: each LM-head
+            chunk's are recomputed in backward (`safegrpo_pl.rollout.logprobs`).
     """
 
     loss: LossSettings
@@ -235,6 +237,7 @@ class UpdateSettings:
     micro_batch_size: int | None
     temperature: float
     max_new_tokens: int
+    recompute_head: bool
 
 
 @dataclass(frozen=True)
@@ -370,7 +373,12 @@ class PolicyUpdate:
         loss_tokens = scored.loss_mask[rows, :width]  # a subset of `tokens`
         with self.timer.phase("policy_forward_backward"):
             logp = self.runner.logprobs(
-                self.runner.model, scored.batch.select(micro), ids, tokens, settings.temperature
+                self.runner.model,
+                scored.batch.select(micro),
+                ids,
+                tokens,
+                settings.temperature,
+                recompute_head=settings.recompute_head,
             )
             if old_logp is None or fresh:
                 old = logp.detach()
