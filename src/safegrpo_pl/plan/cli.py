@@ -102,18 +102,27 @@ def read_config(args: Sequence[str]) -> Any:
     return _ParseOnlyCLI.config(args)
 
 
-def _get(namespace: Any, key: str, default: Any = None) -> Any:
-    value = namespace
-    for part in key.split("."):
-        value = value.get(part) if hasattr(value, "get") else getattr(value, part, None)
-        if value is None:
-            return default
-    return value
+def setting(config: Any, key: str, default: Any = None) -> Any:
+    """The value of `key` in the parsed `fit` config, `default` where it is null.
+
+    Every read of the config goes through here, so `plan` can only read keys `fit` accepts.
+
+    Raises:
+        KeyError: `fit` has no setting `key`: `plan` would otherwise plan a run `fit` cannot
+            start.
+    """
+    if key not in config:
+        raise KeyError(
+            f"plan reads the setting {key!r}, which `fit` does not accept (fix the key in "
+            "safegrpo_pl/plan/cli.py, or give fit the setting)"
+        )
+    value = config[key]
+    return default if value is None else value
 
 
 def _world_size(config: Any) -> int:
-    devices = _get(config, "trainer.devices", 1)
-    nodes = int(_get(config, "trainer.num_nodes", 1) or 1)
+    devices = setting(config, "trainer.devices", 1)
+    nodes = int(setting(config, "trainer.num_nodes", 1))
     if isinstance(devices, list | tuple):
         return len(devices) * nodes
     if isinstance(devices, str):
@@ -123,18 +132,47 @@ def _world_size(config: Any) -> int:
     return max(1, int(devices)) * nodes
 
 
+def _strategy_name(config: Any) -> str:
+    """The strategy's registered name or class path, lower case, dots as underscores."""
+    strategy = setting(config, "trainer.strategy", "auto")
+    if not isinstance(strategy, str):
+        strategy = setting(config, "trainer.strategy.class_path")
+    return str(strategy).lower().replace(".", "_")
+
+
 def _shards(config: Any) -> bool:
-    strategy = _get(config, "trainer.strategy", "auto")
-    name = str(_get(strategy, "class_path", strategy)).lower().replace(".", "_")
-    return any(key in name for key in SHARDING_STRATEGIES)
+    return any(key in _strategy_name(config) for key in SHARDING_STRATEGIES)
+
+
+def _fsdp_compute_bytes(config: Any) -> int | None:
+    """Under `ModelParallelStrategy` (FSDP2), the bytes of `model.fsdp_compute_dtype`, the dtype
+    weights are gathered in (None: the loaded dtype); None under any other strategy, where
+    `fit` ignores that setting.
+
+    Raises:
+        ValueError: the strategy asks for tensor parallelism, which `fit` refuses.
+    """
+    if "modelparallelstrategy" not in _strategy_name(config):
+        return None
+    tensor = setting(config, "trainer.strategy.init_args.tensor_parallel_size", "auto")
+    per_node = _world_size(config) // int(setting(config, "trainer.num_nodes", 1))
+    if (per_node if tensor == "auto" else int(tensor)) > 1:
+        raise ValueError(
+            f"trainer.strategy.init_args.tensor_parallel_size is {tensor!r}; this project "
+            "shards with FSDP only: set it to 1 and data_parallel_size to num_nodes x devices"
+        )
+    from safegrpo_pl.policy.precision import DTYPES
+
+    name = setting(config, "model.fsdp_compute_dtype")
+    return None if name is None else DTYPES[name].itemsize
 
 
 def _precision(config: Any) -> tuple[str, int]:
     """("uniform" | "mixed", bytes of the frozen weights and activations)."""
-    trainer = str(_get(config, "trainer.precision", None) or "32-true")
-    dtype = str(_get(config, "model.policy.dtype", "float32"))
+    trainer = str(setting(config, "trainer.precision", "32-true"))
+    dtype = str(setting(config, "model.policy.dtype", "float32"))
     half = 2 if dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
-    master = str(_get(config, "model.policy.trainable_dtype", "float32") or dtype)
+    master = str(setting(config, "model.policy.trainable_dtype", dtype))
     if trainer.endswith("-true"):  # Lightning casts every parameter to this dtype
         b = 4 if trainer.startswith(("32", "64")) else 2
         return ("mixed" if master in ("float32", "fp32") and b == 2 else "uniform"), b
@@ -145,32 +183,32 @@ def _precision(config: Any) -> tuple[str, int]:
 
 def run_shape(config: Any, *, image_tokens: int = 1024, **overrides: Any) -> RunShape:
     """The `RunShape` of a parsed `fit` config (keyword overrides replace its fields)."""
-    batch = int(_get(config, "data.batch_size"))
-    mini = _get(config, "model.mini_batch_size")
-    steps = int(_get(config, "model.num_iterations", 1)) * (batch // (mini or batch))
+    batch = int(setting(config, "data.batch_size"))
+    mini = setting(config, "model.mini_batch_size")
+    steps = int(setting(config, "model.num_iterations", 1)) * (batch // (mini or batch))
     precision, b = _precision(config)
-    length = int(_get(config, "data.max_prompt_length"))
+    length = int(setting(config, "data.max_prompt_length"))
     shape = RunShape(
-        group_size=int(_get(config, "model.group_size")),
+        group_size=int(setting(config, "model.group_size")),
         rollout_batch=batch,
         mini_batch=mini,
-        micro_batch=_get(config, "model.micro_batch_size"),
-        rollout_chunk=_get(config, "model.rollout_micro_batch_size"),
+        micro_batch=setting(config, "model.micro_batch_size"),
+        rollout_chunk=setting(config, "model.rollout_micro_batch_size"),
         prompt_length=length,
-        completion_length=int(_get(config, "model.sampling.max_new_tokens")),
+        completion_length=int(setting(config, "model.sampling.max_new_tokens")),
         image_tokens=min(image_tokens, length),
-        lora=_get(config, "model.policy.lora") is not None,
-        load_in_4bit=bool(_get(config, "model.policy.load_in_4bit", False)),
-        gradient_checkpointing=bool(_get(config, "model.policy.gradient_checkpointing", False)),
-        kl_coef_positive=float(_get(config, "model.kl_coef", 0.0)) > 0,
+        lora=setting(config, "model.policy.lora") is not None,
+        load_in_4bit=bool(setting(config, "model.policy.load_in_4bit", False)),
+        gradient_checkpointing=bool(setting(config, "model.policy.gradient_checkpointing", False)),
+        kl_coef_positive=float(setting(config, "model.kl_coef", 0.0)) > 0,
         old_logprobs=steps > 1,
         precision=precision,
         dtype_bytes=b,
         world_size=_world_size(config),
         shards=_shards(config),
-        reference_offload=bool(_get(config, "model.reference_offload", False)),
-        recompute_head=bool(_get(config, "model.recompute_head", False)),
-        cpu_sampler=_get(config, "trainer.accelerator", "auto") == "cpu",
+        compute_dtype_bytes=_fsdp_compute_bytes(config),
+        recompute_head=bool(setting(config, "model.recompute_head")),
+        cpu_sampler=setting(config, "trainer.accelerator", "auto") == "cpu",
     )
     return replace(shape, **overrides)
 
@@ -186,14 +224,14 @@ def config_dims(config: Any, model_config: str | None = None) -> ModelDims:
     from safegrpo_pl.policy.model import LoraSettings, build_on_meta, load_model_config
     from safegrpo_pl.policy.tiny_models import resolve_model_path
 
-    source = model_config or resolve_model_path(str(_get(config, "model.policy.name_or_path")))
-    trust = bool(_get(config, "model.policy.trust_remote_code", False))
+    source = model_config or resolve_model_path(str(setting(config, "model.policy.name_or_path")))
+    trust = bool(setting(config, "model.policy.trust_remote_code", False))
     hf_config = load_model_config(source, trust_remote_code=trust)
-    lora = _get(config, "model.policy.lora")
+    lora = setting(config, "model.policy.lora")
     settings = None
     if lora is not None:
         settings = LoraSettings(**(lora.as_dict() if hasattr(lora, "as_dict") else dict(lora)))
-    freeze = bool(_get(config, "model.policy.freeze_vision_tower", False))
+    freeze = bool(setting(config, "model.policy.freeze_vision_tower", False))
     return model_dims(build_on_meta(hf_config, settings, freeze_vision_tower=freeze), hf_config)
 
 
