@@ -229,9 +229,25 @@ def test_plan_subcommand_on_the_paper_config_names_the_fix(capsys):
 
     args = ["plan", "--config", str(ROOT / "configs" / "qwen.yaml")]
     args += ["--model.rollout_micro_batch_size", "null"]  # the whole rollout at once
-    main([*args, "--model_config", str(PAPER["qwen.yaml"]), "--gpu_memory", "80GB"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--model_config", str(PAPER["qwen.yaml"]), "--gpu_memory", "80GB"])
+    assert exit_info.value.code == 1
     printed = capsys.readouterr().out
     assert "does NOT fit 80 GiB" in printed and "--model.rollout_micro_batch_size" in printed
+
+
+@pytest.mark.parametrize(
+    ("gpu_memory", "status"), [("80GB", 0), ("40GB", 1)], ids=["fits", "does-not-fit"]
+)
+def test_plan_command_exits_non_zero_when_the_run_does_not_fit(gpu_memory, status):
+    import subprocess
+
+    command = [sys.executable, "-m", "safegrpo_pl", "plan"]
+    command += ["--config", str(ROOT / "configs" / "qwen.yaml")]
+    command += ["--model_config", str(PAPER["qwen.yaml"]), "--gpu_memory", gpu_memory]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == status, f"plan exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    assert ("does NOT fit" in done.stdout) == bool(status), done.stdout
 
 
 # -- plan and fit read the same keys ---------------------------------------------------------

@@ -10,7 +10,7 @@ there. The model's dimensions come from its transformers config (hub id, local f
 weights are read or downloaded.
 
 Prints the per-device plan (`safegrpo_pl.plan.memory`), says whether it fits `--gpu_memory` with
-`--margin` to spare, and if not, which setting to change and to what.
+`--margin` to spare, and if not, which setting to change and to what, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -322,10 +322,14 @@ def plan_report(plan: MemoryPlan, run: RunShape, result: Verdict) -> str:
             f"set {change}: peak {result.fixed_peak / GIB:.2f} GiB"
         )
     else:
+        more = (
+            "more devices to shard over (trainer.devices, trainer.num_nodes)"
+            if run.shards
+            else "shard with FSDP2 (strategy: ModelParallelStrategy, as configs/qwen-full.yaml)"
+        )
         lines.append(
             f"does NOT fit {result.gpu_memory / GIB:.0f} GiB (needs {plan.peak / GIB:.2f}); no "
-            "chunk, checkpointing or micro-batch setting fits: shard (strategy: fsdp), LoRA or "
-            "shorter lengths"
+            f"chunk, checkpointing or micro-batch setting fits: {more}, LoRA or shorter lengths"
         )
     return "\n".join(lines)
 
@@ -354,11 +358,16 @@ def plan_json(dims: ModelDims, run: RunShape, plan: MemoryPlan, result: Verdict)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """`plan`: the estimate for a `fit` config; returns what `--json` writes."""
+    """`plan`: the estimate for a `fit` config; returns what `--json` writes.
+
+    Raises:
+        SystemExit: status 1 when the run does not fit (after the table and the JSON).
+    """
     parser = argparse.ArgumentParser(
         prog="python -m safegrpo_pl plan",
         description="Per-device peak memory of `fit` with the same config; nothing is loaded.",
-        epilog="Any other argument (--config FILE, --model.key value) is read as by `fit`.",
+        epilog="Any other argument (--config FILE, --model.key value) is read as by `fit`. "
+        "Exit status 1 when the run does not fit, so a launch script can stop on it.",
     )
     parser.add_argument("--gpu_memory", default="80GB", help="memory of one device (80GB)")
     parser.add_argument("--margin", type=float, default=0.1, help="fraction to leave free")
@@ -378,4 +387,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if ours.json:
         with open(ours.json, "w") as f:
             json.dump(payload, f, indent=2)
+    if not result.fits:
+        raise SystemExit(1)  # the table above says why and what to change
     return payload
