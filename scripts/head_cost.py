@@ -1,19 +1,20 @@
 """What `model.recompute_head` costs in step time, both settings in one run (docs/scale.md).
 
-    PYTHONPATH=src python scripts/head_cost.py [--steps 4] [--rounds 2] [--json out.json]
+    PYTHONPATH=src python scripts/head_cost.py [--steps 3] [--reps 7] [--json out.json]
 
 Cases:
 - demo: the demo's model and step (configs/tiny.yaml: 32 prompts x G 4, 64 new tokens). Its
   vocabulary fits one LM-head chunk, so `recompute_head` recomputes nothing there;
-- the same with the head cut into chunks of 64 tokens: what recomputing costs where it does
-  happen, on this model;
+- the same with the head cut into chunks of 2,048 tokens (4 chunks over the 8,192 scored
+  tokens): what recomputing costs where it does happen, on this model;
 - wide vocab: the tiny Qwen3-VL with its LM head and embeddings widened to Qwen's 151,669
   tokens (4 prompts x G 4, 64 new tokens: 1,024 scored tokens, 3 chunks of 442).
 
 Each case runs `fit` for `--steps` steps (recompute off; the first step dropped as warm-up) for
 the step time, then times the training pass (log-probs with grad, then backward: what a step
 repeats per micro-batch) on one sampled rollout batch, the two settings alternating `--reps`
-times, so that the load of a shared machine falls on both alike. Every completion runs to
+times. Times are this process's CPU seconds on one thread (`time.process_time`), which the
+load of a shared machine moves far less than wall time. Every completion runs to
 max_new_tokens (end-of-sequence suppressed). The step's ratio is (step + extra) / step, where
 extra is the difference of the two training-pass medians.
 """
@@ -57,17 +58,20 @@ class Case:
 
 
 class StepTimes(Callback):
-    """Keeps each step's `time/*` figures, every completion made to run to the length limit."""
+    """Each step's CPU seconds (this process, one thread), every completion made to run to the
+    length limit."""
 
     def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
+        self.seconds: list[float] = []
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         pl_module.runner.decode_ids = pl_module.runner.decode_ids.never_ending()
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.start = time.process_time()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        metrics = trainer.callback_metrics
-        self.rows.append({k: float(v) for k, v in metrics.items() if k.startswith("time/")})
+        self.seconds.append(time.process_time() - self.start)
 
 
 def wide_vocab_model(out: Path) -> str:
@@ -82,9 +86,9 @@ def wide_vocab_model(out: Path) -> str:
     return str(out)
 
 
-def fit_steps(case: Case, steps: int) -> tuple[SafeGRPOModule, Any, list[dict[str, float]]]:
-    """`steps` fit steps of `case` (recompute off): the module, its data and the `time/*`
-    figures of each step but the first."""
+def fit_steps(case: Case, steps: int) -> tuple[SafeGRPOModule, Any, list[float]]:
+    """`steps` fit steps of `case` (recompute off): the module, its data and the CPU seconds
+    of each step but the first."""
     seed_everything(0, verbose=False)
     module = SafeGRPOModule(
         policy=PolicySettings(name_or_path=case.model),
@@ -114,7 +118,7 @@ def fit_steps(case: Case, steps: int) -> tuple[SafeGRPOModule, Any, list[dict[st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, data)
-    return module, data, times.rows[1:]
+    return module, data, times.seconds[1:]
 
 
 def training_pass_seconds(
@@ -133,10 +137,10 @@ def training_pass_seconds(
     try:
         for _ in range(reps):
             for setting in (False, True):
-                start = time.perf_counter()
+                start = time.process_time()
                 logp = runner.logprobs(model, batch, ids, mask, 1.0, recompute_head=setting)
                 logp.sum().backward()
-                seconds[setting].append(time.perf_counter() - start)
+                seconds[setting].append(time.process_time() - start)
                 model.zero_grad(set_to_none=True)
     finally:
         logprobs.HEAD_CHUNK_ELEMENTS = saved
@@ -146,7 +150,7 @@ def training_pass_seconds(
 def measure(case: Case, steps: int, reps: int) -> list[dict[str, Any]]:
     """Median step and training-pass seconds, and what recomputing adds to each, per chunk."""
     module, data, rows = fit_steps(case, steps)
-    step = statistics.median(r["time/step_total"] for r in rows)
+    step = statistics.median(rows)
     out = []
     for chunk in case.head_chunks:
         passes = training_pass_seconds(module, data, reps, chunk)
@@ -169,7 +173,7 @@ def measure(case: Case, steps: int, reps: int) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="fit steps for the step time")
-    parser.add_argument("--reps", type=int, default=5, help="training passes per setting")
+    parser.add_argument("--reps", type=int, default=7, help="training passes per setting")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--cases", default="demo,wide-vocab")
     args = parser.parse_args()
@@ -177,7 +181,7 @@ def main() -> None:
     torch.set_num_threads(1)  # steadier on a shared machine
     with tempfile.TemporaryDirectory() as tmp:
         cases = {
-            "demo": lambda: Case("demo", DEMO_MODEL, 32, 4, (None, 64)),
+            "demo": lambda: Case("demo", DEMO_MODEL, 32, 4, (None, 2048)),
             "wide-vocab": lambda: Case("wide vocab", wide_vocab_model(Path(tmp) / "w"), 4, 4),
         }
         names = args.cases.split(",")

@@ -29,6 +29,7 @@ import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,23 +76,50 @@ def _walk(nodes: Any) -> Any:
         yield from _walk(node.children)
 
 
-class PeakProbe(Callback):
-    """Profiles the first training step's CPU allocations; keeps what the plan needs to know."""
+def _local_bytes(tensors: Any) -> int:
+    """Bytes of `tensors` held by this process (a sharded DTensor: its own shard only)."""
+    unique = {id(t): t for t in tensors if t is not None}.values()
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in unique]
+    return sum(t.numel() * t.element_size() for t in local)
 
-    def __init__(self) -> None:
+
+class PeakProbe(Callback):
+    """Profiles one training step's CPU allocations (the first, or `batch_index`); keeps what
+    the plan needs to know.
+
+    Args:
+        batch_index: the training batch to profile (1: AdamW's state exists already, for runs
+            with one optimiser step per rollout batch).
+        out: a folder to write `rank<N>.json` to, for runs on several processes.
+    """
+
+    def __init__(self, batch_index: int = 0, out: str | None = None) -> None:
         self.result: dict[str, Any] = {}
+        self.batch_index = batch_index
+        self.out = out
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.result:
+        if batch_idx == 0:  # Every EOS suppressed: no completion ends before max_new_tokens.
+            pl_module.runner.decode_ids = pl_module.runner.decode_ids.never_ending()
+        if self.result or batch_idx != self.batch_index:
             return
-        # Every EOS suppressed: no completion ends before max_new_tokens.
-        pl_module.runner.decode_ids = pl_module.runner.decode_ids.never_ending()
         grid = batch.model_kwargs.get("image_grid_thw")
         self.result["prompt_length"] = int(batch.input_ids.shape[1])
         self.result["image_tokens"] = int(grid.prod(-1).max()) // 4 if grid is not None else 0
         models = [pl_module.policy, *pl_module._reference]
-        tensors = {id(t): t for m in models for t in [*m.parameters(), *m.buffers()]}
-        self.result["held_at_start"] = sum(t.numel() * t.element_size() for t in tensors.values())
+        weights = [t for m in models for t in [*m.parameters(), *m.buffers()]]
+        grads = [p.grad for p in pl_module.policy.parameters()]
+        moments = [
+            t
+            for state in trainer.optimizers[0].state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        ]
+        self.result["held_at_start"] = _local_bytes([*weights, *grads, *moments])
+        references = pl_module._reference
+        self.result["reference_dtypes"] = sorted(
+            {str(p.dtype) for r in references for p in r.parameters()}
+        )
         self.windows: list[tuple[str, int, int]] = []
         phases = {"sample": "sampling", "frozen_logprobs": "log-probs", "optimise": "training"}
         for method, phase in phases.items():
@@ -112,7 +140,7 @@ class PeakProbe(Callback):
         return timed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if "peak" in self.result:
+        if "peak" in self.result or batch_idx != self.batch_index:
             return
         self.profiler.__exit__(None, None, None)
         events = self.profiler.profiler.kineto_results.experimental_event_tree()
@@ -133,7 +161,11 @@ class PeakProbe(Callback):
             if inside:
                 phases[phase] = max(phases.get(phase, 0), offset + max(inside))
         self.result["phases"] = phases
-        self.result["dims"] = model_dims(pl_module.policy, pl_module.policy.config)
+        if self.out is not None:
+            path = Path(self.out) / f"rank{trainer.global_rank}.json"
+            path.write_text(json.dumps(self.result))
+        else:
+            self.result["dims"] = model_dims(pl_module.policy, pl_module.policy.config)
 
 
 def measure(case: Case, seed: int = 0) -> dict[str, Any]:
@@ -224,17 +256,102 @@ def check(case: Case) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--chunk", type=int, help="model.rollout_micro_batch_size, if it exists")
-    args = parser.parse_args()
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    torch.set_num_threads(1)
-    cases = CASES
-    if args.chunk:
-        cases = tuple(replace(c, rollout_micro_batch_size=args.chunk) for c in CASES)
-    rows = [check(case) for case in cases]
+# -- FSDP2 on two processes: configs/qwen.yaml + configs/qwen-full.yaml at tiny size -------
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_FINE_TUNING = ("configs/qwen.yaml", "configs/qwen-full.yaml")
+# What changes from the paper's full fine-tuning: sizes and the machine. Everything else
+# (ModelParallelStrategy, float32 shards, bf16 compute, kl_coef, gradient checkpointing, the
+# micro-batch of 1 prompt, the rollout chunk equal to the batch) is the configs' own.
+TINY_SIZES = {
+    "trainer.accelerator": "cpu",
+    "trainer.devices": "2",
+    "trainer.strategy.init_args.data_parallel_size": "2",
+    "trainer.max_steps": "2",  # the second step is profiled: AdamW's state exists by then
+    "trainer.callbacks": "[]",
+    "trainer.logger": "false",
+    "trainer.enable_checkpointing": "false",
+    "trainer.enable_progress_bar": "false",
+    "trainer.enable_model_summary": "false",
+    "trainer.limit_val_batches": "0",
+    "model.policy.name_or_path": "tiny:qwen3_vl?hidden_size=128&num_layers=4",
+    "model.mini_batch_size": "2",
+    "model.rollout_micro_batch_size": "2",
+    "model.sampling.max_new_tokens": "32",
+    "data.dataset": "demo",
+    "data.guide": "null",
+    "data.batch_size": "2",
+    "data.eval_batch_size": "2",
+    "data.num_workers": "0",
+    "data.demo.num_train": "8",
+    "data.demo.num_val": "2",
+    "data.demo.num_test": "2",
+}
+
+
+def fsdp_args(root: Path) -> list[str]:
+    """The `fit` arguments of the tiny full fine-tuning run, writing under `root`."""
+    args = [f"--config={ROOT / name}" for name in FULL_FINE_TUNING]
+    for key, value in {**TINY_SIZES, "trainer.default_root_dir": str(root)}.items():
+        args.append(f"--{key}={value}")
+    return args
+
+
+def measure_fsdp(out: Path) -> int:
+    """`fit` through the command line's own class on two processes (this one and the one
+    Lightning starts), a probe on each writing `out/rank<N>.json`; returns this rank."""
+    from safegrpo_pl.policy.tiny_models import resolve_model_path
+    from safegrpo_pl.run.trainer_cli import SafeGRPOCLI
+
+    # Built before the second process starts: under torch.distributed, transformers'
+    # save_pretrained writes on rank 0 only, so a rank > 0 would publish a folder without weights.
+    resolve_model_path(TINY_SIZES["model.policy.name_or_path"])
+    probe = PeakProbe(batch_index=1, out=str(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = SafeGRPOCLI(
+            SafeGRPOModule,
+            SafeTagDataModule,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            trainer_defaults={"callbacks": [probe]},
+            args=["fit", *fsdp_args(out)],
+        )
+    cli.trainer.strategy.barrier()  # every rank's file is written
+    return cli.trainer.global_rank
+
+
+def check_fsdp(out: Path) -> dict[str, Any]:
+    """`plan` of the same arguments, at the drawn batch's lengths, beside each rank's peak."""
+    from safegrpo_pl.plan.cli import config_dims, read_config, run_shape
+
+    ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
+    config = read_config(fsdp_args(out))
+    run = run_shape(
+        config,
+        image_tokens=max(r["image_tokens"] for r in ranks),
+        prompt_length=max(r["prompt_length"] for r in ranks),
+    )
+    plan = estimate(config_dims(config), run)
+    measured = max(r["peak"] for r in ranks)
+    return {
+        "case": "fsdp2 x2 (qwen-full)",
+        "estimate_mib": plan.peak / MIB,
+        "measured_mib": measured / MIB,
+        "measured_mib_per_rank": [r["peak"] / MIB for r in ranks],
+        "ratio": plan.peak / measured,
+        "peak_phase": plan.peak_phase,
+        "phases_mib": {
+            name: [plan.phase_total(name) / MIB, max(r["phases"].get(name, 0) for r in ranks) / MIB]
+            for name in plan.phases
+        },
+        "resident_mib": {name: value / MIB for name, value in plan.resident.items()},
+        "prompt_length": run.prompt_length,
+        "reference_dtypes": sorted({d for r in ranks for d in r["reference_dtypes"]}),
+        "settings": asdict(run),
+    }
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
     print(f"{'case':<12} {'estimate MiB':>13} {'measured MiB':>13} {'ratio':>6}  peak phase")
     for row in rows:
         print(
@@ -243,6 +360,32 @@ def main() -> None:
         )
         for name, (est, got) in row["phases_mib"].items():
             print(f"  {name:<10} {est:>13.2f} {got:>13.2f} {est / got if got else 0:>6.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--chunk", type=int, help="model.rollout_micro_batch_size, if it exists")
+    parser.add_argument(
+        "--fsdp", metavar="DIR", help="instead: configs/qwen-full.yaml at tiny size, 2 processes"
+    )
+    args = parser.parse_args()
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    if args.fsdp:
+        out = Path(args.fsdp)
+        out.mkdir(parents=True, exist_ok=True)
+        if measure_fsdp(out) == 0:
+            row = check_fsdp(out)
+            _print_rows([row])
+            if args.json:
+                Path(args.json).write_text(json.dumps(row, indent=2))
+        return
+    cases = CASES
+    if args.chunk:
+        cases = tuple(replace(c, rollout_micro_batch_size=args.chunk) for c in CASES)
+    rows = [check(case) for case in cases]
+    _print_rows(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +62,40 @@ def test_estimate_is_within_25_percent_of_the_measured_peak_of_a_fit_step(case, 
         f"{case.name}: estimate {row['estimate_mib']:.2f} MiB vs measured "
         f"{row['measured_mib']:.2f} MiB (phases estimate/measured: {row['phases_mib']})"
     )
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_plan_is_within_25_percent_of_two_fsdp_processes(tmp_path):
+    """configs/qwen.yaml + configs/qwen-full.yaml at tiny size (FSDP2 over 2 gloo processes, bf16
+    compute over float32 shards, gradient checkpointing), through `fit`'s own command line."""
+    from processes import run_in_own_group
+
+    script = [sys.executable, str(ROOT / "scripts" / "plan_check.py")]
+    command = [*script, "--fsdp", str(tmp_path / "run"), "--json", str(tmp_path / "row.json")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    try:
+        status, output = run_in_own_group(command, env, timeout=600)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the two processes hung for 600 s and were killed:\n{hung.output[-4000:]}")
+    assert status == 0, output[-6000:]
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["reference_dtypes"] == ["torch.bfloat16"], "the sharded reference left bf16"
+    for phase, (estimated, measured) in row["phases_mib"].items():
+        assert 0.75 <= estimated / measured <= 1.25, (
+            f"{phase}: plan {estimated:.2f} MiB vs measured {measured:.2f} MiB on the worse rank "
+            f"(resident parts: {row['resident_mib']})"
+        )
+
+
+def test_config_memory_comments_are_plans_output():
+    import plan_comments
+
+    for name, (args, model_config) in plan_comments.BLOCKS.items():
+        text = (ROOT / name).read_text()
+        fresh = plan_comments.replaced(text, plan_comments.block(args, model_config), name)
+        assert fresh == text, (
+            f"{name}: its memory comments are not plan's; run scripts/plan_comments.py"
+        )
 
 
 # -- arithmetic by hand ----------------------------------------------------------------------

@@ -294,15 +294,22 @@ def _knobs(run: RunShape) -> list[tuple[str, str, list[Any], tuple[str, ...]]]:
     ]
 
 
-def plan_report(plan: MemoryPlan, run: RunShape, result: Verdict) -> str:
-    """The plan as a table: resident parts, the peak phase's parts, the total and the verdict."""
+def plan_report(
+    plan: MemoryPlan, run: RunShape, result: Verdict, *, all_phases: bool = False
+) -> str:
+    """The plan as a table: resident parts, the peak phase's parts (or, with `all_phases`,
+    every phase's), the total and the verdict."""
     lines = [f"per-device memory plan ({run.world_size} device(s), GiB)", ""]
     width = 44
     for name, value in plan.resident.items():
         lines.append(f"  {name:<{width}} {value / GIB:>9.2f}")
-    lines.append(f"  -- peak phase: {plan.peak_phase}")
-    for name, value in plan.phases[plan.peak_phase].items():
-        lines.append(f"  {name:<{width}} {value / GIB:>9.2f}")
+    for phase in plan.phases if all_phases else [plan.peak_phase]:
+        peak = " (peak)" if all_phases and phase == plan.peak_phase else ""
+        lines.append(f"  -- {'phase' if all_phases else 'peak phase'}: {phase}{peak}")
+        for name, value in plan.phases[phase].items():
+            lines.append(f"  {name:<{width}} {value / GIB:>9.2f}")
+        if all_phases:
+            lines.append(f"  {'total':<{width}} {plan.phase_total(phase) / GIB:>9.2f}")
     lines.append(f"  {'total (peak)':<{width}} {plan.peak / GIB:>9.2f}")
     lines.append("")
     others = ", ".join(f"{n} {plan.phase_total(n) / GIB:.2f}" for n in plan.phases)
@@ -376,13 +383,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--image_tokens", type=int, default=1024, help="image tokens per prompt (vision memory)"
     )
+    parser.add_argument("--all_phases", action="store_true", help="every phase part by part")
     ours, rest = parser.parse_known_args(list(sys.argv[2:] if argv is None else argv))
     config = read_config(rest)
     dims = config_dims(config, ours.model_config)
     run = run_shape(config, image_tokens=ours.image_tokens)
     plan = estimate(dims, run)
     result = verdict(dims, run, parse_memory(ours.gpu_memory), ours.margin)
-    sys.stdout.write(plan_report(plan, run, result) + "\n")
+    sys.stdout.write(plan_report(plan, run, result, all_phases=ours.all_phases) + "\n")
     payload = plan_json(dims, run, plan, result)
     if ours.json:
         with open(ours.json, "w") as f:

@@ -344,6 +344,9 @@ def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
         "LM head: chunk transient": _head_transient(dims, b, scored),
         "final norm and head input": scored * dims.hidden_size * (4 + 3 * b),
     }
+    grads_parts = {"gradients": grads}
+    if run.shards and run.world_size > 1:  # one unit's whole gradient: compute dtype, float32
+        grads_parts["layer gradient (reduce-scatter)"] = dims.layer_params * (b + 4)
     vision = {}
     if not run.lora and run.image_tokens:
         patches = 4 * prompts * run.image_tokens  # 2x2 patches merge into one token
@@ -356,7 +359,7 @@ def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
             "saved activations": dims.num_layers * per_layer,
             "attention mask": rows * steps * context,
         }
-        return {**saved_parts, **vision, **head, "gradients": grads}
+        return {**saved_parts, **vision, **head, **grads_parts}
     tokens = rows * context  # full-sequence path, one saved input per layer
     inputs = {"checkpointed layer inputs": dims.num_layers * tokens * dims.hidden_size * b}
     return _worst(
@@ -366,7 +369,7 @@ def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
             **vision,
             "one recomputed layer": tokens * (saved + kv_width + backward),
             "attention mask": rows * context**2,
-            "gradients": grads,
+            **grads_parts,
         },
     )
 

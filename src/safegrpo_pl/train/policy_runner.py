@@ -114,8 +114,9 @@ class PolicyRunner:
 
     def place_reference(self) -> None:
         """Give the frozen reference copy the device and dtype of the policy's frozen weights
-        (call after the trainer has moved and cast the policy)."""
-        if self.reference is not None:
+        (call after the trainer has moved and cast the policy). A sharded reference is left as
+        `fsdp.shard_models` placed it: in the compute dtype, on its ranks."""
+        if self.reference is not None and not is_sharded(self.reference):
             self.reference = place_reference(self.reference, self.model, self.base_dtype)
 
     def sample(

@@ -317,6 +317,7 @@ class PolicyUpdate:
             else:
                 self._clip_gradients(host, optimizer, clip=True)
                 optimizer.step()
+                optimizer.zero_grad()  # no gradient held through the next rollout
                 schedule = host.lr_schedulers()
                 if schedule is not None:
                     schedule.step()  # manual optimisation: Lightning leaves this to us
