@@ -28,6 +28,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from lightning import Callback, Trainer, seed_everything
 from torch._C._profiler import _EventType
 
 from safegrpo_pl.data.datamodule import SafeTagDataModule
+from safegrpo_pl.plan.cli import read_config, run_shape
 from safegrpo_pl.plan.dims import model_dims
 from safegrpo_pl.plan.memory import RunShape, estimate
 from safegrpo_pl.policy.model import LoraSettings, PolicySettings
@@ -84,8 +86,9 @@ def _local_bytes(tensors: Any) -> int:
 
 
 class PeakProbe(Callback):
-    """Profiles one training step's CPU allocations (the first, or `batch_index`); keeps what
-    the plan needs to know.
+    """Profiles one training step's allocations (the first, or `batch_index`); keeps what the
+    plan needs to know. On CPU from the profiler's allocation events; on a GPU,
+    `torch.cuda.max_memory_allocated` over each phase (everything allocated on the device).
 
     Args:
         batch_index: the training batch to profile (1: AdamW's state exists already, for runs
@@ -121,26 +124,40 @@ class PeakProbe(Callback):
             {str(p.dtype) for r in references for p in r.parameters()}
         )
         self.windows: list[tuple[str, int, int]] = []
+        self.cuda_peaks: dict[str, int] = {}
+        self.cuda = pl_module.device.type == "cuda"
         phases = {"sample": "sampling", "frozen_logprobs": "log-probs", "optimise": "training"}
         for method, phase in phases.items():
             setattr(pl_module, method, self._timed(getattr(pl_module, method), phase))
-        self.profiler = torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-        )
-        self.profiler.__enter__()
+        self.profiler = None
+        if not self.cuda:
+            self.profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+            )
+            self.profiler.__enter__()
 
     def _timed(self, method: Any, phase: str) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             start = time.time_ns()
             try:
                 return method(*args, **kwargs)
             finally:
+                if self.cuda:
+                    torch.cuda.synchronize()
+                    peak = max(self.cuda_peaks.get(phase, 0), torch.cuda.max_memory_allocated())
+                    self.cuda_peaks[phase] = peak
                 self.windows.append((phase, start, time.time_ns()))
 
         return timed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if "peak" in self.result or batch_idx != self.batch_index:
+            return
+        if self.cuda:
+            self._finish(trainer, pl_module, max(self.cuda_peaks.values()), self.cuda_peaks)
             return
         self.profiler.__exit__(None, None, None)
         events = self.profiler.profiler.kineto_results.experimental_event_tree()
@@ -152,7 +169,6 @@ class PeakProbe(Callback):
         # the window's own start is the first event's total minus its own size.
         first = nodes[0].extra_fields
         offset = self.result["held_at_start"] - (first.total_allocated - first.alloc_size)
-        self.result["peak"] = offset + max(n.extra_fields.total_allocated for n in nodes)
         phases: dict[str, int] = {}
         for phase, begin, end in self.windows:
             inside = [
@@ -160,6 +176,11 @@ class PeakProbe(Callback):
             ]
             if inside:
                 phases[phase] = max(phases.get(phase, 0), offset + max(inside))
+        peak = offset + max(n.extra_fields.total_allocated for n in nodes)
+        self._finish(trainer, pl_module, peak, phases)
+
+    def _finish(self, trainer, pl_module, peak: int, phases: dict[str, int]) -> None:
+        self.result["peak"] = peak
         self.result["phases"] = phases
         if self.out is not None:
             path = Path(self.out) / f"rank{trainer.global_rank}.json"
@@ -297,15 +318,17 @@ def fsdp_args(root: Path) -> list[str]:
     return args
 
 
-def measure_fsdp(out: Path) -> int:
-    """`fit` through the command line's own class on two processes (this one and the one
-    Lightning starts), a probe on each writing `out/rank<N>.json`; returns this rank."""
+def measure_cli(args: list[str], out: Path, callbacks: Sequence[Callback] = ()) -> Any:
+    """`fit ARGS` through the command line's own class, its second training step profiled,
+    each process writing `out/rank<N>.json` (several processes: this one and those Lightning
+    starts); returns the Trainer."""
     from safegrpo_pl.policy.tiny_models import resolve_model_path
     from safegrpo_pl.run.trainer_cli import SafeGRPOCLI
 
-    # Built before the second process starts: under torch.distributed, transformers'
+    # Built before a second process starts: under torch.distributed, transformers'
     # save_pretrained writes on rank 0 only, so a rank > 0 would publish a folder without weights.
-    resolve_model_path(TINY_SIZES["model.policy.name_or_path"])
+    name = read_config(args).model.policy.name_or_path
+    resolve_model_path(name)
     probe = PeakProbe(batch_index=1, out=str(out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -313,19 +336,20 @@ def measure_fsdp(out: Path) -> int:
             SafeGRPOModule,
             SafeTagDataModule,
             parser_kwargs={"parser_mode": "omegaconf"},
-            trainer_defaults={"callbacks": [probe]},
-            args=["fit", *fsdp_args(out)],
+            trainer_defaults={"callbacks": [probe, *callbacks]},
+            args=["fit", *args],
         )
     cli.trainer.strategy.barrier()  # every rank's file is written
-    return cli.trainer.global_rank
+    return cli.trainer
 
 
-def check_fsdp(out: Path) -> dict[str, Any]:
-    """`plan` of the same arguments, at the drawn batch's lengths, beside each rank's peak."""
-    from safegrpo_pl.plan.cli import config_dims, read_config, run_shape
+def plan_beside(args: list[str], out: Path, name: str) -> dict[str, Any]:
+    """`plan` of the same `fit` arguments, at the drawn batch's lengths, beside each rank's
+    measured peak (`measure_cli`)."""
+    from safegrpo_pl.plan.cli import config_dims
 
     ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
-    config = read_config(fsdp_args(out))
+    config = read_config(args)
     run = run_shape(
         config,
         image_tokens=max(r["image_tokens"] for r in ranks),
@@ -334,7 +358,7 @@ def check_fsdp(out: Path) -> dict[str, Any]:
     plan = estimate(config_dims(config), run)
     measured = max(r["peak"] for r in ranks)
     return {
-        "case": "fsdp2 x2 (qwen-full)",
+        "case": name,
         "estimate_mib": plan.peak / MIB,
         "measured_mib": measured / MIB,
         "measured_mib_per_rank": [r["peak"] / MIB for r in ranks],
@@ -375,8 +399,9 @@ def main() -> None:
     if args.fsdp:
         out = Path(args.fsdp)
         out.mkdir(parents=True, exist_ok=True)
-        if measure_fsdp(out) == 0:
-            row = check_fsdp(out)
+        fit_args = fsdp_args(out)
+        if measure_cli(fit_args, out).global_rank == 0:
+            row = plan_beside(fit_args, out, "fsdp2 x2 (qwen-full)")
             _print_rows([row])
             if args.json:
                 Path(args.json).write_text(json.dumps(row, indent=2))
