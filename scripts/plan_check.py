@@ -2,12 +2,14 @@
 
     PYTHONPATH=src python scripts/plan_check.py           # the table, ~30 s on 2 cores
     PYTHONPATH=src python scripts/plan_check.py --json out.json
+    PYTHONPATH=src python scripts/plan_check.py --fsdp DIR   # configs/qwen-full.yaml, tiny, 2 procs
 
 What is measured: one training step of `Trainer.fit` (one rollout batch: sampling, reference
 and old log-probs, two optimiser steps over two mini-batches, so that AdamW's state exists
 during the second training pass, as in every later step). The peak is
 
-    bytes held at the step's start (parameters and buffers of the policy and its reference)
+    bytes held at the step's start (parameters and buffers of the policy and its reference,
+    gradients and AdamW's state; a sharded tensor counts its own shard)
     + the highest count of bytes allocated during the step and not yet freed,
 
 the second term read from torch's own CPU allocator: under `torch.profiler.profile(
@@ -18,7 +20,10 @@ Python objects and the profiler's own buffers.
 
 To compare like with like, every completion runs to max_new_tokens (the end-of-sequence token is
 made unreachable: the plan assumes that worst case), and the plan is given the prompt length and
-image tokens of the batch actually drawn.
+image tokens of the batch actually drawn. `--fsdp` runs configs/qwen.yaml + qwen-full.yaml
+through `fit`'s command line on two gloo processes, with only sizes and the machine changed, and
+profiles its second step (one optimiser step per rollout: AdamW's state exists by then). On a
+GPU (`gpu_check.py`) the probe reads `torch.cuda.max_memory_allocated` per phase instead.
 """
 
 from __future__ import annotations
