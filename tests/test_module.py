@@ -131,6 +131,28 @@ def test_micro_batching_does_not_change_the_gradient(tiny_qwen25vl_path, tmp_pat
         torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_recomputed_lm_head_gives_the_plain_training_gradient(
+    tiny_qwen25vl_path, tmp_path, monkeypatch
+):
+    from safegrpo_pl.rollout import logprobs
+
+    plain = _first_gradients(tiny_qwen25vl_path, tmp_path / "plain", recompute_head=False)
+    vocab = load_policy(str(tiny_qwen25vl_path)).get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 3 * vocab)  # 3 tokens per chunk
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint,
+        "checkpoint",
+        lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs),
+    )
+    recomputed = _first_gradients(tiny_qwen25vl_path, tmp_path / "recomputed")
+    assert calls, "model.recompute_head (on by default) never reached the LM head's chunks"
+    assert plain.keys() == recomputed.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_the_policy_moves_and_the_reference_does_not(tiny_qwen25vl_path, tmp_path):
     L.seed_everything(0)
     module = _module(tiny_qwen25vl_path)

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import re
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from safegrpo_pl.plan.cli import config_dims, parse_memory, read_config, run_shape, verdict
+from safegrpo_pl.plan.cli import (
+    config_dims,
+    parse_memory,
+    read_config,
+    run_shape,
+    setting,
+    verdict,
+)
 from safegrpo_pl.plan.memory import GIB, RunShape, estimate, kv_bytes_per_token
 from safegrpo_pl.train.module import SafeGRPOModule
 
@@ -21,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import plan_check  # noqa: E402
 
 HAS_CHUNKING = "rollout_micro_batch_size" in inspect.signature(SafeGRPOModule).parameters
+FULL = ROOT / "configs" / "qwen-full.yaml"
 PAPER = {
     "qwen.yaml": ASSETS / "qwen3-vl-8b-config.json",
     "qwen3-vl-4b.yaml": ASSETS / "qwen3-vl-4b-config.json",
@@ -30,6 +41,12 @@ PAPER = {
 def _paper(name: str, *extra: str):
     config = read_config(["--config", str(ROOT / "configs" / name), *extra])
     return config, config_dims(config, str(PAPER[name]))
+
+
+def _paper_full():
+    """configs/qwen.yaml + configs/qwen-full.yaml: all weights, FSDP2 over 4 GPUs."""
+    config = read_config(["--config", str(ROOT / "configs" / "qwen.yaml"), "--config", str(FULL)])
+    return config, config_dims(config, str(PAPER["qwen.yaml"]))
 
 
 # -- the estimate against a measured fit step ------------------------------------------------
@@ -45,6 +62,40 @@ def test_estimate_is_within_25_percent_of_the_measured_peak_of_a_fit_step(case, 
         f"{case.name}: estimate {row['estimate_mib']:.2f} MiB vs measured "
         f"{row['measured_mib']:.2f} MiB (phases estimate/measured: {row['phases_mib']})"
     )
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_plan_is_within_25_percent_of_two_fsdp_processes(tmp_path):
+    """configs/qwen.yaml + configs/qwen-full.yaml at tiny size (FSDP2 over 2 gloo processes, bf16
+    compute over float32 shards, gradient checkpointing), through `fit`'s own command line."""
+    from processes import run_in_own_group
+
+    script = [sys.executable, str(ROOT / "scripts" / "plan_check.py")]
+    command = [*script, "--fsdp", str(tmp_path / "run"), "--json", str(tmp_path / "row.json")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    try:
+        status, output = run_in_own_group(command, env, timeout=600)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the two processes hung for 600 s and were killed:\n{hung.output[-4000:]}")
+    assert status == 0, output[-6000:]
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["reference_dtypes"] == ["torch.bfloat16"], "the sharded reference left bf16"
+    for phase, (estimated, measured) in row["phases_mib"].items():
+        assert 0.75 <= estimated / measured <= 1.25, (
+            f"{phase}: plan {estimated:.2f} MiB vs measured {measured:.2f} MiB on the worse rank "
+            f"(resident parts: {row['resident_mib']})"
+        )
+
+
+def test_config_memory_comments_are_plans_output():
+    import plan_comments
+
+    for name, (args, model_config) in plan_comments.BLOCKS.items():
+        text = (ROOT / name).read_text()
+        fresh = plan_comments.replaced(text, plan_comments.block(args, model_config), name)
+        assert fresh == text, (
+            f"{name}: its memory comments are not plan's; run scripts/plan_comments.py"
+        )
 
 
 # -- arithmetic by hand ----------------------------------------------------------------------
@@ -86,11 +137,23 @@ def test_the_4b_config_asset_is_qwen3_vl_4b():
     assert 4.40e9 < dims.total_params - dims.trainable_params < 4.47e9
 
 
-def test_full_fine_tuning_keeps_a_reference_copy_unless_offloaded():
+def test_full_fine_tuning_keeps_a_reference_copy_sharded_in_the_compute_dtype_under_fsdp():
     config, dims = _paper("qwen.yaml", "--model.policy.lora", "null")
     run = run_shape(config, rollout_chunk=4)
     assert estimate(dims, run).resident["reference copy"] == dims.total_params * 2
-    assert "reference copy" not in estimate(dims, replace(run, reference_offload=True)).resident
+    # configs/qwen-full.yaml: float32 shards over 4 ranks; `fsdp.shard_models` casts the
+    # reference to the compute dtype (bf16) before sharding it
+    config, dims = _paper_full()
+    run = run_shape(config)
+    assert (run.shards, run.world_size, run.dtype_bytes, run.compute_dtype_bytes) == (
+        True,
+        4,
+        4,
+        2,
+    )
+    plan = estimate(dims, run)
+    assert plan.resident["reference copy"] == dims.total_params * 2 / 4
+    assert plan.phases["sampling"]["gathered weights (decode)"] == dims.total_params * 2
 
 
 def test_a_frozen_vision_encoder_is_counted_as_frozen():
@@ -202,6 +265,58 @@ def test_plan_subcommand_on_the_paper_config_names_the_fix(capsys):
 
     args = ["plan", "--config", str(ROOT / "configs" / "qwen.yaml")]
     args += ["--model.rollout_micro_batch_size", "null"]  # the whole rollout at once
-    main([*args, "--model_config", str(PAPER["qwen.yaml"]), "--gpu_memory", "80GB"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--model_config", str(PAPER["qwen.yaml"]), "--gpu_memory", "80GB"])
+    assert exit_info.value.code == 1
     printed = capsys.readouterr().out
     assert "does NOT fit 80 GiB" in printed and "--model.rollout_micro_batch_size" in printed
+
+
+@pytest.mark.parametrize(
+    ("gpu_memory", "status"), [("80GB", 0), ("40GB", 1)], ids=["fits", "does-not-fit"]
+)
+def test_plan_command_exits_non_zero_when_the_run_does_not_fit(gpu_memory, status):
+    import subprocess
+
+    command = [sys.executable, "-m", "safegrpo_pl", "plan"]
+    command += ["--config", str(ROOT / "configs" / "qwen.yaml")]
+    command += ["--model_config", str(PAPER["qwen.yaml"]), "--gpu_memory", gpu_memory]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == status, f"plan exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    assert ("does NOT fit" in done.stdout) == bool(status), done.stdout
+
+
+# -- plan and fit read the same keys ---------------------------------------------------------
+
+
+def test_every_key_plan_reads_is_a_key_fit_accepts():
+    import safegrpo_pl.plan.cli as plan_cli
+
+    source = Path(plan_cli.__file__).read_text()
+    keys = set(re.findall(r'"((?:model|data|trainer)\.[a-z_.]+)"', source))
+    assert "model.recompute_head" in keys and len(keys) > 15, f"the key scan broke: {keys}"
+    # fit's own parser, on a plain config and on the FSDP2 one (strategy init_args)
+    parsed = [read_config(["--config", str(ROOT / "configs" / "tiny.yaml")]), _paper_full()[0]]
+    unknown = sorted(k for k in keys if not any(k in config for config in parsed))
+    assert not unknown, f"plan reads keys that fit does not accept: {unknown}"
+
+
+def test_fit_accepts_recompute_head_and_plan_reads_it():
+    tiny = ["--config", str(ROOT / "configs" / "tiny.yaml")]
+    assert run_shape(read_config(tiny)).recompute_head, "recompute_head is on by default"
+    assert not run_shape(read_config([*tiny, "--model.recompute_head", "false"])).recompute_head
+
+
+def test_plan_fails_naming_a_key_fit_would_reject(capsys):
+    from safegrpo_pl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["plan", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.recompute_hed", "1"]
+        )
+    assert exit_info.value.code != 0
+    assert "model.recompute_hed" in capsys.readouterr().err
+    # and a key plan's own code might ask for, which fit lacks
+    config = read_config(["--config", str(ROOT / "configs" / "tiny.yaml")])
+    with pytest.raises(KeyError, match=r"model\.reference_offload.*fit. does not accept"):
+        setting(config, "model.reference_offload")

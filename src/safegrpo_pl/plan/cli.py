@@ -10,7 +10,7 @@ there. The model's dimensions come from its transformers config (hub id, local f
 weights are read or downloaded.
 
 Prints the per-device plan (`safegrpo_pl.plan.memory`), says whether it fits `--gpu_memory` with
-`--margin` to spare, and if not, which setting to change and to what.
+`--margin` to spare, and if not, which setting to change and to what, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -104,18 +104,27 @@ def read_config(args: Sequence[str]) -> Any:
     return _ParseOnlyCLI.config(args)
 
 
-def _get(namespace: Any, key: str, default: Any = None) -> Any:
-    value = namespace
-    for part in key.split("."):
-        value = value.get(part) if hasattr(value, "get") else getattr(value, part, None)
-        if value is None:
-            return default
-    return value
+def setting(config: Any, key: str, default: Any = None) -> Any:
+    """The value of `key` in the parsed `fit` config, `default` where it is null.
+
+    Every read of the config goes through here, so `plan` can only read keys `fit` accepts.
+
+    Raises:
+        KeyError: `fit` has no setting `key`: `plan` would otherwise plan a run `fit` cannot
+            start.
+    """
+    if key not in config:
+        raise KeyError(
+            f"plan reads the setting {key!r}, which `fit` does not accept (fix the key in "
+            "safegrpo_pl/plan/cli.py, or give fit the setting)"
+        )
+    value = config[key]
+    return default if value is None else value
 
 
 def _world_size(config: Any) -> int:
-    devices = _get(config, "trainer.devices", 1)
-    nodes = int(_get(config, "trainer.num_nodes", 1) or 1)
+    devices = setting(config, "trainer.devices", 1)
+    nodes = int(setting(config, "trainer.num_nodes", 1))
     if isinstance(devices, list | tuple):
         return len(devices) * nodes
     if isinstance(devices, str):
@@ -125,18 +134,47 @@ def _world_size(config: Any) -> int:
     return max(1, int(devices)) * nodes
 
 
+def _strategy_name(config: Any) -> str:
+    """The strategy's registered name or class path, lower case, dots as underscores."""
+    strategy = setting(config, "trainer.strategy", "auto")
+    if not isinstance(strategy, str):
+        strategy = setting(config, "trainer.strategy.class_path")
+    return str(strategy).lower().replace(".", "_")
+
+
 def _shards(config: Any) -> bool:
-    strategy = _get(config, "trainer.strategy", "auto")
-    name = str(_get(strategy, "class_path", strategy)).lower().replace(".", "_")
-    return any(key in name for key in SHARDING_STRATEGIES)
+    return any(key in _strategy_name(config) for key in SHARDING_STRATEGIES)
+
+
+def _fsdp_compute_bytes(config: Any) -> int | None:
+    """Under `ModelParallelStrategy` (FSDP2), the bytes of `model.fsdp_compute_dtype`, the dtype
+    weights are gathered in (None: the loaded dtype); None under any other strategy, where
+    `fit` ignores that setting.
+
+    Raises:
+        ValueError: the strategy asks for tensor parallelism, which `fit` refuses.
+    """
+    if "modelparallelstrategy" not in _strategy_name(config):
+        return None
+    tensor = setting(config, "trainer.strategy.init_args.tensor_parallel_size", "auto")
+    per_node = _world_size(config) // int(setting(config, "trainer.num_nodes", 1))
+    if (per_node if tensor == "auto" else int(tensor)) > 1:
+        raise ValueError(
+            f"trainer.strategy.init_args.tensor_parallel_size is {tensor!r}; this project "
+            "shards with FSDP only: set it to 1 and data_parallel_size to num_nodes x devices"
+        )
+    from safegrpo_pl.policy.precision import DTYPES
+
+    name = setting(config, "model.fsdp_compute_dtype")
+    return None if name is None else DTYPES[name].itemsize
 
 
 def _precision(config: Any) -> tuple[str, int]:
     """("uniform" | "mixed", bytes of the frozen weights and activations)."""
-    trainer = str(_get(config, "trainer.precision", None) or "32-true")
-    dtype = str(_get(config, "model.policy.dtype", "float32"))
+    trainer = str(setting(config, "trainer.precision", "32-true"))
+    dtype = str(setting(config, "model.policy.dtype", "float32"))
     half = 2 if dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
-    master = str(_get(config, "model.policy.trainable_dtype", "float32") or dtype)
+    master = str(setting(config, "model.policy.trainable_dtype", dtype))
     if trainer.endswith("-true"):  # Lightning casts every parameter to this dtype
         b = 4 if trainer.startswith(("32", "64")) else 2
         return ("mixed" if master in ("float32", "fp32") and b == 2 else "uniform"), b
@@ -147,32 +185,32 @@ def _precision(config: Any) -> tuple[str, int]:
 
 def run_shape(config: Any, *, image_tokens: int = 1024, **overrides: Any) -> RunShape:
     """The `RunShape` of a parsed `fit` config (keyword overrides replace its fields)."""
-    batch = int(_get(config, "data.batch_size"))
-    mini = _get(config, "model.mini_batch_size")
-    steps = int(_get(config, "model.num_iterations", 1)) * (batch // (mini or batch))
+    batch = int(setting(config, "data.batch_size"))
+    mini = setting(config, "model.mini_batch_size")
+    steps = int(setting(config, "model.num_iterations", 1)) * (batch // (mini or batch))
     precision, b = _precision(config)
-    length = int(_get(config, "data.max_prompt_length"))
+    length = int(setting(config, "data.max_prompt_length"))
     shape = RunShape(
-        group_size=int(_get(config, "model.group_size")),
+        group_size=int(setting(config, "model.group_size")),
         rollout_batch=batch,
         mini_batch=mini,
-        micro_batch=_get(config, "model.micro_batch_size"),
-        rollout_chunk=_get(config, "model.rollout_micro_batch_size"),
+        micro_batch=setting(config, "model.micro_batch_size"),
+        rollout_chunk=setting(config, "model.rollout_micro_batch_size"),
         prompt_length=length,
-        completion_length=int(_get(config, "model.sampling.max_new_tokens")),
+        completion_length=int(setting(config, "model.sampling.max_new_tokens")),
         image_tokens=min(image_tokens, length),
-        lora=_get(config, "model.policy.lora") is not None,
-        load_in_4bit=bool(_get(config, "model.policy.load_in_4bit", False)),
-        gradient_checkpointing=bool(_get(config, "model.policy.gradient_checkpointing", False)),
-        kl_coef_positive=float(_get(config, "model.kl_coef", 0.0)) > 0,
+        lora=setting(config, "model.policy.lora") is not None,
+        load_in_4bit=bool(setting(config, "model.policy.load_in_4bit", False)),
+        gradient_checkpointing=bool(setting(config, "model.policy.gradient_checkpointing", False)),
+        kl_coef_positive=float(setting(config, "model.kl_coef", 0.0)) > 0,
         old_logprobs=steps > 1,
         precision=precision,
         dtype_bytes=b,
         world_size=_world_size(config),
         shards=_shards(config),
-        reference_offload=bool(_get(config, "model.reference_offload", False)),
-        recompute_head=bool(_get(config, "model.recompute_head", False)),
-        cpu_sampler=_get(config, "trainer.accelerator", "auto") == "cpu",
+        compute_dtype_bytes=_fsdp_compute_bytes(config),
+        recompute_head=bool(setting(config, "model.recompute_head")),
+        cpu_sampler=setting(config, "trainer.accelerator", "auto") == "cpu",
     )
     return replace(shape, **overrides)
 
@@ -188,14 +226,14 @@ def config_dims(config: Any, model_config: str | None = None) -> ModelDims:
     from safegrpo_pl.policy.model import LoraSettings, build_on_meta, load_model_config
     from safegrpo_pl.policy.tiny_models import resolve_model_path
 
-    source = model_config or resolve_model_path(str(_get(config, "model.policy.name_or_path")))
-    trust = bool(_get(config, "model.policy.trust_remote_code", False))
+    source = model_config or resolve_model_path(str(setting(config, "model.policy.name_or_path")))
+    trust = bool(setting(config, "model.policy.trust_remote_code", False))
     hf_config = load_model_config(source, trust_remote_code=trust)
-    lora = _get(config, "model.policy.lora")
+    lora = setting(config, "model.policy.lora")
     settings = None
     if lora is not None:
         settings = LoraSettings(**(lora.as_dict() if hasattr(lora, "as_dict") else dict(lora)))
-    freeze = bool(_get(config, "model.policy.freeze_vision_tower", False))
+    freeze = bool(setting(config, "model.policy.freeze_vision_tower", False))
     return model_dims(build_on_meta(hf_config, settings, freeze_vision_tower=freeze), hf_config)
 
 
@@ -258,15 +296,22 @@ def _knobs(run: RunShape) -> list[tuple[str, str, list[Any], tuple[str, ...]]]:
     ]
 
 
-def plan_report(plan: MemoryPlan, run: RunShape, result: Verdict) -> str:
-    """The plan as a table: resident parts, the peak phase's parts, the total and the verdict."""
+def plan_report(
+    plan: MemoryPlan, run: RunShape, result: Verdict, *, all_phases: bool = False
+) -> str:
+    """The plan as a table: resident parts, the peak phase's parts (or, with `all_phases`,
+    every phase's), the total and the verdict."""
     lines = [f"per-device memory plan ({run.world_size} device(s), GiB)", ""]
     width = 44
     for name, value in plan.resident.items():
         lines.append(f"  {name:<{width}} {value / GIB:>9.2f}")
-    lines.append(f"  -- peak phase: {plan.peak_phase}")
-    for name, value in plan.phases[plan.peak_phase].items():
-        lines.append(f"  {name:<{width}} {value / GIB:>9.2f}")
+    for phase in plan.phases if all_phases else [plan.peak_phase]:
+        peak = " (peak)" if all_phases and phase == plan.peak_phase else ""
+        lines.append(f"  -- {'phase' if all_phases else 'peak phase'}: {phase}{peak}")
+        for name, value in plan.phases[phase].items():
+            lines.append(f"  {name:<{width}} {value / GIB:>9.2f}")
+        if all_phases:
+            lines.append(f"  {'total':<{width}} {plan.phase_total(phase) / GIB:>9.2f}")
     lines.append(f"  {'total (peak)':<{width}} {plan.peak / GIB:>9.2f}")
     lines.append("")
     others = ", ".join(f"{n} {plan.phase_total(n) / GIB:.2f}" for n in plan.phases)
@@ -286,10 +331,14 @@ def plan_report(plan: MemoryPlan, run: RunShape, result: Verdict) -> str:
             f"set {change}: peak {result.fixed_peak / GIB:.2f} GiB"
         )
     else:
+        more = (
+            "more devices to shard over (trainer.devices, trainer.num_nodes)"
+            if run.shards
+            else "shard with FSDP2 (strategy: ModelParallelStrategy, as configs/qwen-full.yaml)"
+        )
         lines.append(
             f"does NOT fit {result.gpu_memory / GIB:.0f} GiB (needs {plan.peak / GIB:.2f}); no "
-            "chunk, checkpointing or micro-batch setting fits: shard (FSDP2, as "
-            "configs/qwen-full.yaml), LoRA or shorter lengths"
+            f"chunk, checkpointing or micro-batch setting fits: {more}, LoRA or shorter lengths"
         )
     return "\n".join(lines)
 
@@ -322,11 +371,16 @@ class _Parser(OneLineParserErrors, argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """`plan`: the estimate for a `fit` config; returns what `--json` writes."""
+    """`plan`: the estimate for a `fit` config; returns what `--json` writes.
+
+    Raises:
+        SystemExit: status 1 when the run does not fit (after the table and the JSON).
+    """
     parser = _Parser(
         prog="python -m safegrpo_pl plan",
         description="Per-device peak memory of `fit` with the same config; nothing is loaded.",
-        epilog="Any other argument (--config FILE, --model.key value) is read as by `fit`.",
+        epilog="Any other argument (--config FILE, --model.key value) is read as by `fit`. "
+        "Exit status 1 when the run does not fit, so a launch script can stop on it.",
     )
     parser.add_argument("--gpu_memory", default="80GB", help="memory of one device (80GB)")
     parser.add_argument("--margin", type=float, default=0.1, help="fraction to leave free")
@@ -335,15 +389,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--image_tokens", type=int, default=1024, help="image tokens per prompt (vision memory)"
     )
+    parser.add_argument("--all_phases", action="store_true", help="every phase part by part")
     ours, rest = parser.parse_known_args(list(sys.argv[2:] if argv is None else argv))
     config = read_config(rest)
     dims = config_dims(config, ours.model_config)
     run = run_shape(config, image_tokens=ours.image_tokens)
     plan = estimate(dims, run)
     result = verdict(dims, run, parse_memory(ours.gpu_memory), ours.margin)
-    sys.stdout.write(plan_report(plan, run, result) + "\n")
+    sys.stdout.write(plan_report(plan, run, result, all_phases=ours.all_phases) + "\n")
     payload = plan_json(dims, run, plan, result)
     if ours.json:
         with open(ours.json, "w") as f:
             json.dump(payload, f, indent=2)
+    if not result.fits:
+        raise SystemExit(1)  # the table above says why and what to change
     return payload

@@ -9,19 +9,20 @@ into these and prints the plan.
 How a step uses memory (the order of `SafeGRPOModule.training_step`):
 - resident all along: the policy's weights, the frozen reference copy (full fine-tuning with
   kl_coef > 0), AdamW's two moments (and the float32 master copy where the working weights are
-  half precision);
+  half precision); under FSDP2 each a shard, the reference in the compute dtype;
 - then one of three phases at a time, whose peak is added to the resident part:
   1. sampling, one rollout chunk at a time: the prompt's keys/values at B rows (the decoder
      shares them across a group, `safegrpo_pl.rollout.prefix_attention`), the generated tokens' at
      B*G rows for max_new_tokens (allocated up front), the prefill's transient activations and
-     the sampler's (rows, vocab) float buffers;
+     the sampler's (rows, vocab) float buffers; under FSDP2, the whole policy gathered;
   2. the old/reference log-prob passes (no grad), chunked the same way: the prompt cache
      repeated G times plus the completion's keys/values, one layer's transient activations,
      the hidden states and one LM-head chunk;
   3. the training micro-batch (with grad): saved activations (all of them, or one input per
      layer plus one recomputed layer with gradient checkpointing), the float32 logits kept for
-     the log-softmax's backward on every scored token (the LM head runs on masked tokens only,
-     `safegrpo_pl.rollout.logprobs._masked_head_logprobs`), and the gradients.
+     the log-softmax's backward on every scored token, or one chunk's with `recompute_head`
+     (the LM head runs on masked tokens only, `safegrpo_pl.rollout.logprobs`), and the
+     gradients.
 
 Assumptions, all on the side of caution:
 - every prompt has `prompt_length` tokens (images included) and every completion runs to
@@ -75,8 +76,13 @@ class RunShape:
             gradients and AdamW's state in float32).
         dtype_bytes: bytes of the weight/activation dtype (2 for bf16, 4 for float32).
         world_size: devices in the run.
-        shards: the strategy shards weights, gradients and optimiser state (FSDP, ModelParallel).
-        reference_offload: the frozen reference copy lives in CPU memory.
+        shards: the strategy shards weights, gradients, optimiser state and the frozen
+            reference over `world_size` devices (FSDP2 through `ModelParallelStrategy`,
+            `safegrpo_pl.train.fsdp`); sampling gathers the whole policy for the decode.
+        compute_dtype_bytes: bytes of the dtype FSDP2 gathers weights in for compute
+            (`model.fsdp_compute_dtype`): activations, caches, gathered weights and the
+            reference (cast to it before sharding) use it, the shards `dtype_bytes`. None:
+            `dtype_bytes`.
         recompute_head: LM-head logits are recomputed in backward instead of kept.
         repeat_kv: keys/values are repeated to every query head in the attention kernel's input.
         cpu_sampler: float64 uniform draws in the sampler (the CPU path of `exponential_draws`).
@@ -99,8 +105,8 @@ class RunShape:
     dtype_bytes: int = 2
     world_size: int = 1
     shards: bool = False
-    reference_offload: bool = False
-    recompute_head: bool = False
+    compute_dtype_bytes: int | None = None
+    recompute_head: bool = True
     repeat_kv: bool = True
     cpu_sampler: bool = False
 
@@ -117,6 +123,11 @@ class RunShape:
                 raise ValueError(
                     f"{name} is {value}; expected 1..{self.rollout_batch} (the rollout batch)"
                 )
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes per element of activations, caches and gathered weights."""
+        return self.compute_dtype_bytes or self.dtype_bytes
 
     @property
     def chunk(self) -> int:
@@ -219,9 +230,11 @@ def resident_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
         "optimizer state": moments / shard,
     }
     if run.shards and run.world_size > 1:  # one layer gathered, the next prefetched
-        parts["sharded-layer gather"] = 2 * dims.layer_params * b
-    if not run.lora and run.kl_coef_positive and not run.reference_offload:
-        parts["reference copy"] = dims.total_params * b  # a plain deepcopy: not sharded
+        parts["sharded-layer gather"] = 2 * dims.layer_params * run.activation_bytes
+    if not run.lora and run.kl_coef_positive:
+        # a frozen copy; sharded like the policy, in the compute dtype (`fsdp.shard_models`)
+        reference = dims.total_params * (run.activation_bytes if run.shards else b)
+        parts["reference copy"] = reference / shard
     return parts
 
 
@@ -247,7 +260,7 @@ def sampling_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
     Two moments: the prefill (prompt cache growing, one layer's activations), then the decode
     (the generated tokens' cache, allocated once for max_new_tokens, and the sampler's buffers).
     """
-    b, prompts = run.dtype_bytes, run.chunk
+    b, prompts = run.activation_bytes, run.chunk
     rows = prompts * run.group_size
     kv = kv_bytes_per_token(dims, b)
     prompt_cache = prompts * run.prompt_length * kv
@@ -257,12 +270,16 @@ def sampling_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
     # on CPU), and the shared-prefix scores (rows x heads x context, float32, and a softmax)
     sampler = rows * dims.vocab_size * (4 + 4 + (12 if run.cpu_sampler else 4))
     scores = 2 * rows * dims.num_heads * (run.prompt_length + run.completion_length) * 4
+    # sharded weights are gathered whole, in the compute dtype, for the whole decode
+    gathered = {"gathered weights (decode)": dims.total_params * b} if run.shards else {}
     return _worst(
         {
+            **gathered,
             "prompt KV cache (B rows)": prompt_cache,
             "prefill activations": prefill + prompts * run.prompt_length**2,  # + bool mask
         },
         {
+            **gathered,
             "prompt KV cache (B rows)": prompt_cache,
             "generated KV cache (B*G rows)": rows * run.completion_length * kv,
             "sampler buffers": sampler + scores + rows * run.completion_length * 8 * 2,
@@ -277,7 +294,7 @@ def logprob_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
     activations or its keys/values repeated to every head), then the LM head over the hidden
     states (the cache is gone by then).
     """
-    b, prompts = run.dtype_bytes, run.chunk
+    b, prompts = run.activation_bytes, run.chunk
     rows = prompts * run.group_size
     context = run.prompt_length + run.completion_length
     tokens = rows * run.completion_length
@@ -312,7 +329,7 @@ def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
     one recomputed layer (the logits are freed by then). Gradients are counted as allocated,
     as they are from the second micro-batch of a mini-batch on.
     """
-    b, prompts = run.dtype_bytes, run.micro
+    b, prompts = run.activation_bytes, run.micro
     rows = prompts * run.group_size
     length, steps = run.prompt_length, run.completion_length
     context, scored = length + steps, rows * steps
@@ -320,13 +337,16 @@ def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
     kv_width = _kv_saved_width(dims, run) * b
     backward = 2 * (dims.intermediate_size + dims.hidden_size) * b  # gradient temporaries
     shard = run.world_size if run.shards else 1
-    grads = dims.trainable_params * (4 if run.precision == "mixed" else b) / shard
+    grads = dims.trainable_params * (4 if run.precision == "mixed" else run.dtype_bytes) / shard
     kept_rows = _head_chunk(dims, scored) if run.recompute_head else scored
     head = {
         "LM head: float32 logits kept": kept_rows * dims.vocab_size * 4,
         "LM head: chunk transient": _head_transient(dims, b, scored),
         "final norm and head input": scored * dims.hidden_size * (4 + 3 * b),
     }
+    grads_parts = {"gradients": grads}
+    if run.shards and run.world_size > 1:  # one unit's whole gradient: compute dtype, float32
+        grads_parts["layer gradient (reduce-scatter)"] = dims.layer_params * (b + 4)
     vision = {}
     if not run.lora and run.image_tokens:
         patches = 4 * prompts * run.image_tokens  # 2x2 patches merge into one token
@@ -339,7 +359,7 @@ def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
             "saved activations": dims.num_layers * per_layer,
             "attention mask": rows * steps * context,
         }
-        return {**saved_parts, **vision, **head, "gradients": grads}
+        return {**saved_parts, **vision, **head, **grads_parts}
     tokens = rows * context  # full-sequence path, one saved input per layer
     inputs = {"checkpointed layer inputs": dims.num_layers * tokens * dims.hidden_size * b}
     return _worst(
@@ -349,7 +369,7 @@ def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
             **vision,
             "one recomputed layer": tokens * (saved + kv_width + backward),
             "attention mask": rows * context**2,
-            "gradients": grads,
+            **grads_parts,
         },
     )
 

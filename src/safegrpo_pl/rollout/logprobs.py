@@ -11,6 +11,8 @@ How the hot path saves work (all exact: the tests compare with plain full forwar
   times (standard SDPA kernels, which also serve the backward pass).
 - The LM head runs only on the completion tokens that count (mask 1), in chunks, as "picked
   logit minus logsumexp": never a (N, T, V) log-softmax beside the logits.
+  With grad, `recompute_head` keeps no chunk's logits for backward (recomputed there): the
+  training forward holds one chunk of (tokens, V) logits at most.
 - Positions are passed explicitly (`safegrpo_pl.rollout.prefill`).
 
 Deliberate departures and caveats:
@@ -158,8 +160,10 @@ def completion_logprobs(
             logits / temperature).
         shared_prefix: prefill each prompt once and share its cache across the group; False
             runs a full forward per completion with the image re-encoded (the naive baseline).
-        recompute_head: with grad, recompute each LM-head chunk's logits in backward instead of
-            keeping (tokens, V) logits alive for it (saves memory, costs one more head pass).
+        recompute_head: with grad and more than one LM-head chunk, recompute each chunk's
+            logits in backward instead of keeping all (tokens, V) logits alive for it (one
+            more head pass). A single chunk is kept: its logits are the backward's peak
+            either way.
 
     Returns:
         (N, T) float32 log-probs, 0 where the mask is 0.
@@ -354,10 +358,11 @@ def _masked_head_logprobs(
         return logprobs_and_entropy(head(states_chunk), targets_chunk, temperature, entropy_grad)
 
     scorer = score_with_entropy if entropy else score
+    recompute = recompute and torch.is_grad_enabled() and states.shape[0] > chunk
     pieces = []
     for start in range(0, states.shape[0], chunk):
         args = (states[start : start + chunk], targets[start : start + chunk])
-        if recompute and torch.is_grad_enabled():
+        if recompute:
             pieces.append(torch.utils.checkpoint.checkpoint(scorer, *args, use_reentrant=False))
         else:
             pieces.append(scorer(*args))

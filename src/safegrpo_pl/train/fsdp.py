@@ -9,8 +9,8 @@ CPU with gloo, where the tests run it (the strategy passes no CUDA device there)
 `FSDPStrategy` is FSDP1: flat parameters behind a wrapping policy, and none of the above.
 
 How the model is cut: every module class the model itself declares unsplittable
-(`_no_split_modules`: decoder layers, vision blocks) is one unit, then the body (embeddings,
-final norm, vision merger) and the LM head are units of their own. The step code never calls
+(`_no_split_modules`: decoder layers, vision blocks) is one unit, then the vision tower (patch
+embedding, merger), the body (embeddings, final norm) and the LM head are units of their own. The step code never calls
 the top-level `forward` (it runs the body and the head apart, see `safegrpo_pl.rollout.logprobs`), so
 the body and the head are the roots whose hooks gather and reduce their weights.
 
@@ -91,6 +91,12 @@ def shard_policy(model: Any, mesh: Any, compute_dtype: torch.dtype | None = None
         options["mp_policy"] = _fsdp().MixedPrecisionPolicy(
             param_dtype=compute_dtype, reduce_dtype=torch.float32
         )
+    # The vision tower is a unit of its own: gradient checkpointing's full-sequence path
+    # encodes images through `body.get_image_features`, not the body's forward
+    # (`safegrpo_pl.rollout.logprobs`), and only the tower's own forward hook gathers its
+    # weights there.
+    tower = getattr(body, "visual", None)
+    units += [tower] if isinstance(tower, torch.nn.Module) else []
     for unit in [*units, body, head]:
         fully_shard(unit, **options)
     _check_all_sharded(model)

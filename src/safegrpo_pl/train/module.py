@@ -171,6 +171,9 @@ class SafeGRPOModule(LightningModule):
         loss: clipping, dual clip, KL estimator, aggregation and advantage settings.
         reward: rule-reward weights and refusal keywords.
         shared_prefix: encode each image and prefill each prompt once per group.
+        recompute_head: the training forward keeps no full-vocabulary logits: when the scored
+            tokens span more than one LM-head chunk (2**26 logits), each chunk's logits are
+            recomputed in backward (one more head pass) instead of kept (docs/scale.md).
         fsdp_compute_dtype: under `ModelParallelStrategy` (FSDP2), the dtype weights are
             gathered in for compute ("bfloat16"), the shards and AdamW keeping the loaded
             dtype (`model.policy.dtype: float32`); null: the loaded dtype.
@@ -198,6 +201,7 @@ class SafeGRPOModule(LightningModule):
         loss: LossSettings = LossSettings(),  # noqa: B008
         reward: RewardConfig = RewardConfig(),  # noqa: B008
         shared_prefix: bool = True,
+        recompute_head: bool = True,
         fsdp_compute_dtype: str | None = None,
         max_consecutive_skips: int = 5,
     ) -> None:
@@ -235,6 +239,7 @@ class SafeGRPOModule(LightningModule):
         self.loss_settings = loss
         self.reward_config = reward
         self.shared_prefix = shared_prefix
+        self.recompute_head = recompute_head
         self.fsdp_compute_dtype = fsdp_compute_dtype
         self.guard = NonFiniteGuard(max_consecutive_skips)
         self.policy: Any = None
@@ -302,6 +307,7 @@ class SafeGRPOModule(LightningModule):
             micro_batch_size=self.micro_batch_size,
             temperature=self.sampling.temperature,
             max_new_tokens=self.sampling.max_new_tokens,
+            recompute_head=self.recompute_head,
         )
         self.policy_update = PolicyUpdate(settings, self.runner, self.guard, self.timer)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, see `sharding`

@@ -114,8 +114,9 @@ class PolicyRunner:
 
     def place_reference(self) -> None:
         """Give the frozen reference copy the device and dtype of the policy's frozen weights
-        (call after the trainer has moved and cast the policy)."""
-        if self.reference is not None:
+        (call after the trainer has moved and cast the policy). A sharded reference is left as
+        `fsdp.shard_models` placed it: in the compute dtype, on its ranks."""
+        if self.reference is not None and not is_sharded(self.reference):
             self.reference = place_reference(self.reference, self.model, self.base_dtype)
 
     def sample(
@@ -149,10 +150,17 @@ class PolicyRunner:
             )
 
     def logprobs(
-        self, model: Any, batch: PromptBatch, ids: Tensor, mask: Tensor, temperature: float
+        self,
+        model: Any,
+        batch: PromptBatch,
+        ids: Tensor,
+        mask: Tensor,
+        temperature: float,
+        *,
+        recompute_head: bool = False,
     ) -> Tensor:
         """(N, T) log-probs of completions `ids` under `model` (grad flows if enabled), with
-        dropout off."""
+        dropout off; `recompute_head`: LM-head logits recomputed in backward, not kept."""
         group_size = ids.shape[0] // len(batch)
         with dropout_off(model):
             return completion_logprobs(
@@ -163,6 +171,7 @@ class PolicyRunner:
                 group_size=group_size,
                 temperature=temperature,
                 shared_prefix=self.shared_prefix,
+                recompute_head=recompute_head,
             )
 
     def logprobs_and_entropy(
@@ -173,9 +182,12 @@ class PolicyRunner:
         mask: Tensor,
         temperature: float,
         entropy_grad: bool = False,
+        *,
+        recompute_head: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """`logprobs` and the token entropy at the same positions, (N, T) each; the entropy
-        carries a gradient with `entropy_grad`."""
+        carries a gradient with `entropy_grad`; `recompute_head`: LM-head logits recomputed in
+        backward, not kept."""
         group_size = ids.shape[0] // len(batch)
         with dropout_off(model):
             return completion_logprobs_and_entropy(
@@ -186,6 +198,7 @@ class PolicyRunner:
                 group_size=group_size,
                 temperature=temperature,
                 shared_prefix=self.shared_prefix,
+                recompute_head=recompute_head,
                 entropy_grad=entropy_grad,
             )
 

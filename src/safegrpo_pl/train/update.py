@@ -227,6 +227,8 @@ class UpdateSettings:
         micro_batch_size: prompts per forward/backward; None = the mini-batch.
         temperature: the sampling temperature the log-probs are computed at.
         max_new_tokens: the completion budget (some aggregations divide by it).
+        recompute_head: the training forward keeps no full-vocabulary logits: each LM-head
+            chunk's are recomputed in backward (`safegrpo_pl.rollout.logprobs`).
     """
 
     loss: LossSettings
@@ -235,6 +237,7 @@ class UpdateSettings:
     micro_batch_size: int | None
     temperature: float
     max_new_tokens: int
+    recompute_head: bool
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ class PolicyUpdate:
             else:
                 self._clip_gradients(host, optimizer, clip=True)
                 optimizer.step()
+                optimizer.zero_grad()  # no gradient held through the next rollout
                 schedule = host.lr_schedulers()
                 if schedule is not None:
                     schedule.step()  # manual optimisation: Lightning leaves this to us
@@ -378,6 +382,7 @@ class PolicyUpdate:
                 tokens,
                 settings.temperature,
                 entropy_grad=settings.loss.needs_entropy_grad,
+                recompute_head=settings.recompute_head,
             )
             if old_logp is None or fresh:
                 old = logp.detach()
