@@ -231,6 +231,7 @@ def test_the_http_judges_key_is_in_no_log_cache_report_or_response(tiny_qwen25vl
         config["judge"] = {
             "kind": "http",
             "http": {"base_url": server.base_url, "model": "fake", "api_key_env": "JUDGE_KEY"},
+            "truncated": "judge",  # 4-token answers are cut: judge them, so the key is sent
         }
         (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "safegrpo_pl", "evaluate", "--config"]

@@ -193,7 +193,7 @@ def test_a_mistyped_command_gets_one_line_with_the_closest() -> None:
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: unknown command 'fitt' (did you mean fit?); `python -m safegrpo_pl --help` "
-        "lists the commands: fit, validate, test, predict, plan, evaluate"
+        "lists the commands: fit, validate, test, predict, plan, evaluate, judge"
     ]
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from safegrpo_pl.core.files import TRAINED_MARKER
 from safegrpo_pl.run.exports import save_adapter
@@ -30,7 +31,7 @@ def test_find_last_checkpoint_picks_the_newest_last_ckpt_of_any_run(tmp_path):
     other = tmp_path / "logs" / "version_1" / "checkpoints" / "step=100.ckpt"
     for path in (old, new, other):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("x")
+        torch.save({"global_step": 1}, path)  # an intact checkpoint archive
     os.utime(old, (time.time() + 10, time.time() + 10))  # the older folder, saved last
     assert find_last_checkpoint(tmp_path) == old
 

@@ -20,6 +20,15 @@ SCRIPTS = ROOT / "scripts"
 TESTED_ELSEWHERE = {
     "bench.py": ("test_bench.py", "test_smoke_bench_runs_every_job_and_writes_no_null"),
     "make_typographic.py": ("test_data.py", "test_make_typographic_writes_a_loadable_dataset"),
+    "gpu_check.py": (
+        "test_gpu_check.py",
+        "test_gpu_check_cpu_mode_reports_every_run_within_25_percent_of_plan",
+    ),
+    # It downloads the pinned release (no network here); its conversion is what is tested.
+    "human_labels.py": (
+        "test_judge_agreement.py",
+        "test_convert_maps_the_authors_labels_and_leaves_out_the_unlabelled",
+    ),
 }
 # script -> what its smoke run prints (its output is stdout)
 SMOKE_OUTPUT = {
@@ -27,6 +36,9 @@ SMOKE_OUTPUT = {
     "demo_budget.py": "| demo-typographic | 168 | 36 |",
     "demo_fit.py": "demo-typographic",
     "probe_typographic.py": "held-out",
+    "judge_agreement.py": "seconds for 10,000 answers",
+    "plan_comments.py": "",
+    "head_cost.py": "demo",
 }
 
 
@@ -78,3 +90,29 @@ def test_probe_typographic_smoke_runs_every_mode() -> None:
     assert "two drawings of one phrase" in printed, "--drawings mode did not run"
     assert "between-phrase share" in printed, "--spread mode did not run"
     assert re.search(r"^\| 0 \| \d+ / \d+ \|", printed, re.M), "the probe's row is missing"
+
+
+def test_judge_agreement_smoke_prints_every_rule_judge_and_the_timing() -> None:
+    printed = _run([str(SCRIPTS / "judge_agreement.py"), "--smoke"])
+    assert SMOKE_OUTPUT["judge_agreement.py"] in printed
+    assert "`keyword`" in printed and "`refusal-rules`" in printed
+
+
+def test_plan_comments_check_finds_the_configs_up_to_date() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    code, output = run_in_own_group(
+        [sys.executable, str(SCRIPTS / "plan_comments.py"), "--check"], env, 300
+    )
+    assert code == 0, output[-2000:]
+
+
+@pytest.mark.slow
+def test_head_cost_measures_the_demo_case(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    args = ["--cases", "demo", "--steps", "2", "--reps", "1", "--json", str(out)]
+    printed = _run([str(SCRIPTS / "head_cost.py"), *args], timeout=600)
+    assert SMOKE_OUTPUT["head_cost.py"] in printed
+    assert json.loads(out.read_text()), "no rows written"
