@@ -19,6 +19,7 @@ import csv
 import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +27,15 @@ from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from safegrpo_pl.train.checkpoints import CheckpointError, check_file
-
 log = logging.getLogger(__name__)
 
 LOGS_NAME = "logs"  # <default_root_dir>/logs/version_N: the default logger's folder
 
 
 def find_last_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The newest intact `last*.ckpt` anywhere under `root` (by modification time), or None;
-    a newer one that cannot be read is named in a warning and passed over."""
+    """The newest complete `last*.ckpt` anywhere under `root` (by modification time), or
+    None; a newer one cut short (no zip directory at its end) is named in a warning and passed
+    over. Its records' checksums are read once, later, by `check_cli_checkpoint`."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -46,9 +46,10 @@ def find_last_checkpoint(root: str | os.PathLike[str]) -> Path | None:
     )
     for index, path in enumerate(found):
         try:
-            check_file(path)
-        except CheckpointError as error:
-            log.warning("--ckpt_path last: passing over %s: %s", path, error)
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError) as error:
+            log.warning("--ckpt_path last: passing over %s: it cannot be read (%s)", path, error)
             continue
         if index:
             log.warning("--ckpt_path last: resuming from %s, the newest intact one", path)

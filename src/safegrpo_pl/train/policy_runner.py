@@ -161,18 +161,9 @@ class PolicyRunner:
     ) -> Tensor:
         """(N, T) log-probs of completions `ids` under `model` (grad flows if enabled), with
         dropout off; `recompute_head`: LM-head logits recomputed in backward, not kept."""
-        group_size = ids.shape[0] // len(batch)
-        with dropout_off(model):
-            return completion_logprobs(
-                model,
-                batch,
-                ids,
-                mask,
-                group_size=group_size,
-                temperature=temperature,
-                shared_prefix=self.shared_prefix,
-                recompute_head=recompute_head,
-            )
+        return self._scores(
+            completion_logprobs, model, batch, ids, mask, temperature, recompute_head=recompute_head
+        )
 
     def logprobs_and_entropy(
         self,
@@ -186,11 +177,25 @@ class PolicyRunner:
         recompute_head: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """`logprobs` and the token entropy at the same positions, (N, T) each; the entropy
-        carries a gradient with `entropy_grad`; `recompute_head`: LM-head logits recomputed in
-        backward, not kept."""
+        carries a gradient with `entropy_grad`."""
+        scorer = completion_logprobs_and_entropy
+        options = {"recompute_head": recompute_head, "entropy_grad": entropy_grad}
+        return self._scores(scorer, model, batch, ids, mask, temperature, **options)
+
+    def _scores(
+        self,
+        scorer: Any,
+        model: Any,
+        batch: PromptBatch,
+        ids: Tensor,
+        mask: Tensor,
+        temperature: float,
+        **options: Any,
+    ) -> Any:
+        """`scorer` (a `rollout.logprobs` function) on `model` with dropout off."""
         group_size = ids.shape[0] // len(batch)
         with dropout_off(model):
-            return completion_logprobs_and_entropy(
+            return scorer(
                 model,
                 batch,
                 ids,
@@ -198,8 +203,7 @@ class PolicyRunner:
                 group_size=group_size,
                 temperature=temperature,
                 shared_prefix=self.shared_prefix,
-                recompute_head=recompute_head,
-                entropy_grad=entropy_grad,
+                **options,
             )
 
     @torch.no_grad()
