@@ -61,15 +61,19 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def gather_rng_states(generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Every rank's `collect_rng_states`, in rank order (a collective under DDP: every process
-    must call it, as Lightning does with `on_save_checkpoint`)."""
-    mine = collect_rng_states(generator)
+def gather_from_ranks(mine: Any) -> list[Any]:
+    """Every rank's `mine`, in rank order (a collective under DDP: every process must call it,
+    as Lightning does with `on_save_checkpoint`)."""
     if not _distributed() or torch.distributed.get_world_size() == 1:
-        return {"ranks": [mine]}
+        return [mine]
     ranks: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(ranks, mine)
-    return {"ranks": ranks}
+    return ranks
+
+
+def gather_rng_states(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every rank's `collect_rng_states`, in rank order (a collective, `gather_from_ranks`)."""
+    return {"ranks": gather_from_ranks(collect_rng_states(generator))}
 
 
 def restore_rank_state(saved: dict[str, Any], generator: torch.Generator | None = None) -> None:

@@ -44,17 +44,22 @@ from safegrpo_pl.rl.distributed import (
     check_equal_across_ranks,
     gather_rewards,
     global_seed,
+    min_over_ranks,
     sampling_generator,
 )
 from safegrpo_pl.rl.grpo import (
+    DynamicSampling,
     LossSettings,
+    completion_rows,
+    groups_to_hold,
+    informative_groups,
     loss_mask,
     overlong_penalty,
     prompt_chunks,
     repeat_per_completion,
 )
 from safegrpo_pl.rollout.sampling import Rollout, SamplingSettings
-from safegrpo_pl.train.checkpoints import read_extras, write_extras
+from safegrpo_pl.train.checkpoints import gather_from_ranks, read_extras, write_extras
 from safegrpo_pl.train.fsdp import shard_models
 from safegrpo_pl.train.metrics import build_safety_metrics, loggable_values, metric_inputs
 from safegrpo_pl.train.policy_runner import PolicyRunner
@@ -134,6 +139,179 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Draw:
+    """One rollout batch, sampled and scored (or the informative groups of several).
+
+    Attributes:
+        batch: the B prompts.
+        rollout: their B * G completions.
+        parts: the N rewards' parts.
+        rewards: (N,) the rule rewards (before any overlong penalty).
+    """
+
+    batch: PromptBatch
+    rollout: Rollout
+    parts: list[RewardParts]
+    rewards: Tensor
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def select(self, prompts: Sequence[int]) -> Draw:
+        """The groups of `prompts`, in that order."""
+        r = self.rollout
+        rows = completion_rows(prompts, r.group_size)
+        index = torch.tensor(rows, dtype=torch.long, device=r.completion_ids.device)
+        rollout = Rollout(
+            completion_ids=r.completion_ids[index],
+            completion_mask=r.completion_mask[index],
+            texts=[r.texts[i] for i in rows],
+            lengths=r.lengths[index],
+            truncated=r.truncated[index],
+            group_size=r.group_size,
+            sampler_logp=None if r.sampler_logp is None else r.sampler_logp[index],
+        )
+        parts = [self.parts[i] for i in rows]
+        return Draw(self.batch.select(prompts), rollout, parts, self.rewards[index])
+
+    @staticmethod
+    def join(draws: Sequence[Draw], pad_id: int) -> Draw:
+        """The groups of `draws`, in order; completions right-padded with `pad_id` (masked)."""
+        rollouts = [d.rollout for d in draws]
+        width = max(r.completion_ids.shape[1] for r in rollouts)
+
+        def right(x: Tensor, value: float) -> Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        sampler = [r.sampler_logp for r in rollouts]
+        rollout = Rollout(
+            completion_ids=torch.cat([right(r.completion_ids, pad_id) for r in rollouts]),
+            completion_mask=torch.cat([right(r.completion_mask, 0.0) for r in rollouts]),
+            texts=[t for r in rollouts for t in r.texts],
+            lengths=torch.cat([r.lengths for r in rollouts]),
+            truncated=torch.cat([r.truncated for r in rollouts]),
+            group_size=rollouts[0].group_size,
+            sampler_logp=None
+            if sampler[0] is None
+            else torch.cat([right(x, 0.0) for x in sampler]),  # type: ignore[arg-type]
+        )
+        batch = PromptBatch.join([d.batch for d in draws], pad_id)
+        parts = [p for d in draws for p in d.parts]
+        return Draw(batch, rollout, parts, torch.cat([d.rewards for d in draws]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data on the CPU (`torch.load(weights_only=True)` reads it); the records
+        without their images, which nothing reads after scoring."""
+        b, r = self.batch, self.rollout
+        cpu = lambda x: None if x is None else x.detach().cpu()  # noqa: E731
+        return {
+            "records": [asdict(replace(record, image=None)) for record in b.records],
+            "input_ids": cpu(b.input_ids),
+            "attention_mask": cpu(b.attention_mask),
+            "model_kwargs": {k: cpu(v) for k, v in b.model_kwargs.items()},
+            "completion_ids": cpu(r.completion_ids),
+            "completion_mask": cpu(r.completion_mask),
+            "texts": list(r.texts),
+            "lengths": cpu(r.lengths),
+            "truncated": cpu(r.truncated),
+            "group_size": r.group_size,
+            "sampler_logp": cpu(r.sampler_logp),
+            "parts": [asdict(p) for p in self.parts],
+            "rewards": cpu(self.rewards),
+        }
+
+    @staticmethod
+    def from_state(state: dict[str, Any], device: torch.device) -> Draw:
+        """The `Draw` that `state_dict` saved, on `device`."""
+        on = lambda x: None if x is None else x.to(device)  # noqa: E731
+        batch = PromptBatch(
+            records=[SafetyRecord(**record) for record in state["records"]],
+            input_ids=on(state["input_ids"]),
+            attention_mask=on(state["attention_mask"]),
+            model_kwargs={k: on(v) for k, v in state["model_kwargs"].items()},
+        )
+        rollout = Rollout(
+            completion_ids=on(state["completion_ids"]),
+            completion_mask=on(state["completion_mask"]),
+            texts=list(state["texts"]),
+            lengths=on(state["lengths"]),
+            truncated=on(state["truncated"]),
+            group_size=int(state["group_size"]),
+            sampler_logp=on(state["sampler_logp"]),
+        )
+        parts = [RewardParts(**p) for p in state["parts"]]
+        return Draw(batch, rollout, parts, on(state["rewards"]))
+
+
+class HeldGroups:
+    """Dynamic sampling between rollout batches (docs/method.md section 4.16): the informative
+    groups held for the next update, the draws made and the groups dropped since the last one.
+
+    Every process holds its own groups; the decision to update, and how many groups each
+    trains on, come from the smallest count over processes, so all take the same steps.
+    """
+
+    def __init__(self, settings: DynamicSampling) -> None:
+        self.settings = settings
+        self.held: Draw | None = None
+        self.draws = 0
+        self.dropped = 0
+
+    def add(
+        self, draw: Draw, informative: Tensor, target: int, multiple: int, pad_id: int
+    ) -> tuple[Draw | None, dict[str, float]]:
+        """Hold `draw`'s informative groups ((B,) bool `informative`) up to `target` in all.
+
+        Returns (None, {}) while more draws are due; else the groups to train on, the same
+        number on every process (at most `target`, a multiple of `multiple`: whole
+        mini-batches; None when that is 0), and the counts to log. Either way the cycle then
+        starts afresh. A collective under DDP: every process calls it once per draw.
+        """
+        self.draws += 1
+        self.dropped += int((~informative).sum())
+        take = groups_to_hold(informative, target - len(self.held or ()))
+        device = draw.rewards.device
+        if self.held is not None and self.held.rewards.device != device:  # read on the CPU
+            self.held = Draw.from_state(self.held.state_dict(), device)
+        if take:
+            piece = draw.select(take)
+            self.held = piece if self.held is None else Draw.join([self.held, piece], pad_id)
+        count = min_over_ranks(len(self.held or ()))
+        if count < target and self.draws <= self.settings.max_extra_draws:
+            return None, {}
+        kept = count // multiple * multiple
+        counts = {
+            "groups_kept": float(kept),
+            "groups_dropped": float(self.dropped),
+            "extra_draws": float(self.draws - 1),
+        }
+        ready = None if kept == 0 or self.held is None else self.held.select(range(kept))
+        if ready is None:
+            log.warning(
+                "dynamic sampling: %d draw(s) left no whole mini-batch of informative groups "
+                "on every process; no update (%s)",
+                self.draws,
+                counts,
+            )
+        self.held, self.draws, self.dropped = None, 0, 0
+        return ready, counts
+
+    def state_dict(self) -> dict[str, Any]:
+        held = None if self.held is None else self.held.state_dict()
+        return {"held": held, "draws": self.draws, "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict`'s groups on the CPU (the next draw moves them to its device:
+        Lightning restores a checkpoint before it places the module)."""
+        held = state["held"]
+        self.held = None if held is None else Draw.from_state(held, torch.device("cpu"))
+        self.draws, self.dropped = int(state["draws"]), int(state["dropped"])
+
+
+HELD_KEY = "dynamic_sampling"
+
+
+@dataclass(frozen=True)
 class EvalOutputs:
     """What a validation or test step returns: each row's decoded response and its rewards,
     in the batch's order, padding rows included (the report callback keeps a few)."""
@@ -179,6 +357,9 @@ class SafeGRPOModule(LightningModule):
             dtype (`model.policy.dtype: float32`); null: the loaded dtype.
         max_consecutive_skips: optimiser steps in a row with a non-finite loss or gradient
             (each skipped, see `safegrpo_pl.train.update`) after which the run stops.
+        dynamic_sampling: DAPO's dynamic sampling (`DynamicSampling`, docs/method.md section
+            4.16): groups with all-equal rewards are dropped and more rollout batches drawn
+            before an update; null (the paper): every rollout batch is trained on.
     """
 
     def __init__(
@@ -204,6 +385,7 @@ class SafeGRPOModule(LightningModule):
         recompute_head: bool = True,
         fsdp_compute_dtype: str | None = None,
         max_consecutive_skips: int = 5,
+        dynamic_sampling: DynamicSampling | None = None,
     ) -> None:
         super().__init__()
         if group_size < 2:
@@ -242,6 +424,7 @@ class SafeGRPOModule(LightningModule):
         self.recompute_head = recompute_head
         self.fsdp_compute_dtype = fsdp_compute_dtype
         self.guard = NonFiniteGuard(max_consecutive_skips)
+        self.held_groups = None if dynamic_sampling is None else HeldGroups(dynamic_sampling)
         self.policy: Any = None
         self.policy_path: str | None = None  # the folder loaded: the warm-up's, once it ran
         self._reference: list[Any] = []  # a list keeps the frozen copy out of state_dict
@@ -396,15 +579,37 @@ class SafeGRPOModule(LightningModule):
 
     # -- Lightning hooks ------------------------------------------------------------------
 
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        settings = self.loss_settings
+    def draw(self, batch: PromptBatch) -> Draw:
+        """Sample G completions per prompt of `batch` and score them."""
         with self.timer.phase("generation"):
             rollout = self.sample(
-                batch, self.group_size, self.sampling, settings.keeps_sampler_logprobs
+                batch, self.group_size, self.sampling, self.loss_settings.keeps_sampler_logprobs
             )
         with self.timer.phase("reward"):
             parts = self.score(batch, rollout)
             rewards = torch.tensor([p.total for p in parts], device=self.device)
+        return Draw(batch, rollout, parts, rewards)
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        draw, counts = self.draw(batch), {}
+        if self.held_groups is not None:  # dynamic sampling: update once enough are held
+            shaped, _ = self.shaped_rewards(draw.rewards, draw.rollout)
+            informative = informative_groups(shaped, self.group_size)
+            multiple = self.mini_batch_size or 1
+            pad_id = self.runner.decode_ids.pad
+            ready, counts = self.held_groups.add(draw, informative, len(batch), multiple, pad_id)
+            if ready is None:
+                return
+            draw = ready
+        self.update(draw, counts)
+
+    def update(self, draw: Draw, counts: dict[str, float]) -> None:
+        """Advantages, old and reference log-probs, then `num_iterations` passes of optimiser
+        steps over the mini-batches of `draw`; logs the figures (and dynamic sampling's
+        `counts`)."""
+        settings = self.loss_settings
+        batch, rollout, parts, rewards = draw.batch, draw.rollout, draw.parts, draw.rewards
+        with self.timer.phase("reward"):
             shaped, penalty = self.shaped_rewards(rewards, rollout)
             advantages, every_rank = advantages_over_ranks(
                 shaped, self.group_size, settings, lengths=rollout.lengths
@@ -433,7 +638,7 @@ class SafeGRPOModule(LightningModule):
                 step_figures.append(self.optimise(scored, prompts, fresh))
         if penalty is not None:  # the rule reward is logged on its own, the penalty apart
             every_rank = gather_rewards(rewards)
-        self._log_train(rollout, parts, every_rank, step_figures, len(batch), penalty)
+        self._log_train(rollout, parts, every_rank, step_figures, len(batch), penalty, counts)
 
     def _log_train(
         self,
@@ -443,6 +648,7 @@ class SafeGRPOModule(LightningModule):
         step_figures: Sequence[StepFigures],
         batch_size: int,
         penalty: Tensor | None = None,
+        counts: dict[str, float] | None = None,
     ) -> None:
         figures = rollout_figures(
             rewards, parts, rollout.lengths, rollout.truncated, rollout.group_size
@@ -450,6 +656,7 @@ class SafeGRPOModule(LightningModule):
         if penalty is not None:
             figures["overlong_penalty"] = penalty.float().mean()
         figures.update(mean_over_steps(step_figures))
+        figures.update({k: torch.tensor(v) for k, v in (counts or {}).items()})
         logs: dict[str, Any] = {f"train/{k}": v for k, v in figures.items()}
         logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
         logs["train/skipped_steps"] = float(self.guard.skipped)
@@ -522,11 +729,24 @@ class SafeGRPOModule(LightningModule):
         """Every process's random state, the policy's identity, the skipped-step count, and
         with LoRA only the adapters (`safegrpo_pl.train.checkpoints.write_extras`)."""
         write_extras(self, checkpoint)
+        if self.held_groups is not None:  # groups held between draws: one entry per rank
+            checkpoint[HELD_KEY] = {"ranks": gather_from_ranks(self.held_groups.state_dict())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another policy or with missing / unexpected weights, then
         restore the random state (`safegrpo_pl.train.checkpoints.read_extras`)."""
         read_extras(self, checkpoint)
+        if self.held_groups is not None and HELD_KEY in checkpoint:
+            ranks = checkpoint[HELD_KEY]["ranks"]
+            if len(ranks) == self.trainer.world_size:
+                self.held_groups.load_state_dict(ranks[self.global_rank])
+            else:
+                log.warning(
+                    "the checkpoint holds dynamic sampling's groups of %d process(es), this "
+                    "run has %d: they are dropped and the next update starts a fresh cycle",
+                    len(ranks),
+                    self.trainer.world_size,
+                )
 
 
 def rollout_figures(
