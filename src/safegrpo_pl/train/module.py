@@ -264,8 +264,10 @@ class HeldGroups:
 
         Returns (None, {}) while more draws are due; else the groups to train on, the same
         number on every process (at most `target`, a multiple of `multiple`: whole
-        mini-batches; None when that is 0), and the counts to log. Either way the cycle then
-        starts afresh. A collective under DDP: every process calls it once per draw.
+        mini-batches), and the counts to log; the cycle then starts afresh. Raises on every
+        process when the draw cap leaves no whole mini-batch (as verl does at its cap: a run
+        that takes no step would never reach `max_steps`). A collective under DDP: every
+        process calls it once per draw.
         """
         self.draws += 1
         self.dropped += int((~informative).sum())
@@ -285,14 +287,14 @@ class HeldGroups:
             "groups_dropped": float(self.dropped),
             "extra_draws": float(self.draws - 1),
         }
-        ready = None if kept == 0 or self.held is None else self.held.select(range(kept))
-        if ready is None:
-            log.warning(
-                "dynamic sampling: %d draw(s) left no whole mini-batch of informative groups "
-                "on every process; no update (%s)",
-                self.draws,
-                counts,
+        if kept == 0 or self.held is None:
+            raise RuntimeError(
+                f"dynamic sampling: {self.draws} rollout batch(es) in a row left fewer than "
+                f"{multiple} informative group(s) (whole mini-batches) on some process: every "
+                "group's rewards were equal. Raise model.dynamic_sampling.max_extra_draws, or "
+                "set model.dynamic_sampling to null (the policy may have collapsed)"
             )
+        ready = self.held.select(range(kept))
         self.held, self.draws, self.dropped = None, 0, 0
         return ready, counts
 
@@ -309,6 +311,9 @@ class HeldGroups:
 
 
 HELD_KEY = "dynamic_sampling"
+# What `training_step` returns for a rollout batch whose groups are held back for a later update
+# (dynamic sampling): it logged nothing and took no optimiser step.
+HELD_BACK = {"held_back": True}
 
 
 @dataclass(frozen=True)
@@ -590,7 +595,7 @@ class SafeGRPOModule(LightningModule):
             rewards = torch.tensor([p.total for p in parts], device=self.device)
         return Draw(batch, rollout, parts, rewards)
 
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, bool] | None:
         draw, counts = self.draw(batch), {}
         if self.held_groups is not None:  # dynamic sampling: update once enough are held
             shaped, _ = self.shaped_rewards(draw.rewards, draw.rollout)
@@ -599,9 +604,10 @@ class SafeGRPOModule(LightningModule):
             pad_id = self.runner.decode_ids.pad
             ready, counts = self.held_groups.add(draw, informative, len(batch), multiple, pad_id)
             if ready is None:
-                return
+                return HELD_BACK
             draw = ready
         self.update(draw, counts)
+        return None
 
     def update(self, draw: Draw, counts: dict[str, float]) -> None:
         """Advantages, old and reference log-probs, then `num_iterations` passes of optimiser
