@@ -604,10 +604,19 @@ class SafeGRPOModule(LightningModule):
             pad_id = self.runner.decode_ids.pad
             ready, counts = self.held_groups.add(draw, informative, len(batch), multiple, pad_id)
             if ready is None:
+                self._log_nothing_this_batch()
                 return HELD_BACK
             draw = ready
         self.update(draw, counts)
         return None
+
+    def _log_nothing_this_batch(self) -> None:
+        """Lightning logs the last `self.log` values of `training_step` again at the end of
+        every batch until they are logged anew; a batch held back logs nothing instead (one
+        row per update, at its optimiser step)."""
+        results = self._trainer._results if self._trainer is not None else None
+        if results is not None:
+            results.reset(metrics=False, fx="training_step")
 
     def update(self, draw: Draw, counts: dict[str, float]) -> None:
         """Advantages, old and reference log-probs, then `num_iterations` passes of optimiser
