@@ -265,3 +265,23 @@ def test_a_run_stopped_while_groups_are_held_resumes_to_the_unbroken_run(
         assert len(want) == steps and got == want, (key, got, want)
     weights = [dict(m.policy.named_parameters()) for m in (straight, resumed)]
     assert all(torch.equal(p, weights[1][n]) for n, p in weights[0].items())
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_agree_on_every_update(tiny_qwen25vl_path, tmp_path):
+    """Each rank holds its own informative groups; the update waits for the rank with the
+    fewest, and every rank trains on the same number (`tests/distributed_run.py`, gloo)."""
+    from test_distributed import run_ranks
+
+    args = ("--devices", "2", "--strategy", "ddp", "--prompts", "8", "--steps", "3")
+    ranks = run_ranks(tmp_path, tiny_qwen25vl_path, *args, "--dynamic", "3", timeout=300)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 3
+    assert ranks[0]["updates"] == ranks[1]["updates"] == [4, 4, 4]  # 8 prompts: 4 per rank
+    draws = [len(r["seen"]) for r in ranks]
+    assert draws[0] == draws[1] > 3, f"no rollout batch was held back: {draws}"
+    held = [r["held_after"] for r in ranks]
+    assert held[0] != held[1], f"the ranks never held different counts: {held}"
+    assert ranks[0]["weights"].keys() and all(
+        torch.equal(w, ranks[1]["weights"][k]) for k, w in ranks[0]["weights"].items()
+    )
