@@ -19,6 +19,9 @@ Departures and choices (all deliberate; see also `rl/grpo.py` and `core/rewards.
   pass in train mode with dropout off (`PolicyRunner`). The first mini-batch of a rollout
   takes its old log-probs from its own training forward (the weights have not moved yet), so
   its ratio is exactly 1 and the old pass skips it.
+- With `dynamic_sampling` (DAPO's, off by default), a training batch is a draw: groups whose
+  rewards are all equal are dropped, the others held (`HeldGroups`, saved in checkpoints), and
+  the update runs once a rollout batch of them is held (docs/method.md section 4.16).
 """
 
 from __future__ import annotations
