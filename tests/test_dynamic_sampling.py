@@ -285,3 +285,17 @@ def test_two_ddp_ranks_agree_on_every_update(tiny_qwen25vl_path, tmp_path):
     assert ranks[0]["weights"].keys() and all(
         torch.equal(w, ranks[1]["weights"][k]) for k, w in ranks[0]["weights"].items()
     )
+
+
+def test_the_report_keeps_one_training_row_per_update():
+    """Lightning's callback metrics still hold the last update's figures at a held-back batch:
+    the report must not count them twice."""
+    from types import SimpleNamespace
+
+    from safegrpo_pl.run.callbacks import SafetyReport
+
+    report = SafetyReport()
+    trainer = SimpleNamespace(global_step=1, callback_metrics={"train/reward": torch.tensor(0.5)})
+    for outputs in (None, HELD_BACK, HELD_BACK):
+        report.on_train_batch_end(trainer, None, outputs, None, 0)
+    assert report.history.train == [{"step": 1, "train/reward": 0.5}]
