@@ -77,6 +77,7 @@ def _draw(tag: str, rewards: list[float], widths: list[int]) -> Draw:
         lengths=torch.full((n,), 3),
         truncated=torch.zeros(n, dtype=torch.bool),
         group_size=G,
+        sampler_logp=-torch.arange(n * 3.0).view(n, 3),
     )
     parts = [RewardParts(r, 1.0, 0.0, 0.0, False, False, False, False) for r in rewards]
     return Draw(batch, rollout, parts, torch.tensor(rewards))
@@ -109,6 +110,7 @@ def test_informative_groups_are_held_across_draws_until_a_rollout_batch_is_full(
     assert [r.id for r in ready.batch.records] == ["a1", "b0", "b1"]
     assert ready.rewards.tolist() == [0, 1, 0, 1, 1, 0]
     assert ready.rollout.texts == ["a-2", "a-3", "b-0", "b-1", "b-2", "b-3"]
+    assert torch.equal(ready.rollout.sampler_logp[:2], first.rollout.sampler_logp[2:4])
     # prompts left-padded to the longest (b0's 4 tokens), pixels cut by image
     assert ready.batch.input_ids[:2].tolist() == [[0, 101, 102, 103], [1, 2, 3, 4]]
     assert torch.equal(

@@ -186,7 +186,9 @@ class Draw:
         def right(x: Tensor, value: float) -> Tensor:
             return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
-        sampler = [r.sampler_logp for r in rollouts]
+        sampler = None
+        if rollouts[0].sampler_logp is not None:
+            sampler = torch.cat([right(r.sampler_logp, 0.0) for r in rollouts])
         rollout = Rollout(
             completion_ids=torch.cat([right(r.completion_ids, pad_id) for r in rollouts]),
             completion_mask=torch.cat([right(r.completion_mask, 0.0) for r in rollouts]),
@@ -194,9 +196,7 @@ class Draw:
             lengths=torch.cat([r.lengths for r in rollouts]),
             truncated=torch.cat([r.truncated for r in rollouts]),
             group_size=rollouts[0].group_size,
-            sampler_logp=None
-            if sampler[0] is None
-            else torch.cat([right(x, 0.0) for x in sampler]),  # type: ignore[arg-type]
+            sampler_logp=sampler,
         )
         batch = PromptBatch.join([d.batch for d in draws], pad_id)
         parts = [p for d in draws for p in d.parts]
