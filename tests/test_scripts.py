@@ -39,6 +39,7 @@ SMOKE_OUTPUT = {
     "judge_agreement.py": "seconds for 10,000 answers",
     "plan_comments.py": "",
     "head_cost.py": "demo",
+    "readme_blocks.py": "README blocks up to date",
 }
 
 
@@ -116,3 +117,18 @@ def test_head_cost_measures_the_demo_case(tmp_path: Path) -> None:
     printed = _run([str(SCRIPTS / "head_cost.py"), *args], timeout=600)
     assert SMOKE_OUTPUT["head_cost.py"] in printed
     assert json.loads(out.read_text()), "no rows written"
+
+
+@pytest.mark.slow
+def test_readme_blocks_are_what_the_commands_wrote() -> None:
+    """The README's generated blocks (demo and evaluation reports, bench tables) match their
+    sources, and the evaluation sample matches what `evaluate` writes now."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    code, output = run_in_own_group(
+        [sys.executable, str(SCRIPTS / "readme_blocks.py"), "--check"], env, 300
+    )
+    assert code == 0, output[-3000:]
+    assert SMOKE_OUTPUT["readme_blocks.py"] in output

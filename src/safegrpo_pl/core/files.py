@@ -1,4 +1,5 @@
-"""Folders the project writes for later runs: where the cache lives, and writing a folder whole.
+"""Files and folders the project writes for later runs: where the cache lives, and writing a
+file or a folder whole.
 
 Three places publish a folder that another process (or a later run) loads with
 `from_pretrained`: the tiny-model cache, the format warm-up cache and the exported policy. A
@@ -10,6 +11,9 @@ is that one pattern, with the two ways of meeting an existing target:
   ranks, test workers) all build it, the first rename wins, the others' copies are dropped;
 - an export is replaced every time: the previous folder is moved aside, the new one renamed in,
   the old one removed.
+
+`atomic_file` is the same for one file (a report, a rewritten answers file): a process killed
+while it writes leaves the previous file, never half of the new one.
 """
 
 from __future__ import annotations
@@ -80,6 +84,50 @@ def atomic_folder(
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike[str], *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `target` to write; when the block ends without error it
+    replaces `target` (a rename, atomic within one file system).
+
+    The temporary file is `.<name>.<pid>.tmp`, so a glob for `*<suffix>` never sees it; give a
+    writer that picks its format by suffix (matplotlib) the format. Partial files that killed
+    processes left beside `target` are removed after a successful write.
+
+    Args:
+        target: the file to publish.
+        fsync: flush the file to the disk before the rename (a checkpoint must survive a crash
+            of the machine, not only of the process).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            descriptor = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for partial in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = partial.name[len(target.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _running(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _swap_in(new: Path, target: Path) -> None:
