@@ -19,9 +19,10 @@ while it writes leaves the previous file, never half of the new one.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,8 +54,9 @@ def atomic_folder(
     """Yield an empty folder to fill; when the block ends without error it becomes `target`.
 
     The folder is created beside `target` (its parent is created if needed) with the usual
-    permissions of a folder (mkdtemp's are private). If the block raises, the folder is removed
-    and `target` is left as it was.
+    permissions of a folder (mkdtemp's are private) and this process's pid in its name, so the
+    next writer of `target` removes what a killed process left. If the block raises, the
+    folder is removed and `target` is left as it was.
 
     Args:
         target: the folder to publish.
@@ -69,8 +71,9 @@ def atomic_folder(
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-{os.getpid()}-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
+    _remove_partials(target, f".{target.name}-*-*", lambda p: shutil.rmtree(p, True))
     try:
         yield tmp
         if replace:
@@ -114,10 +117,17 @@ def atomic_file(target: str | os.PathLike[str], *, fsync: bool = False) -> Itera
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    for partial in target.parent.glob(f".{target.name}.*.tmp"):
-        pid = partial.name[len(target.name) + 2 : -len(".tmp")]
+    _remove_partials(target, f".{target.name}.*.tmp", lambda p: p.unlink(missing_ok=True))
+
+
+def _remove_partials(target: Path, pattern: str, remove: Callable[[Path], object]) -> None:
+    """Remove the temporary files or folders beside `target` that killed processes left: the
+    ones matching `pattern` whose name holds the pid of a process no longer running."""
+    start = len(target.name) + 2
+    for partial in target.parent.glob(pattern):
+        pid = re.split(r"[.-]", partial.name[start:], maxsplit=1)[0]
         if pid.isdigit() and not _running(int(pid)):
-            partial.unlink(missing_ok=True)
+            remove(partial)
 
 
 def _running(pid: int) -> bool:
