@@ -137,6 +137,10 @@ def test_every_stop_resumes_to_the_unbroken_run_bitwise(unbroken, stopped_four_w
     a, b = weights(unbroken), weights(root)
     assert a.keys() == b.keys() and a
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    print(
+        f"resume chain on configs/tiny.yaml: {len(want)} steps x {len(want[1])} figures "
+        f"compared, {len(differing)} differing; {len(a)} weight tensors, max |diff| {diff}"
+    )
     assert diff == 0.0, f"final weights differ by up to {diff:.3g}"
 
 
