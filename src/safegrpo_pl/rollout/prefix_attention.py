@@ -164,9 +164,7 @@ class GroupDecodeCache(Cache):
         self.group_size = group_size
 
     def advance(self) -> None:
-        """After a static step: the next token goes to the next slot."""
-        if self.position is None:
-            raise RuntimeError("advance is for a static decode cache (static=True)")
+        """After a step of a static cache: the next token goes to the next slot."""
         self.position.add_(1)
         for layer in self.layers:
             layer.length += 1
