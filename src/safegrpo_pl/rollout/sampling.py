@@ -22,9 +22,9 @@ How the hot path saves work (all exact: the tests compare with `generate`):
 - `SamplingSettings.decode` picks how the steps run: "growing" (the buffer above), "static" (the
   whole buffer from the start: every step has the same shapes) or "compiled" (static, with the
   single-token forward and LM head compiled by `torch.compile`; the token choice stays eager,
-  so the draws are the same numbers). Measured on
-  CPU in the README (`scripts/decode_speed.py`): compiling takes tens of seconds per process
-  and did not pay off on the demo or the bench, hence "growing" by default.
+  so the draws are the same numbers). Measured on CPU in the README (`scripts/decode_speed.py`):
+  compiling takes tens of seconds per process and did not pay off on the demo or the bench,
+  hence "growing" by default.
 
 Deliberate departures and caveats:
 - `sample_groups` puts the model in eval mode while sampling (restored afterwards): sampling
