@@ -486,8 +486,9 @@ def decode_step(
 
 @functools.cache
 def _compiled_decode_step() -> Callable[..., Tensor]:
-    """`decode_step` under `torch.compile` (built once per process; dynamo keeps one graph per
-    model and input shapes, `dynamic=True` so a new prompt length or row count reuses it)."""
+    """`decode_step` under `torch.compile`, built once per process. `dynamic=True`: a new prompt
+    length, chunk or batch size reuses the graph; G 1 (validation), where the rows equal the
+    prompts, compiles once more."""
     return torch.compile(decode_step, dynamic=True)
 
 
