@@ -40,6 +40,7 @@ SMOKE_OUTPUT = {
     "plan_comments.py": "",
     "head_cost.py": "demo",
     "decode_speed.py": "smoke: 16 completion tokens per rollout",
+    "readme_blocks.py": "README blocks up to date",
 }
 
 
@@ -130,3 +131,18 @@ def test_decode_speed_smoke_times_each_mode_and_compares_its_tokens(tmp_path: Pa
     for mode, row in case["modes"].items():
         assert row["tokens_per_s"] > 0, mode
         assert row["same_tokens_as_growing"] == {"sampled": True, "greedy": True}, mode
+
+
+@pytest.mark.slow
+def test_readme_blocks_are_what_the_commands_wrote() -> None:
+    """The README's generated blocks (demo and evaluation reports, bench tables) match their
+    sources, and the evaluation sample matches what `evaluate` writes now."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    code, output = run_in_own_group(
+        [sys.executable, str(SCRIPTS / "readme_blocks.py"), "--check"], env, 300
+    )
+    assert code == 0, output[-3000:]
+    assert SMOKE_OUTPUT["readme_blocks.py"] in output
