@@ -39,6 +39,7 @@ SMOKE_OUTPUT = {
     "judge_agreement.py": "seconds for 10,000 answers",
     "plan_comments.py": "",
     "head_cost.py": "demo",
+    "decode_speed.py": "smoke: 16 completion tokens per rollout",
     "readme_blocks.py": "README blocks up to date",
 }
 
@@ -117,6 +118,19 @@ def test_head_cost_measures_the_demo_case(tmp_path: Path) -> None:
     printed = _run([str(SCRIPTS / "head_cost.py"), *args], timeout=600)
     assert SMOKE_OUTPUT["head_cost.py"] in printed
     assert json.loads(out.read_text()), "no rows written"
+
+
+@pytest.mark.slow
+def test_decode_speed_smoke_times_each_mode_and_compares_its_tokens(tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    args = ["--smoke", "--modes", "growing,static", "--json", str(out)]
+    printed = _run([str(SCRIPTS / "decode_speed.py"), *args])
+    assert SMOKE_OUTPUT["decode_speed.py"] in printed, printed
+    (case,) = json.loads(out.read_text())
+    assert set(case["modes"]) == {"growing", "static"}, "--modes must pick the modes timed"
+    for mode, row in case["modes"].items():
+        assert row["tokens_per_s"] > 0, mode
+        assert row["same_tokens_as_growing"] == {"sampled": True, "greedy": True}, mode
 
 
 @pytest.mark.slow
