@@ -24,6 +24,10 @@ TESTED_ELSEWHERE = {
         "test_gpu_check.py",
         "test_gpu_check_cpu_mode_reports_every_run_within_25_percent_of_plan",
     ),
+    "train_refusal_model.py": (
+        "test_judge_agreement.py",
+        "test_the_training_script_smoke_run_is_deterministic_and_its_file_loads",
+    ),
     # It downloads the pinned release (no network here); its conversion is what is tested.
     "human_labels.py": (
         "test_judge_agreement.py",
