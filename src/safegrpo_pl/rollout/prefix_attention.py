@@ -14,7 +14,10 @@ The pieces:
   tokens and doubles when full, up to the length limit: it never reserves `max_new_tokens` for
   rows that stop early (at 4,096 new tokens and a 144 KiB/token 8B model, the full reservation
   is 0.6 GiB per sequence), and doubling keeps the copying to at most one extra pass over the
-  tokens held.
+  tokens held. With `static=True` the buffer holds the whole limit from the start, every step
+  writes at a position kept in a tensor and attends to the whole buffer (slots not yet written
+  masked out): every step then sees the same shapes and Python values, which a compiled step
+  needs to run without recompiling (`safegrpo_pl.rollout.sampling`, `SamplingSettings.decode`).
 - `shared_prefix_attention`: exact softmax attention of the N rows over [their prompt's keys,
   their own generated keys], registered with transformers' attention table under
   `SHARED_PREFIX_ATTENTION` when this module is imported.
@@ -58,16 +61,24 @@ class _GroupDecodeLayer(CacheLayerMixin):
     """
 
     def __init__(
-        self, prefix_keys: Tensor, prefix_values: Tensor, group_size: int, capacity: int
+        self,
+        prefix_keys: Tensor,
+        prefix_values: Tensor,
+        group_size: int,
+        capacity: int,
+        position: Tensor | None = None,
     ) -> None:
         super().__init__()
         rows, kv_heads, _, head_dim = prefix_keys.shape  # (B, kv_heads, L, head_dim)
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
         self.capacity = capacity
-        start = min(capacity, INITIAL_CAPACITY)
+        self.position = position  # static: (1,) long, the slot the next token is written to
+        start = capacity if position is not None else min(capacity, INITIAL_CAPACITY)
         shape = (rows * group_size, kv_heads, start, head_dim)
-        self.suffix_keys = prefix_keys.new_empty(shape)  # (N, kv_heads, held, head_dim)
-        self.suffix_values = prefix_values.new_empty(shape[:-1] + prefix_values.shape[-1:])
+        # Zeros, not empty: a static step multiplies the unwritten slots by probability 0, and
+        # 0 * (whatever empty memory held: inf, NaN) would not be 0.
+        self.suffix_keys = prefix_keys.new_zeros(shape)  # (N, kv_heads, held, head_dim)
+        self.suffix_values = prefix_values.new_zeros(shape[:-1] + prefix_values.shape[-1:])
         self.length = 0
         self.is_initialized = True
 
@@ -77,6 +88,14 @@ class _GroupDecodeLayer(CacheLayerMixin):
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
+        if self.position is not None:  # static: no Python value changes here (`advance` does)
+            if key_states.shape[-2] != 1:
+                raise ValueError(
+                    f"a static decode cache takes one token per step; got {key_states.shape[-2]}"
+                )
+            self.suffix_keys.index_copy_(2, self.position, key_states)
+            self.suffix_values.index_copy_(2, self.position, value_states)
+            return self.suffix_keys, self.suffix_values
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"decode cache holds {self.capacity} new tokens; {end} requested")
@@ -119,20 +138,36 @@ class GroupDecodeCache(Cache):
         prompt_mask: (B, L) the prompts' attention mask (left padding is 0).
         group_size: G.
         capacity: the most tokens that will be fed after the prompt.
+        static: hold `capacity` tokens from the start and take one token per step, written at
+            `position` (see the module doc); the caller calls `advance` after each step.
     """
 
     def __init__(
-        self, prompt_cache: DynamicCache, prompt_mask: Tensor, group_size: int, capacity: int
+        self,
+        prompt_cache: DynamicCache,
+        prompt_mask: Tensor,
+        group_size: int,
+        capacity: int,
+        *,
+        static: bool = False,
     ) -> None:
+        device = prompt_mask.device
+        self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None
         layers = [
-            _GroupDecodeLayer(layer.keys, layer.values, group_size, capacity)
+            _GroupDecodeLayer(layer.keys, layer.values, group_size, capacity, self.position)
             for layer in prompt_cache.layers
         ]
         super().__init__(layers=layers)
-        padding = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
+        padding = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=device)
         # (B, 1, 1, L): 0 on prompt tokens, -inf on left padding; added to the prompt scores
         self.prompt_bias = padding.masked_fill(prompt_mask == 0, float("-inf"))[:, None, None, :]
         self.group_size = group_size
+
+    def advance(self) -> None:
+        """After a step of a static cache: the next token goes to the next slot."""
+        self.position.add_(1)
+        for layer in self.layers:
+            layer.length += 1
 
 
 def shared_prefix_attention(
@@ -156,7 +191,8 @@ def shared_prefix_attention(
     Args:
         module: the attention module (`layer_idx`, `num_key_value_groups`, `head_dim`).
         query: (N, heads, q, head_dim).
-        key, value: (N, kv_heads, s, head_dim): the generated tokens' keys/values so far.
+        key, value: (N, kv_heads, s, head_dim): the generated tokens' keys/values so far (a
+            static cache: all its slots, those after `group_cache.position` masked out).
         attention_mask: ignored: prompt padding comes from `group_cache.prompt_bias`.
         scaling: the softmax scale (default 1/sqrt(head_dim)).
         dropout: must be 0 (decoding runs in eval mode).
@@ -187,7 +223,10 @@ def shared_prefix_attention(
     prompt_scores = prompt_scores.transpose(1, 2).reshape(rows, kv_heads, -1, prompt_len)
     own = query.reshape(rows, kv_heads, per_kv * q_len, head_dim)  # (N, kv, per_kv*q, d)
     new_scores = torch.matmul(own, key.transpose(-1, -2)).float()  # (N, kv, per_kv * q, s)
-    if q_len > 1:  # query i (of q) sits at generated index s - q + i
+    if group_cache.position is not None:  # static: slots after this token's are not written yet
+        slots = torch.arange(key.shape[-2], device=query.device)
+        new_scores = new_scores.masked_fill(slots > group_cache.position, float("-inf"))
+    elif q_len > 1:  # query i (of q) sits at generated index s - q + i
         seen = key.shape[-2]
         allowed = (
             torch.arange(seen, device=query.device)[None, :]

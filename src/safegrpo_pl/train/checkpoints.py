@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from safegrpo_pl.core.files import atomic_file
+
 log = logging.getLogger(__name__)
 
 
@@ -329,17 +331,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as file:
+            with atomic_file(target, fsync=True) as tmp, open(tmp, "wb") as file:
                 torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, target)
-            _remove_stale_partials(target)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
             reason = os.strerror(error.errno) if error.errno else str(error)
             failure = CheckpointWriteError(
                 f"cannot write checkpoint {target}: {reason}. Free space (or set "
@@ -349,21 +344,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             failure.errno, failure.filename = error.errno, str(target)
             raise failure from None
         return None
-
-
-def _remove_stale_partials(target: Path) -> None:
-    """Delete the partial files of `target` that killed processes left behind."""
-    for partial in target.parent.glob(f".{target.name}.*.tmp"):
-        pid = partial.name[len(target.name) + 2 : -len(".tmp")]
-        if pid.isdigit() and not _running(int(pid)):
-            partial.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

@@ -130,12 +130,26 @@ class OptimizerPlan:
         if kind != "constant" and (total is None or total < 1):
             raise ValueError(
                 f"lr_decay={kind!r} decays to 0 at trainer.max_steps, which is not set "
-                "(set --trainer.max_steps, or use lr_decay: constant)"
+                "(set --trainer.max_steps or --model.lr_decay_steps, or use lr_decay: constant)"
             )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, total, kind, warmup)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}
+
+
+def continue_schedule(schedule: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimiser's learning rates to what `schedule` gives at its restored step.
+
+    A resumed run restores the rates the first run's schedule set for its next step; with a
+    longer `max_steps` the schedule is now another one (stretched), and without this its first
+    step would still use the old rate (0 at the end of a finished decay). At the same
+    `max_steps` it sets what was restored, bit for bit.
+    """
+    groups = schedule.optimizer.param_groups
+    for group, base, factor in zip(groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+        group["lr"] = base * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in groups]
 
 
 log = logging.getLogger(__name__)
@@ -350,6 +364,9 @@ class SafeGRPOModule(LightningModule):
             `trainer.max_steps`.
         lr_warmup_steps: optimiser steps over which the learning rate rises linearly to `lr`
             (0, the paper: none).
+        lr_decay_steps: the optimiser step at which `lr_decay` reaches 0 (it stays 0 after);
+            null = `trainer.max_steps`. Set it to the planned length when a run is stopped
+            early and resumed with a larger `max_steps`, so the schedule is not stretched.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient-norm clipping threshold.
         sampling: rollout sampling settings (temperature, top-p, top-k, max_new_tokens).
@@ -383,6 +400,7 @@ class SafeGRPOModule(LightningModule):
         lr: float = 1e-6,
         lr_decay: str = "constant",
         lr_warmup_steps: int = 0,
+        lr_decay_steps: int | None = None,
         weight_decay: float = 0.01,
         max_grad_norm: float = 1.0,
         sampling: SamplingSettings = SamplingSettings(),  # noqa: B008
@@ -411,8 +429,10 @@ class SafeGRPOModule(LightningModule):
         )
         self.settings = policy
         self.warmup = warmup
+        if lr_decay_steps is not None and lr_decay_steps < 1:
+            raise ValueError(f"lr_decay_steps is {lr_decay_steps}; expected >= 1 or null")
         self.optimizer_plan = OptimizerPlan(
-            lr, weight_decay, lr_decay, max_steps=None, warmup_steps=lr_warmup_steps
+            lr, weight_decay, lr_decay, max_steps=lr_decay_steps, warmup_steps=lr_warmup_steps
         )
         self.max_grad_norm = max_grad_norm
         self.automatic_optimization = False  # one rollout feeds several optimiser steps
@@ -522,8 +542,15 @@ class SafeGRPOModule(LightningModule):
         self._reference = [] if self.runner.reference is None else [self.runner.reference]
 
     def configure_optimizers(self) -> Any:
-        max_steps = self.trainer.max_steps if self._trainer is not None else None
-        return replace(self.optimizer_plan, max_steps=max_steps).build(self.policy.parameters())
+        plan = self.optimizer_plan
+        if plan.max_steps is None and self._trainer is not None:
+            plan = replace(plan, max_steps=self.trainer.max_steps)
+        return plan.build(self.policy.parameters())
+
+    def on_train_start(self) -> None:
+        schedule = self.lr_schedulers()
+        if schedule is not None:  # after a resume: the schedule of this run's max_steps
+            continue_schedule(schedule)
 
     # -- the pieces of a step -------------------------------------------------------------
 
