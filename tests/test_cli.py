@@ -207,21 +207,17 @@ def test_a_mistyped_option_gets_one_line_with_the_closest_known_ones() -> None:
     ], "one line, not the 117-line usage"
 
 
-@pytest.mark.slow
-def test_an_abbreviated_option_is_refused_not_expanded() -> None:
-    result = _typed("fit", "--config", "configs/tiny.yaml", "--trainer.max_step", "5")
-    assert result.returncode == 2, "--trainer.max_step must not be read as --trainer.max_steps"
-    assert "unknown option --trainer.max_step (did you mean --trainer.max_steps?)" in (
-        result.stderr
-    )
+def test_an_abbreviated_option_is_refused_not_expanded(run_main) -> None:
+    status, _, err = run_main("fit", "--config", "configs/tiny.yaml", "--trainer.max_step", "5")
+    assert status == 2, "--trainer.max_step must not be read as --trainer.max_steps"
+    assert "unknown option --trainer.max_step (did you mean --trainer.max_steps?)" in err
 
 
-@pytest.mark.slow
-def test_fsdp1_on_the_cpu_is_refused_with_the_strategies_that_run() -> None:
-    result = _typed("fit", "--config", "configs/tiny.yaml", "--trainer.strategy", "fsdp")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr, "a one-line error, not Lightning's traceback"
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+def test_fsdp1_on_the_cpu_is_refused_with_the_strategies_that_run(run_main) -> None:
+    status, _, err = run_main("fit", "--config", "configs/tiny.yaml", "--trainer.strategy", "fsdp")
+    assert status == 1
+    assert "Traceback" not in err, "a one-line error, not Lightning's traceback"
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert "--trainer.strategy ModelParallelStrategy" in line and "--trainer.strategy ddp" in line
 
 
