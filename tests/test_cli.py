@@ -140,7 +140,31 @@ def test_cli_fit_runs_two_steps_and_writes_checkpoints_and_logs(tmp_path):
         rows = list(csv.DictReader(f))
     assert sum(1 for r in rows if r.get("train/reward")) == 2, "two training steps logged"
     assert any(r.get("val/format_rate") for r in rows), "validation metrics missing"
-    assert list(tmp_path.glob("logs/version_*/checkpoints/*.ckpt"))
+    (checkpoint,) = tmp_path.glob("logs/version_*/checkpoints/*.ckpt")
+    # Resumed with another lr: Lightning keeps the checkpoint's, and the run says so.
+    resume = [*command[:-2], "--trainer.max_steps", "3", "--ckpt_path", str(checkpoint)]
+    result = subprocess.run(
+        [*resume, "--model.lr", "0.5", "--trainer.default_root_dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if "model settings replace" in x]
+    assert "model.lr 0.5 -> 1e-06" in line and "model.group_size" not in line, line
+
+
+def test_replaced_settings_names_each_changed_model_key_flattened():
+    from safegrpo_pl.run.trainer_cli import replaced_settings
+
+    configured = {"lr": 0.5, "group_size": 2, "sampling": {"max_new_tokens": 8, "top_p": 1.0}}
+    resumed = {"lr": 1e-3, "group_size": 2, "sampling": {"max_new_tokens": 16, "top_p": 1.0}}
+    assert replaced_settings(configured, resumed) == [
+        "model.lr 0.5 -> 0.001",
+        "model.sampling.max_new_tokens 8 -> 16",
+    ]
+    assert replaced_settings(resumed, resumed) == []
 
 
 def test_cli_hides_the_manual_optimisation_note_and_nothing_else():
