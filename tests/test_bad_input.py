@@ -73,18 +73,16 @@ def png_header(width: int, height: int) -> bytes:
 
 
 @pytest.mark.slow
-def test_an_empty_data_file_is_one_error_at_the_command_line(tmp_path: Path) -> None:
+def test_an_empty_data_file_is_one_error_at_the_command_line(tmp_path: Path, run_main) -> None:
     """It used to end in 30 lines and `StopIteration`."""
     (tmp_path / "empty.jsonl").write_text("")
-    command = [sys.executable, "-m", "safegrpo_pl", "fit", "--config", "configs/tiny.yaml"]
-    command += ["--data.dataset", str(tmp_path / "empty.jsonl")]
-    command += ["--trainer.default_root_dir", str(tmp_path / "run")]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ)
-    )
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and "StopIteration" not in result.stderr
-    assert f"error: dataset file {str(tmp_path / 'empty.jsonl')!r} is empty" in result.stderr
+    status, _, err = run_main(
+        "fit", "--config", "configs/tiny.yaml", "--data.dataset", str(tmp_path / "empty.jsonl"),
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert status == 1, err[-2000:]
+    assert "Traceback" not in err and "StopIteration" not in err
+    assert f"error: dataset file {str(tmp_path / 'empty.jsonl')!r} is empty" in err
 
 
 @pytest.mark.parametrize(

@@ -221,11 +221,10 @@ def test_a_mistyped_command_gets_one_line_with_the_closest() -> None:
     ]
 
 
-@pytest.mark.slow
-def test_a_mistyped_option_gets_one_line_with_the_closest_known_ones() -> None:
-    result = _typed("fit", "--config", "configs/tiny.yaml", "--model.groupsize", "4")
-    assert result.returncode == 2, "argparse's status for a usage error"
-    assert result.stderr.strip().splitlines() == [
+def test_a_mistyped_option_gets_one_line_with_the_closest_known_ones(run_main) -> None:
+    status, _, err = run_main("fit", "--config", "configs/tiny.yaml", "--model.groupsize", "4")
+    assert status == 2, "argparse's status for a usage error"
+    assert err.strip().splitlines() == [
         "error: unknown option --model.groupsize (did you mean --model.group_size?); "
         "`python -m safegrpo_pl fit --help` lists every option"
     ], "one line, not the 117-line usage"

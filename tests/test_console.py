@@ -7,8 +7,6 @@ import logging
 import warnings
 from typing import Any
 
-from test_run_dirs import run_cli
-
 from safegrpo_pl.rollout.prefill import cache_kwargs
 from safegrpo_pl.run.console import StepProgressBar, silence_known_notes
 
@@ -54,8 +52,8 @@ def test_the_kv_cache_goes_by_the_keyword_the_installed_transformers_takes():
     assert cache_kwargs(_NewerBody(), cache) == {"cache": cache}
 
 
-def test_fit_help_shows_our_options_first_and_no_unexplained_words(tmp_path):
-    text = run_cli("fit", "--help", cache=tmp_path).stdout
+def test_fit_help_shows_our_options_first_and_no_unexplained_words(run_main):
+    _, text, _ = run_main("fit", "--help")
     first_trainer = text.index("  --trainer.accelerator")
     assert text.index("  --model.policy.name_or_path") < first_trainer
     assert text.index("  --data.dataset") < first_trainer
@@ -130,3 +128,19 @@ def test_the_step_bar_counts_steps_after_a_resume_in_the_middle_of_an_epoch(tmp_
     trainer(10).fit(BoringModel(), ckpt_path=saved[0])
     assert seen[0][:2] == (7, 10), f"the resumed bar does not count steps: {seen[0]}"
     assert all(desc.startswith("GRPO steps") for _, _, desc in seen), seen
+
+
+def test_package_logs_go_to_stderr_as_it_is_when_they_are_written(monkeypatch):
+    # A command run twice in one process under two redirections: the second run's messages
+    # must reach the second stream, not the first (closed) one.
+    import io
+    import sys
+
+    from safegrpo_pl.run.console import show_package_logs
+
+    show_package_logs()
+    for _ in range(2):
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        logging.getLogger("safegrpo_pl.data").info("records loaded")
+        assert stream.getvalue() == "records loaded\n"

@@ -75,11 +75,25 @@ def silence_known_notes() -> None:
     transformers_logging.disable_progress_bar()
 
 
+class _StderrNow(logging.StreamHandler):
+    """A handler that writes to `sys.stderr` as it is when a message comes, not as it was when
+    the handler was made (a command run twice in one process, under a redirected stderr, would
+    otherwise write to the first run's stream after it was closed)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: object) -> None:
+        pass
+
+
 def show_package_logs(level: int = logging.INFO) -> None:
     """Print this package's log messages (warm-up, data, exports) on the console, once."""
     logger = logging.getLogger("safegrpo_pl")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrNow()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
