@@ -535,7 +535,7 @@ def test_shared_prefix_attention_equals_attention_over_a_repeated_prefix(query_l
     module = torch.nn.Module()
     module.layer_idx = 0
     got, _ = shared_prefix_attention(
-        module, query, keys, values, None, scaling=0.3, group_cache=cache
+        module, query, keys, values, None, scaling=0.3, shared_prompt=cache.prompt
     )
     # reference: prompt K/V copied to every row of its group, GQA heads repeated, plain sdpa
     full_k = torch.cat([prefix.layers[0].keys.repeat_interleave(group, 0), keys], 2)

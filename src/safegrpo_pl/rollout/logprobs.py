@@ -38,16 +38,20 @@ from torch import Tensor
 
 from safegrpo_pl.policy.inputs import PromptBatch
 from safegrpo_pl.rollout.prefill import (
-    cache_is_dropped,
-    cache_kwargs,
     check_group_size,
     full_sequence_hidden,
     model_body,
-    prefill_prompts,
     prompt_positions,
     repeated_pixels_hidden,
     step_positions,
     unwrap_model,
+)
+from safegrpo_pl.rollout.prefix_attention import (
+    SHARED_PREFIX_ATTENTION,
+    SharedPrompt,
+    attention_implementation,
+    only_full_attention,
+    recording_prompt,
 )
 
 log = logging.getLogger(__name__)
@@ -270,9 +274,10 @@ def _check_completions(
 def _prompt_context_hidden(
     base: Any, batch: PromptBatch, completion_ids: Tensor, group_size: int
 ) -> Tensor:
-    """Hidden states (N, T, H) over the shared prefill; a full forward if the cache is dropped."""
-    if cache_is_dropped(base):
-        log.debug("gradient checkpointing drops the KV cache: scoring with full-sequence forwards")
+    """Hidden states (N, T, H) over one copy of each prompt; a full forward per completion for
+    models with sliding-window layers (`shared_prefix_attention` attends to all of the prompt)."""
+    if not only_full_attention(base):
+        log.debug("sliding-window layers: scoring with full-sequence forwards")
         return _reused_features_hidden(base, batch, completion_ids, group_size)
     return _shared_prefix_hidden(base, batch, completion_ids, group_size)
 
@@ -280,26 +285,40 @@ def _prompt_context_hidden(
 def _shared_prefix_hidden(
     base: Any, batch: PromptBatch, completion_ids: Tensor, group_size: int
 ) -> Tensor:
-    """Hidden states that predict each completion token, via one prefill per prompt: (N, T, H)."""
+    """Hidden states that predict each completion token: (N, T, H).
+
+    Each prompt runs once (B rows) with the model's own attention, its keys/values recorded
+    into a `SharedPrompt`; the N completions then attend to them through
+    `shared_prefix_attention` (no KV cache: gradient checkpointing keeps working).
+    """
     positions, next_position = prompt_positions(base, batch)
-    last_hidden, cache = prefill_prompts(base, batch, positions)  # (B, H)
-    first = last_hidden.repeat_interleave(group_size, 0).unsqueeze(1)  # (N, 1, H)
+    prompt = SharedPrompt.for_prompts(batch.attention_mask, group_size)
+    body = model_body(base)
+    with recording_prompt(base):
+        out = body(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=positions,
+            use_cache=False,
+            shared_prompt=prompt,
+            **batch.model_kwargs,
+        )
+    # left padding: column L-1 is real
+    first = out.last_hidden_state[:, -1].repeat_interleave(group_size, 0).unsqueeze(1)  # (N, 1, H)
     steps = completion_ids.shape[1] - 1
     if steps == 0:
         return first
-    cache.batch_repeat_interleave(group_size)
-    prompt_mask = batch.attention_mask.repeat_interleave(group_size, 0)  # (N, L)
-    # Tokens after a row's EOS only ever see the prompt and earlier tokens (causal), so an
-    # all-ones mask over the completion is exact where it matters (mask 1).
-    attention = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], steps)], 1)
-    body = model_body(base)
-    out = body(
-        input_ids=completion_ids[:, :-1],
-        attention_mask=attention,
-        position_ids=step_positions(next_position.repeat_interleave(group_size), steps, positions),
-        **cache_kwargs(body, cache),
-        use_cache=True,
-    )
+    # Tokens after a row's EOS only ever see the prompt and earlier tokens (causal), so they
+    # change nothing where the mask is 1.
+    with attention_implementation(base, SHARED_PREFIX_ATTENTION):
+        out = body(
+            input_ids=completion_ids[:, :-1],
+            position_ids=step_positions(
+                next_position.repeat_interleave(group_size), steps, positions
+            ),
+            use_cache=False,
+            shared_prompt=prompt,
+        )
     return torch.cat([first, out.last_hidden_state], 1)  # (N, T, H)
 
 

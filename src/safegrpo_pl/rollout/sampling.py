@@ -65,6 +65,7 @@ from safegrpo_pl.rollout.prefix_attention import (
     SHARED_PREFIX_ATTENTION,
     GroupDecodeCache,
     attention_implementation,
+    only_full_attention,
 )
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -434,12 +435,6 @@ def _decode_shared(
     return tokens, logps
 
 
-def _only_full_attention(base: Any) -> bool:
-    """Whether every decoder layer attends to the whole context (no sliding window)."""
-    layer_types = getattr(base.get_decoder().config, "layer_types", None) or ["full_attention"]
-    return all(kind == "full_attention" for kind in layer_types)
-
-
 def _decode_state(
     base: Any, batch: PromptBatch, prompt_cache: DynamicCache, group_size: int, max_new: int
 ) -> tuple[dict[str, Any], Tensor | None, Any, contextlib.AbstractContextManager[Any]]:
@@ -452,10 +447,10 @@ def _decode_state(
     Returns:
         (extra forward kwargs, (N, L + max_new) mask or None, cache, context to decode in).
     """
-    if _only_full_attention(base):
+    if only_full_attention(base):
         cache = GroupDecodeCache(prompt_cache, batch.attention_mask, group_size, max_new)
         return (
-            {"group_cache": cache},
+            {"shared_prompt": cache.prompt},
             None,
             cache,
             attention_implementation(base, SHARED_PREFIX_ATTENTION),
