@@ -47,11 +47,9 @@ from safegrpo_pl.rollout.prefill import (
     unwrap_model,
 )
 from safegrpo_pl.rollout.prefix_attention import (
-    SHARED_PREFIX_ATTENTION,
     SharedPrompt,
-    attention_implementation,
     only_full_attention,
-    recording_prompt,
+    route_shared_prompt,
 )
 
 log = logging.getLogger(__name__)
@@ -289,20 +287,20 @@ def _shared_prefix_hidden(
 
     Each prompt runs once (B rows) with the model's own attention, its keys/values recorded
     into a `SharedPrompt`; the N completions then attend to them through
-    `shared_prefix_attention` (no KV cache: gradient checkpointing keeps working).
+    `shared_prefix_attention` (no KV cache, so gradient checkpointing keeps the prompt shared).
     """
     positions, next_position = prompt_positions(base, batch)
     prompt = SharedPrompt.for_prompts(batch.attention_mask, group_size)
     body = model_body(base)
-    with recording_prompt(base):
-        out = body(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=positions,
-            use_cache=False,
-            shared_prompt=prompt,
-            **batch.model_kwargs,
-        )
+    route_shared_prompt(base)
+    out = body(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=positions,
+        use_cache=False,
+        record_prompt=prompt,
+        **batch.model_kwargs,
+    )
     # left padding: column L-1 is real
     first = out.last_hidden_state[:, -1].repeat_interleave(group_size, 0).unsqueeze(1)  # (N, 1, H)
     steps = completion_ids.shape[1] - 1
@@ -310,15 +308,12 @@ def _shared_prefix_hidden(
         return first
     # Tokens after a row's EOS only ever see the prompt and earlier tokens (causal), so they
     # change nothing where the mask is 1.
-    with attention_implementation(base, SHARED_PREFIX_ATTENTION):
-        out = body(
-            input_ids=completion_ids[:, :-1],
-            position_ids=step_positions(
-                next_position.repeat_interleave(group_size), steps, positions
-            ),
-            use_cache=False,
-            shared_prompt=prompt,
-        )
+    out = body(
+        input_ids=completion_ids[:, :-1],
+        position_ids=step_positions(next_position.repeat_interleave(group_size), steps, positions),
+        use_cache=False,
+        shared_prompt=prompt,
+    )
     return torch.cat([first, out.last_hidden_state], 1)  # (N, T, H)
 
 

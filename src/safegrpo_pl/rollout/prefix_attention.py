@@ -20,11 +20,13 @@ The pieces:
   forward): its backward recomputes the scores tile by tile from the saved log-sum-exp, as
   flash attention does, so neither pass keeps a (query, key) matrix beyond one tile of
   `ATTENTION_TILE_ELEMENTS`, and the prompt's gradient is summed over its group.
-- `recording_prompt`: routes the prompt prefill through the model's own attention while each
-  layer's keys/values are written into a `SharedPrompt`. Unlike a KV cache, this survives
-  gradient checkpointing (HF drops the cache there); a recomputed layer writes equal values.
+- `route_shared_prompt`: routes the language model's attention through a dispatcher chosen by
+  forward kwargs: the model's own attention, which with `record_prompt` also writes each
+  layer's prompt keys/values into a `SharedPrompt` (unlike a KV cache, this survives gradient
+  checkpointing, where HF drops the cache; a recomputed layer writes equal values), or
+  `shared_prefix_attention` with `shared_prompt` (scoring).
 - `attention_implementation`: routes the language model's attention layers to a named
-  implementation for the duration of a block, and back afterwards.
+  implementation for the duration of a block, and back afterwards (the decode loop).
 
 Deliberate departures and caveats:
 - Only with dropout 0 (GRPO switches dropout off everywhere) and for models whose decoder
@@ -54,8 +56,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 SHARED_PREFIX_ATTENTION = "safegrpo_shared_prefix"
 """Name under which `shared_prefix_attention` is registered with transformers' attention table."""
 
-PROMPT_RECORDING = "safegrpo_recording"
-"""Prefix of the names under which `recording_prompt` registers its wrapped implementations."""
+SHARED_PROMPT_DISPATCH = "safegrpo_dispatch"
+"""Prefix of the names under which `route_shared_prompt` registers its dispatchers."""
 
 INITIAL_CAPACITY = 64
 """Generated tokens the decode cache holds before its first doubling."""
@@ -325,7 +327,8 @@ class _SharedPrefixAttention(torch.autograd.Function):
             grad_tile_query = grad_tile_query + torch.matmul(grad_scores[..., prompt_len:], keys)
             grad_query[:, :, start:stop] = (grad_tile_query * scale).reshape(rows, heads, m, dim)
         grad_prefix_keys, grad_prefix_values, grad_keys, grad_values = (
-            g.to(t.dtype) for g, t in zip(grads, (prefix_keys, prefix_values, keys, values))
+            g.to(t.dtype)
+            for g, t in zip(grads, (prefix_keys, prefix_values, keys, values), strict=True)
         )
         return grad_query, grad_prefix_keys, grad_prefix_values, None, grad_keys, grad_values, None
 
@@ -378,7 +381,14 @@ def shared_prefix_attention(
 AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
 
 
-def _recording_attention(
+def _implementation(name: str, module: torch.nn.Module) -> Any:
+    """The attention function registered as `name` (eager: the model file's own)."""
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _dispatching_attention(
     inner: str,
     module: torch.nn.Module,
     query: Tensor,
@@ -387,30 +397,36 @@ def _recording_attention(
     attention_mask: Tensor | None,
     *args: Any,
     shared_prompt: SharedPrompt | None = None,
+    record_prompt: SharedPrompt | None = None,
     **kwargs: Any,
 ) -> Any:
-    """`inner`'s attention, after writing the layer's keys/values into `shared_prompt`."""
-    if shared_prompt is None:
-        raise ValueError(f"{PROMPT_RECORDING} attention needs the shared_prompt kwarg")
-    shared_prompt.record(module.layer_idx, key, value)
-    if inner == "eager":  # each model file has its own eager attention
-        attend = sys.modules[type(module).__module__].eager_attention_forward
-    else:
-        attend = ALL_ATTENTION_FUNCTIONS[inner]
-    return attend(module, query, key, value, attention_mask, *args, **kwargs)
+    """`shared_prefix_attention` when a forward passes `shared_prompt`; otherwise `inner`'s
+    attention, after writing the layer's keys/values into `record_prompt` if one is passed."""
+    if shared_prompt is not None:
+        return shared_prefix_attention(
+            module, query, key, value, attention_mask, *args, shared_prompt=shared_prompt, **kwargs
+        )
+    if record_prompt is not None:
+        record_prompt.record(module.layer_idx, key, value)
+    return _implementation(inner, module)(
+        module, query, key, value, attention_mask, *args, **kwargs
+    )
 
 
-@contextlib.contextmanager
-def recording_prompt(base: Any) -> Iterator[None]:
-    """Run the language model's own attention (and mask) for a block, each layer's keys/values
-    written into the `shared_prompt` forward kwarg as they are computed."""
-    inner = base.get_decoder().config._attn_implementation
-    name = f"{PROMPT_RECORDING}_{inner}"
+def route_shared_prompt(base: Any) -> None:
+    """Route the language model's attention, from now on, through `_dispatching_attention`
+    (which runs the model's own attention and mask unless a forward passes `shared_prompt` or
+    `record_prompt`). For good, not for a block: gradient checkpointing recomputes layers in
+    backward, after the scoring call has returned, and must find the same routing."""
+    config = base.get_decoder().config
+    inner = config._attn_implementation
+    if inner.startswith(SHARED_PROMPT_DISPATCH):
+        return
+    name = f"{SHARED_PROMPT_DISPATCH}_{inner}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, functools.partial(_recording_attention, inner))
+        AttentionInterface.register(name, functools.partial(_dispatching_attention, inner))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
-    with attention_implementation(base, name):
-        yield
+    config._attn_implementation_internal = name
 
 
 def only_full_attention(base: Any) -> bool:
