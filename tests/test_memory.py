@@ -313,3 +313,54 @@ def test_recomputed_lm_head_drops_the_kept_logits_from_the_training_peak(monkeyp
         f"peak {kept / 2**20:.0f} MiB kept vs {recomputed / 2**20:.0f} MiB recomputed: saved "
         f"{saved / 2**20:.0f} MiB, the logits are {logits / 2**20:.0f} MiB"
     )
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_shared_prompt_drops_the_repeated_prompt_keys_values_from_the_scoring_peak(
+    monkeypatch, grad
+):
+    """A long prompt and G 8: scoring over one copy of the prompt's keys/values takes the
+    repeated copies (G - 1 of every G) off the peak of the no-grad log-prob pass, and off the
+    keys/values the training forward saves for backward."""
+    from test_rollout import _repeated_cache_hidden
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from safegrpo_pl.policy.inputs import PromptBatch
+    from safegrpo_pl.rollout import logprobs
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
+    model = Qwen3ForCausalLM(config).train(grad)
+    group, length, steps = 8, 1024, 16
+    record = SafetyRecord(None, "p", "safe", "safe", "safe", id="r0", source="test")
+    batch = PromptBatch([record], torch.randint(0, 512, (1, length)), torch.ones(1, length))
+    ids = torch.randint(0, 512, (group, steps))
+    mask = torch.ones(ids.shape)
+
+    def score() -> None:
+        model.zero_grad(set_to_none=False)
+        with torch.set_grad_enabled(grad):
+            logp = logprobs.completion_logprobs(model, batch, ids, mask, group_size=group)
+        if grad:
+            logp.sum().backward()
+
+    score()  # allocate the gradients once: both runs then write into them
+    shared = _peak_bytes(score)
+    monkeypatch.setattr(logprobs, "_shared_prefix_hidden", _repeated_cache_hidden)
+    score()
+    repeated = _peak_bytes(score)
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * 64 * 4  # float32
+    copies = (group - 1) * length * kv_per_token  # 28 MiB
+    saved = repeated - shared
+    assert 0.75 * copies < saved < 1.25 * copies, (
+        f"peak {repeated / 2**20:.1f} MiB repeated vs {shared / 2**20:.1f} MiB shared: saved "
+        f"{saved / 2**20:.1f} MiB, the prompt's G - 1 extra copies are {copies / 2**20:.1f} MiB"
+    )
