@@ -5,10 +5,10 @@ See docs/method.md section 4. `completion_logprobs` scores the N = B * G complet
 under the old policy and the reference without.
 
 How the hot path saves work (all exact: the tests compare with plain full forwards):
-- Shared prefix. Each prompt, image included, is prefilled ONCE (B rows, not B*G), so the vision
-  tower runs once per image and the long guided prompt once per prompt; with grad, the G
-  completions backpropagate into the one shared prefill. Scoring repeats the prompt cache G
-  times (standard SDPA kernels, which also serve the backward pass).
+- Shared prefix. Each prompt, image included, runs ONCE (B rows, not B*G), so the vision
+  tower runs once per image and the long guided prompt once per prompt; the G completions
+  attend to one copy of its keys/values (`safegrpo_pl.rollout.prefix_attention`), and with
+  grad backpropagate into it, gradient checkpointing included.
 - The LM head runs only on the completion tokens that count (mask 1), in chunks, as "picked
   logit minus logsumexp": never a (N, T, V) log-softmax beside the logits.
   With grad, `recompute_head` keeps no chunk's logits for backward (recomputed there): the
@@ -16,12 +16,12 @@ How the hot path saves work (all exact: the tests compare with plain full forwar
 - Positions are passed explicitly (`safegrpo_pl.rollout.prefill`).
 
 Deliberate departures and caveats:
-- With gradient checkpointing active (train mode), HF layers drop the KV cache, so
-  `completion_logprobs` falls back to one full-sequence forward over the N rows of prompt +
-  completion; each image is still encoded once per prompt (its features are repeated through
-  the model's `mm_encoder_outputs` input), but the prompt's text is recomputed per completion.
-- Called with dropout active (GRPO's `PolicyRunner` switches it off), the G completions of a
-  prompt would share one dropout mask over the prompt, since they share its prefill.
+- Models with sliding-window layers are scored with one full-sequence forward over the N rows
+  of prompt + completion; each image is still encoded once per prompt (its features are
+  repeated through the model's `mm_encoder_outputs` input), but the prompt's text is recomputed
+  per completion.
+- Dropout must be off in the attention (GRPO's `PolicyRunner` switches it off everywhere);
+  elsewhere the G completions of a prompt would share one dropout mask over the prompt.
 - `shared_prefix=False` is the naive baseline the benchmark compares against: a full forward
   with `pixel_values` repeated per completion (`safegrpo_pl.rollout.sampling`).
 """
@@ -160,7 +160,7 @@ def completion_logprobs(
         group_size: G.
         temperature: the sampling temperature (docs/method.md section 4: log-probs from
             logits / temperature).
-        shared_prefix: prefill each prompt once and share its cache across the group; False
+        shared_prefix: run each prompt once and share its keys/values across the group; False
             runs a full forward per completion with the image re-encoded (the naive baseline).
         recompute_head: with grad and more than one LM-head chunk, recompute each chunk's
             logits in backward instead of keeping all (tokens, V) logits alive for it (one
