@@ -719,7 +719,7 @@ def test_shared_prefix_attention_gradients_equal_those_over_a_repeated_prefix(
     prompts, group, heads, kv_heads, dim, prompt_len, seen = 2, 3, 4, 2, 8, 5, 4
     rows = prompts * group
     prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding on prompt 0
-    shared = SharedPrompt.for_prompts(prompt_mask, group)
+    shared = SharedPrompt.for_prompts(prompt_mask)
     prefix_k, prefix_v = (
         torch.randn(prompts, kv_heads, prompt_len, dim, requires_grad=True) for _ in range(2)
     )

@@ -290,7 +290,7 @@ def _shared_prefix_hidden(
     `shared_prefix_attention` (no KV cache, so gradient checkpointing keeps the prompt shared).
     """
     positions, next_position = prompt_positions(base, batch)
-    prompt = SharedPrompt.for_prompts(batch.attention_mask, group_size)
+    prompt = SharedPrompt.for_prompts(batch.attention_mask)
     body = model_body(base)
     route_shared_prompt(base)
     out = body(

@@ -68,30 +68,29 @@ ATTENTION_TILE_ELEMENTS = 2**26
 
 @dataclass
 class SharedPrompt:
-    """Each layer's prompt keys/values, B rows, shared by the G completions of each prompt.
+    """Each layer's prompt keys/values, B rows, shared by the G completions of each prompt
+    (G is read off the attention's N = B * G rows).
 
     Attributes:
         keys, values: per layer, (B, kv_heads, L, head_dim), filled by the prefill.
         bias: (B, 1, 1, L) float32, 0 on prompt tokens and -inf on left padding.
-        group_size: G.
     """
 
     bias: Tensor
-    group_size: int
     keys: dict[int, Tensor] = field(default_factory=dict)
     values: dict[int, Tensor] = field(default_factory=dict)
 
     @classmethod
-    def for_prompts(cls, prompt_mask: Tensor, group_size: int) -> SharedPrompt:
+    def for_prompts(cls, prompt_mask: Tensor) -> SharedPrompt:
         """An empty shared prompt for (B, L) `prompt_mask` (left padding is 0)."""
         zeros = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
         bias = zeros.masked_fill(prompt_mask == 0, float("-inf"))[:, None, None, :]
-        return cls(bias=bias, group_size=group_size)
+        return cls(bias=bias)
 
     @classmethod
-    def from_cache(cls, cache: DynamicCache, prompt_mask: Tensor, group_size: int) -> SharedPrompt:
+    def from_cache(cls, cache: DynamicCache, prompt_mask: Tensor) -> SharedPrompt:
         """The shared prompt of a prefill's cache (B rows)."""
-        prompt = cls.for_prompts(prompt_mask, group_size)
+        prompt = cls.for_prompts(prompt_mask)
         for index, layer in enumerate(cache.layers):
             prompt.record(index, layer.keys, layer.values)
         return prompt
@@ -110,7 +109,9 @@ class _GroupDecodeLayer(CacheLayerMixin):
     `shared_prefix_attention` reads the prompt part from the `SharedPrompt`.
     """
 
-    def __init__(self, prefix_keys: Tensor, prefix_values: Tensor, rows: int, capacity: int):
+    def __init__(
+        self, prefix_keys: Tensor, prefix_values: Tensor, rows: int, capacity: int
+    ) -> None:
         super().__init__()
         _, kv_heads, self.prompt_length, head_dim = prefix_keys.shape  # (B, kv, L, head_dim)
         self.capacity = capacity
@@ -174,7 +175,7 @@ class GroupDecodeCache(Cache):
     def __init__(
         self, prompt_cache: DynamicCache, prompt_mask: Tensor, group_size: int, capacity: int
     ) -> None:
-        self.prompt = SharedPrompt.from_cache(prompt_cache, prompt_mask, group_size)
+        self.prompt = SharedPrompt.from_cache(prompt_cache, prompt_mask)
         rows = prompt_mask.shape[0] * group_size
         layers = [
             _GroupDecodeLayer(layer.keys, layer.values, rows, capacity)
