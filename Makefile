@@ -15,8 +15,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e ".[test]"
 	touch $@
 
+# Two test processes, one per core; the tests of one file stay in one process (they share
+# its fits).
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

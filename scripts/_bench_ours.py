@@ -43,7 +43,12 @@ def our_module(model_path: str, settings: stats.BenchSettings, **overrides: Any)
 
 
 def _sampling(settings: stats.BenchSettings) -> Any:
-    return api.SamplingSettings(max_new_tokens=settings.max_new_tokens, temperature=1.0, top_p=1.0)
+    return api.SamplingSettings(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        decode=settings.decode,
+    )
 
 
 class StepRecorder(Callback):

@@ -78,6 +78,8 @@ class BenchSettings:
             model, where matmuls must dominate, and the reference-memory Qwen2.5-VL, where a
             second copy of the weights (~150 MB at 1024) must show in the peak RSS.
         scaling_groups, scaling_lengths: the scaling section's G and completion lengths.
+        decode: our `model.sampling.decode` ("compiled" compiles in the untimed warm-up step:
+            its compile time is not in the step times; `scripts/decode_speed.py` measures it).
     """
 
     prompts_per_step: int = 4
@@ -100,6 +102,7 @@ class BenchSettings:
     wide_size: int = 1024
     scaling_groups: tuple[int, ...] = (4, 8, 16)
     scaling_lengths: tuple[int, ...] = (32, 64, 128)
+    decode: str = "growing"
 
     @property
     def completions_per_step(self) -> int:

@@ -120,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lora", action="store_true", help="LoRA in both trainers")
     parser.add_argument(
+        "--decode",
+        choices=("growing", "static", "compiled"),
+        default=None,
+        help="our model.sampling.decode (default growing, the library's)",
+    )
+    parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),
         help="comma-separated subset of " + ",".join(SECTIONS) + " (e.g. --sections mfu)",
@@ -157,6 +163,8 @@ def settings_from(args: argparse.Namespace) -> stats.BenchSettings:
     }
     if args.lora:
         changes["lora"] = True
+    if args.decode:
+        changes["decode"] = args.decode
     return settings.with_(**changes)
 
 

@@ -4,10 +4,11 @@
     python scripts/judge_agreement.py --smoke
 
 Reads the converted human-label sets (`scripts/human_labels.py` builds them), judges the
-held-out part of each with `keyword`, `refusal-rules` and, when given a model or an endpoint,
-`hf` and `http`, and prints a markdown table: set, licence, n, accuracy, refusal recall,
-false-refusal rate. It also times `refusal-rules` on 10,000 answers. `--write` stores the
-figures in `safegrpo_pl/eval/judge_agreement.json`, which `evaluate`'s report quotes.
+held-out part of each with `keyword`, `refusal-rules`, `refusal-model` and, when given a model
+or an endpoint, `hf` and `http`, and prints a markdown table: set, licence, n, accuracy,
+refusal recall, false-refusal rate. It also times the rule and model judges on 10,000 answers.
+`--write` stores the figures in `safegrpo_pl/eval/judge_agreement.json`, which `evaluate`'s
+report quotes.
 `--smoke` runs the same code on a few made-up answers, to check the script itself.
 """
 
@@ -28,7 +29,7 @@ from safegrpo_pl.eval.human_labels import (
     labels_dir,
     measure,
 )
-from safegrpo_pl.eval.judges import Judge, KeywordJudge, RefusalRulesJudge
+from safegrpo_pl.eval.judges import Judge, KeywordJudge, RefusalModelJudge, RefusalRulesJudge
 from safegrpo_pl.eval.report import AGREEMENT_FILE
 
 TIMED_ANSWERS = 10_000
@@ -54,8 +55,8 @@ def smoke_set() -> dict[str, list[LabelledAnswer]]:
 
 
 def judges(hf: str | None, http_base_url: str | None, http_model: str) -> list[Judge]:
-    """The judges to measure: the rule judges always, `hf` and `http` when configured."""
-    chosen: list[Judge] = [KeywordJudge(), RefusalRulesJudge()]
+    """The judges to measure: the rule and model judges always, `hf` and `http` when configured."""
+    chosen: list[Judge] = [KeywordJudge(), RefusalRulesJudge(), RefusalModelJudge()]
     if hf:
         from safegrpo_pl.eval.hf_judge import HFJudge, HFJudgeSettings
 
@@ -95,7 +96,7 @@ def measure_all(sets: dict[str, list[LabelledAnswer]], chosen: list[Judge]) -> d
         }
     every = [r for rows in sets.values() for r in rows]
     for judge in chosen:
-        if judge.name in ("keyword", "refusal-rules"):
+        if judge.name in ("keyword", "refusal-rules", "refusal-model"):
             out["seconds_per_10k"][judge.name] = round(seconds_for(judge, every), 2)
     return out
 

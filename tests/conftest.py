@@ -12,6 +12,11 @@ from safegrpo_pl.policy.tiny_models import build_tiny_model
 
 # Tiny models are overhead-bound: one thread is faster than two fighting over a shared CPU.
 torch.set_num_threads(1)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two test processes on two cores: every process they start gets one
+    # thread too (two threads per process would oversubscribe the cores, and OpenMP's
+    # spinning threads then slow every process many times over).
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,11 +25,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from safegrpo_pl.data.datamodule import SafeTagDataModule
 from safegrpo_pl.demo.dataset import DemoConfig
 from safegrpo_pl.policy.model import PolicySettings
-from safegrpo_pl.rl.grpo import LossSettings
+from safegrpo_pl.rl.grpo import DynamicSampling, LossSettings
 from safegrpo_pl.rollout.sampling import Rollout, SamplingSettings, sample_groups
 from safegrpo_pl.run.exports import save_adapter
 from safegrpo_pl.train.fsdp import full_state_dict, gathered_weights, is_sharded
-from safegrpo_pl.train.module import SafeGRPOModule
+from safegrpo_pl.train.module import HELD_BACK, SafeGRPOModule
 
 
 def _merge(rollouts: list[Rollout]) -> Rollout:
@@ -52,6 +52,8 @@ class PromptSeeded(SafeGRPOModule):
     """Completions that depend on the prompt and the step only, and a reward that varies."""
 
     seen: list[list[str]]
+    updates: list[int]  # groups each update trained on (dynamic sampling)
+    held_after: list[int]  # groups held after each rollout batch (dynamic sampling)
 
     def sample(self, batch, group_size, settings, keep_logprobs=False):
         rollouts = []
@@ -76,7 +78,14 @@ class PromptSeeded(SafeGRPOModule):
 
     def training_step(self, batch, batch_idx):
         self.seen.append([r.id for r in batch.records])
-        return super().training_step(batch, batch_idx)
+        outputs = super().training_step(batch, batch_idx)
+        if self.held_groups is not None:
+            self.held_after.append(len(self.held_groups.held or ()))
+        return outputs
+
+    def update(self, draw, counts):
+        self.updates.append(len(draw))
+        super().update(draw, counts)
 
 
 class Recorder(L.Callback):
@@ -86,6 +95,8 @@ class Recorder(L.Callback):
         self.val: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if outputs == HELD_BACK:  # dynamic sampling drew it and trained on nothing yet
+            return
         self.loss.append(float(trainer.callback_metrics["train/loss"]))
         self.grad_norm.append(float(trainer.callback_metrics["train/grad_norm"]))
 
@@ -150,8 +161,9 @@ def build_module(args: argparse.Namespace) -> PromptSeeded:
         # the std of ALL ranks' rewards: exercises the gather ("group" needs none)
         loss=LossSettings(advantage_scale="batch"),
         fsdp_compute_dtype=args.compute_dtype,
+        dynamic_sampling=None if args.dynamic is None else DynamicSampling(args.dynamic),
     )
-    module.seen = []
+    module.seen, module.updates, module.held_after = [], [], []
     return module
 
 
@@ -169,6 +181,7 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default=None)
     parser.add_argument("--checks", action="store_true", help="decode, checkpoint, export")
     parser.add_argument("--freeze-vision", action="store_true", help="freeze_vision_tower")
+    parser.add_argument("--dynamic", type=int, default=None, help="dynamic sampling's draw cap")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -210,6 +223,9 @@ def main() -> None:
             "loss": recorder.loss,
             "grad_norm": recorder.grad_norm,
             "seen": module.seen,
+            "updates": module.updates,
+            "held_after": module.held_after,
+            "global_step": trainer.global_step,
             "weights": weights,
             "val": metrics,
             "val_count": module.val_count,

@@ -182,10 +182,13 @@ def test_json_safe_turns_nan_and_inf_into_null() -> None:
 
 
 def test_quick_flag_and_overrides_reach_the_settings() -> None:
-    settings = bench.settings_from(bench.parse_args(["--quick", "--steps", "5", "--lora"]))
+    args = ["--quick", "--steps", "5", "--lora", "--decode", "compiled"]
+    settings = bench.settings_from(bench.parse_args(args))
     assert settings.repeats == stats.QUICK.repeats, "--quick must use the quick repeats"
     assert settings.steps == 5, "--steps must override the quick default"
     assert settings.lora is True
+    assert settings.decode == "compiled", "--decode must reach our sampling settings"
+    assert bench.settings_from(bench.parse_args(["--quick"])).decode == "growing"
 
 
 def _fake_report() -> dict[str, Any]:

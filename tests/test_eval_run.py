@@ -267,3 +267,109 @@ def test_adapter_off_answers_as_the_base_model_and_on_as_the_tuned_one(
     assert any(with_adapter[("tuned", i)] != plain[("base", i)] for i in ids), (
         "adapter had no effect"
     )
+
+
+DIE_MID_WRITE = '''
+import os
+import pathlib
+import signal
+
+_open = pathlib.Path.open
+
+
+class _DiesMidLine:
+    """A file whose write number {at} writes half its text and then kills the process."""
+
+    def __init__(self, handle):
+        self.handle, self.writes = handle, 0
+
+    def write(self, text):
+        self.writes += 1
+        if self.writes == {at}:
+            self.handle.write(text[: len(text) // 2])
+            self.handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.handle.write(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def _open_to_die(self, mode="r", *args, **kwargs):
+    handle = _open(self, mode, *args, **kwargs)
+    breaks = self.name == {name!r} or self.name.startswith("." + {name!r} + ".")
+    return _DiesMidLine(handle) if breaks and ("w" in mode or "a" in mode) else handle
+
+
+pathlib.Path.open = _open_to_die
+'''
+
+
+def _evaluate_cli(out: Path, *killer: str) -> tuple[int, str]:
+    """`python -m safegrpo_pl evaluate --config configs/eval-tiny.yaml` as the README writes it,
+    into `out`; `killer`: a folder whose sitecustomize breaks a write."""
+    import os
+    import sys
+
+    from processes import run_in_own_group
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([*killer, str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "safegrpo_pl", "evaluate", "--config"]
+    command += [str(ROOT / "configs" / "eval-tiny.yaml"), "--output_dir", str(out)]
+    return run_in_own_group(command, env, timeout=300)
+
+
+def _die_writing(tmp_path: Path, name: str, at: int) -> str:
+    """A sitecustomize folder: the process dies in write number `at` to the file `name` (or to
+    its temporary copy, `.<name>.<pid>.tmp`)."""
+    folder = tmp_path / f"die-{name}"
+    folder.mkdir()
+    code = DIE_MID_WRITE.replace("{at}", str(at)).replace("{name!r}", repr(name))
+    (folder / "sitecustomize.py").write_text(code)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_evaluate_killed_mid_line_resumes_losing_only_the_answers_in_flight(tmp_path):
+    """SIGKILL halfway through line 12 of responses.jsonl (the second generation batch of 8):
+    the rerun of the same command keeps the 8 answers of the first batch, generates the other
+    36, and counts each (model, record) once."""
+    out = tmp_path / "out"
+    code, output = _evaluate_cli(out, _die_writing(tmp_path, "responses.jsonl", at=12))
+    assert code == -9, f"expected the process killed: {code} {output[-2000:]}"
+    lines = (out / "responses.jsonl").read_bytes().split(b"\n")
+    assert len(lines) == 12 and lines[-1], "11 whole lines and half of the 12th"
+    assert not (out / "report.md").exists()
+    code, output = _evaluate_cli(out)
+    assert code == 0, output[-2000:]
+    total = sum(EXPECTED_COUNTS.values())
+    assert f"base model: {total - 11} of {total} answers to generate" in output
+    rows = _responses(out)
+    keys = Counter((r["model"], r["benchmark"], r["id"]) for r in rows)
+    assert len(keys) == 2 * total and set(keys.values()) == {1}, "each answer once"
+    report = json.loads((out / "report.json").read_text())
+    assert {n: report["models"]["base"][n]["n"] for n in BENCHMARKS} == EXPECTED_COUNTS
+
+
+@pytest.mark.slow
+def test_a_report_killed_mid_write_keeps_the_previous_one(tmp_path):
+    """SIGKILL halfway through rewriting report.md: the previous report is still whole, and
+    the same command then writes it again."""
+    out = tmp_path / "out"
+    code, output = _evaluate_cli(out)
+    assert code == 0, output[-2000:]
+    before = (out / "report.md").read_text()
+    code, output = _evaluate_cli(out, _die_writing(tmp_path, "report.md", at=1))
+    assert code == -9, f"expected the process killed: {code} {output[-2000:]}"
+    assert (out / "report.md").read_text() == before, "the previous report was damaged"
+    code, output = _evaluate_cli(out)
+    assert code == 0, output[-2000:]
+    assert (out / "report.md").read_text() == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], "debris left"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from safegrpo_pl.core.files import atomic_folder
+from safegrpo_pl.core.files import atomic_file, atomic_folder
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -64,3 +64,31 @@ def test_a_failing_block_leaves_the_target_as_it_was(tmp_path: Path) -> None:
         raise RuntimeError("save failed")
     assert sorted(p.name for p in target.iterdir()) == ["old"], "a failed export touched the target"
     assert _leftovers(tmp_path) == [], "the temporary folder of a failed export was left behind"
+
+
+def test_a_file_written_whole_replaces_the_target_and_a_failure_keeps_it(tmp_path: Path) -> None:
+    target = tmp_path / "report.md"
+    target.write_text("before")
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "before", "a failed write must leave the previous file"
+    with atomic_file(target, fsync=True) as tmp:
+        tmp.write_text("after")
+    assert target.read_text() == "after"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"], "no temporary file left"
+
+
+def test_partial_files_of_dead_processes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (tmp_path / f".last.ckpt.{dead}.tmp").write_text("half of a killed write")
+    (tmp_path / f".last.ckpt.{os.getppid()}.tmp").write_text("a live writer's file")
+    with atomic_file(tmp_path / "last.ckpt") as tmp:
+        tmp.write_text("whole")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f".last.ckpt.{os.getppid()}.tmp", "last.ckpt"], names

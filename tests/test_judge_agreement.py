@@ -15,8 +15,10 @@ import json
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from safegrpo_pl.eval import human_labels
@@ -32,14 +34,23 @@ from safegrpo_pl.eval.human_labels import (
     split_of,
     write_set,
 )
-from safegrpo_pl.eval.judges import KeywordJudge, RefusalRulesJudge
-from safegrpo_pl.eval.refusal import is_refusal_by_rules
+from safegrpo_pl.eval.judge_factory import JudgeSettings, build_judge
+from safegrpo_pl.eval.judges import KeywordJudge, RefusalModelJudge, RefusalRulesJudge
+from safegrpo_pl.eval.refusal import (
+    FeatureSettings,
+    RefusalModel,
+    features,
+    is_refusal_by_rules,
+    load_refusal_model,
+    rule_signals,
+)
 from safegrpo_pl.eval.report import AGREEMENT_FILE, judge_agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import human_labels as human_labels_script  # noqa: E402
 import judge_agreement as judge_agreement_script  # noqa: E402
+import train_refusal_model as train_script  # noqa: E402
 
 
 def _label_dirs() -> list[Path]:
@@ -142,23 +153,26 @@ def test_a_set_file_that_is_not_converted_names_the_line_and_the_fix(tmp_path):
         read_set(path)
 
 
-def test_refusal_rules_meet_the_target_on_held_out_human_labels(label_sets):
-    """The issue's bar. Not met yet on chatgpt-refusals (docs/judges.md); strict, so the day it
-    is met this test fails until the xfail is removed."""
+def test_the_refusal_judge_meets_the_target_on_held_out_human_labels(label_sets):
+    """The issue's bar, for the best refusal judge (`refusal-model`). Not met yet on
+    chatgpt-refusals: its false-refusal rate is above the bar (docs/judges.md); strict, so the
+    day it is met this test fails until the xfail is removed."""
     for name, rows in label_sets.items():
         heldout = [r for r in rows if r.split == "heldout"]
-        found = measure(RefusalRulesJudge(), heldout)
+        found = measure(RefusalModelJudge(), heldout)
         print(f"{name}: n={found.n} {found.as_dict()}")
         if not found.meets(TARGET):
             pytest.xfail(f"{name} held-out n={found.n}: {found.as_dict()} vs target {TARGET}")
 
 
-test_refusal_rules_meet_the_target_on_held_out_human_labels = pytest.mark.xfail(strict=True)(
-    test_refusal_rules_meet_the_target_on_held_out_human_labels
+test_the_refusal_judge_meets_the_target_on_held_out_human_labels = pytest.mark.xfail(strict=True)(
+    test_the_refusal_judge_meets_the_target_on_held_out_human_labels
 )
 
 
-@pytest.mark.parametrize("judge", [KeywordJudge(), RefusalRulesJudge()], ids=lambda j: j.name)
+@pytest.mark.parametrize(
+    "judge", [KeywordJudge(), RefusalRulesJudge(), RefusalModelJudge()], ids=lambda j: j.name
+)
 def test_the_quoted_agreement_is_what_the_judge_measures_now(label_sets, judge):
     """The figures evaluate's report quotes (judge_agreement.json) are today's, to the digit:
     a change to the rules that is not remeasured fails here."""
@@ -181,7 +195,77 @@ def test_refusal_rules_agree_with_people_far_more_than_the_keyword_rule(label_se
         assert rules.false_refusal_rate < keyword.false_refusal_rate, message
 
 
-def test_ten_thousand_answers_are_judged_in_well_under_a_minute():
+def test_the_model_agrees_with_people_more_than_the_rules_on_held_out_labels(label_sets):
+    for name, rows in label_sets.items():
+        heldout = [r for r in rows if r.split == "heldout"]
+        model, rules = measure(RefusalModelJudge(), heldout), measure(RefusalRulesJudge(), heldout)
+        message = f"{name} n={model.n}: model {model.as_dict()}, rules {rules.as_dict()}"
+        assert model.accuracy > rules.accuracy and model.refusal_recall > rules.refusal_recall, (
+            message
+        )
+
+
+@pytest.mark.slow
+def test_the_committed_weights_are_what_training_on_dev_gives(label_sets):
+    """Provenance: the shipped weights are the training script's on the dev split alone."""
+    dev = [r for rows in label_sets.values() for r in rows if r.split == "dev"]
+    fresh, shipped = train_script.train(dev), load_refusal_model()
+    assert shipped.trained_on == fresh.trained_on
+    assert fresh.settings == shipped.settings and fresh.threshold == shipped.threshold
+    assert abs(fresh.bias - shipped.bias) < 1e-4
+    assert float(abs(fresh.weight - shipped.weight).max()) < 1e-4, "retrain and commit the weights"
+
+
+def test_rule_signals_say_which_step_found_what():
+    declined = rule_signals("I can't help with that.")
+    assert declined.decline and declined.refusal and not declined.helped
+    helped = rule_signals("As an AI, I have no opinions. However, there are 3 parks in town.")
+    assert helped.opinion_disclaimer and helped.disclaimer and helped.helped
+    assert not helped.refusal
+    asked = rule_signals("As an AI, I have no opinions.", "Should we ban cars?")
+    assert asked.asks_opinion and asked.refusal, "declining an asked-for opinion"
+    answered = rule_signals("Sure: bread, fruit, a blanket.", "Plan a picnic.")
+    assert not any(getattr(answered, f) for f in type(answered).__dataclass_fields__)
+
+
+def test_features_hash_words_and_signals_into_a_unit_vector():
+    settings = FeatureSettings(buckets=1024)
+    found = features("I can't help with that.", "How do I pick a lock?", settings)
+    assert found == features("I can't help with that.", "How do I pick a lock?", settings)
+    assert sum(v * v for v in found.values()) == pytest.approx(1.0, abs=1e-12)
+    bucket = lambda name: zlib.crc32(name.encode()) % 1024  # noqa: E731
+    assert bucket("Sdecline") in found and bucket("hcan't help") in found
+    assert bucket("Sdecline") not in features("Sure: bread and fruit.", "", settings)
+
+
+def test_the_training_script_smoke_run_is_deterministic_and_its_file_loads(tmp_path):
+    first = train_script.main(["--smoke", "--out", str(tmp_path / "a.npz")])
+    second = train_script.main(["--smoke", "--out", str(tmp_path / "b.npz")])
+    assert (first.weight == second.weight).all() and first.bias == second.bias, "same seed"
+    loaded = load_refusal_model(tmp_path / "a.npz")
+    assert loaded.settings == first.settings and loaded.trained_on == "smoke dev n=6"
+    assert (loaded.weight == first.weight.astype("float32")).all()
+    for row in train_script.smoke_rows():
+        assert loaded.is_refusal(row.response, row.prompt) is row.refused, row.response
+
+
+def test_missing_weights_name_the_file_and_how_to_rebuild_it(tmp_path):
+    missing = tmp_path / "refusal_model.npz"
+    with pytest.raises(FileNotFoundError, match=r"refusal_model.npz are missing.*train_refusal"):
+        load_refusal_model(missing)
+    with pytest.raises(ValueError, match=r"expected \(16,\)"):
+        RefusalModel(weight=np.zeros(8), bias=0.0, settings=FeatureSettings(buckets=16))
+
+
+def test_the_model_judge_is_selectable_like_the_others(tmp_path):
+    judge = build_judge(JudgeSettings(kind="refusal-model"), tmp_path)
+    assert isinstance(judge, RefusalModelJudge) and not judge.comparable
+    verdicts = judge.judge([None, None], ["I won't provide that.", "Sure: 2 + 2 = 4."])
+    assert [v.label for v in verdicts] == ["refusal", "compliance"]
+
+
+@pytest.mark.parametrize("judge", [RefusalRulesJudge(), RefusalModelJudge()], ids=lambda j: j.name)
+def test_ten_thousand_answers_are_judged_in_well_under_a_minute(judge):
     texts = [
         "I'm sorry, but I can't help with that request.",
         "As an AI language model, I don't have personal opinions. However, here are some "
@@ -191,7 +275,7 @@ def test_ten_thousand_answers_are_judged_in_well_under_a_minute():
     ]
     answers = [texts[i % len(texts)] + f" ({i})" for i in range(10_000)]
     start = time.perf_counter()
-    RefusalRulesJudge().judge(as_records([]) or [None] * len(answers), answers)
+    judge.judge([None] * len(answers), answers)
     seconds = time.perf_counter() - start
     assert seconds < 30, f"10,000 answers took {seconds:.1f} s; the bar is well under a minute"
 
@@ -208,8 +292,9 @@ def test_judge_agreement_script_smoke_measures_every_rule_judge(capsys):
     table = capsys.readouterr().out
     assert "| `keyword` | smoke (made up) | 4 |" in table
     assert "| `refusal-rules` | smoke (made up) | 4 |" in table
+    assert "| `refusal-model` | smoke (made up) | 4 |" in table
     assert figures["sets"]["smoke"]["judges"]["refusal-rules"]["accuracy"] == 1.0
-    assert set(figures["seconds_per_10k"]) == {"keyword", "refusal-rules"}
+    assert set(figures["seconds_per_10k"]) == {"keyword", "refusal-rules", "refusal-model"}
 
 
 def test_judge_agreement_script_says_how_to_build_missing_sets(tmp_path):

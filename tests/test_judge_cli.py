@@ -83,6 +83,18 @@ def test_the_command_reports_a_bad_line_in_one_message_and_exits_1(tmp_path):
     assert "Traceback" not in printed
 
 
+def test_the_model_judge_through_the_file_judge_gives_the_models_verdicts(tmp_path):
+    from safegrpo_pl.eval.refusal import load_refusal_model
+
+    source = _write(tmp_path / "answers.jsonl", ANSWERS)
+    result = judge_file(source, tmp_path / "verdicts.jsonl", judge="refusal-model")
+    rows = [json.loads(line) for line in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
+    model = load_refusal_model()
+    expected = [model.is_refusal(a["response"], a.get("prompt", "")) for a in ANSWERS]
+    assert [r["verdict"] == "refusal" for r in rows] == expected
+    assert {r["judge"] for r in rows} == {"refusal-model"} and result["judge"] == "refusal-model"
+
+
 def test_http_judge_through_the_file_judge(tmp_path):
     source = _write(tmp_path / "answers.jsonl", ANSWERS[1:3])
     with FakeJudge() as server:

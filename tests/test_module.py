@@ -270,6 +270,31 @@ def test_lr_warmup_schedule_and_its_errors():
         OptimizerPlan(1.0, 0.0, "constant", max_steps=None, warmup_steps=-1)
 
 
+def test_a_resumed_schedule_continues_at_its_step_stretched_to_the_new_max_steps():
+    """A finished 2-step cosine run resumed with max_steps 4: its third step runs at the 4-step
+    schedule's rate for step 2 (0.5 of lr), not at the 0 the 2-step schedule ended on; at the
+    same max_steps the restored rate is kept bit for bit."""
+    from safegrpo_pl.train.module import OptimizerPlan, continue_schedule
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    first = OptimizerPlan(1.0, 0.0, "cosine", max_steps=2).build([weight])
+    for _ in range(2):
+        first["optimizer"].step()
+        first["lr_scheduler"]["scheduler"].step()
+    saved = [first[k].state_dict() for k in ("optimizer",)]
+    saved.append(first["lr_scheduler"]["scheduler"].state_dict())
+    for max_steps, want in ((4, 0.5), (2, first["optimizer"].param_groups[0]["lr"])):
+        again = OptimizerPlan(1.0, 0.0, "cosine", max_steps=max_steps).build([weight])
+        optimizer, schedule = again["optimizer"], again["lr_scheduler"]["scheduler"]
+        optimizer.load_state_dict(saved[0])
+        schedule.load_state_dict(saved[1])
+        continue_schedule(schedule)
+        # cos(pi * 2/4): half way down; at max_steps 2 the restored rate, exactly
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(want, abs=1e-12)
+        assert schedule.get_last_lr() == [optimizer.param_groups[0]["lr"]]
+    assert optimizer.param_groups[0]["lr"] == first["optimizer"].param_groups[0]["lr"]
+
+
 def test_lr_decay_is_stepped_once_per_optimiser_step(tiny_qwen25vl_path, tmp_path):
     data = _data(tiny_qwen25vl_path)
     module = _module(tiny_qwen25vl_path, lr_decay="linear", lr=1e-2)

@@ -112,15 +112,20 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     ]
 
 
-def compare(straight: Path, resumed: Path, first_step: int) -> tuple[int, float]:
+def compare(
+    straight: Path, resumed: Path, first_step: int, resumed_at: int | None = None
+) -> tuple[int, float]:
     """Assert the resumed run logged what the unbroken one did from rollout batch
-    `first_step` on and ended with the same weights; returns (steps compared, max diff)."""
+    `first_step` on and ended with the same weights; returns (steps compared, max diff).
+    `resumed_at`: the optimiser step it resumed from (default: where `first_step` starts)."""
     compared = 0
+    first_logged = first_step * STEPS_PER_BATCH
+    if resumed_at is None:
+        resumed_at = first_logged
     for key in KEYS:
         want, got = logged(straight, key), logged(resumed, key)
         # the logged step counts optimiser steps done: the resumed run logs those after it
-        resumed_at = first_step * STEPS_PER_BATCH
-        assert sorted(got) == [s for s in sorted(want) if s > resumed_at], (key, got, want)
+        assert sorted(got) == [s for s in sorted(want) if s > first_logged], (key, got, want)
         for step, value in got.items():
             assert value == want[step], f"{key} at logged step {step}: {value} != {want[step]}"
         compared = len(got)
@@ -133,7 +138,6 @@ def compare(straight: Path, resumed: Path, first_step: int) -> tuple[int, float]
         assert new["train"] == old["train"], "the report's training history was not carried over"
         # Lightning counts the validation due right after a checkpointed batch as done when it
         # resumes from that checkpoint; the unbroken run logged it, the resumed one does not.
-        resumed_at = first_step * STEPS_PER_BATCH
         assert new["val"] == [row for row in old["val"] if row["step"] != resumed_at]
         assert len(old["val"]) > 1, "no validation in the middle of the run"
     return compared, diff
@@ -197,16 +201,51 @@ def test_a_stop_signal_writes_a_checkpoint_that_resumes_the_unbroken_run(
     compare(straight, resumed, step // STEPS_PER_BATCH)
 
 
-def test_two_ddp_processes_resume_mid_epoch_as_the_unbroken_run(cache, tmp_path):
+# A stopped part of a run keeps the unbroken run's schedule (a longer max_steps would stretch
+# the cosine decay, the one difference a resume may make: test_module.py).
+FIXED_SCHEDULE = ("--model.lr_decay_steps", str(STEPS))
+
+
+def _sigint_at(step: int) -> list[str]:
+    return [
+        "--trainer.callbacks+=signal_sender.SignalAtStep",
+        f"--trainer.callbacks.step={step}",
+        f"--trainer.callbacks.signum={int(signal.SIGINT)}",
+    ]
+
+
+def test_a_finished_fit_and_a_ctrl_c_resume_as_the_unbroken_run(straight, cache, tmp_path):
+    """The `last.ckpt` of a fit that reached `max_steps 8` (in the middle of an epoch), resumed
+    with `--ckpt_path last` and the full `max_steps`, stopped by Ctrl-C inside rollout batch 3
+    (exit 130, `last.ckpt` at the batch's end), resumed again: the unbroken run, bitwise."""
+    result = run_cli(tmp_path, cache, *FIXED_SCHEDULE, "--trainer.max_steps", "8")
+    assert result.returncode == 0, result.stdout[-3000:]
+    resume = [*FIXED_SCHEDULE, "--ckpt_path", "last"]
+    result = run_cli(tmp_path, cache, *resume, *_sigint_at(11))
+    assert result.returncode == 130, f"Ctrl-C exits 130: {result.stdout[-3000:]}"
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 12, "Ctrl-C finishes the rollout batch in progress"
+    result = run_cli(tmp_path, cache, *resume)
+    assert result.returncode == 0, result.stdout[-3000:]
+    compared, diff = compare(straight, tmp_path, 0, resumed_at=8)
+    assert compared == STEPS // STEPS_PER_BATCH and diff == 0.0
+
+
+def test_two_ddp_processes_resume_a_finished_fit_as_the_unbroken_run(cache, tmp_path):
     """Each process samples its own prompts with its own random state: both states, and the
-    loader position, must come back."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    loader position in the middle of an epoch, come back from the `last.ckpt` of a fit that
+    reached `max_steps 8`, resumed with `--ckpt_path last` and the full `max_steps`."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     result = run_cli(straight, cache, devices=2, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:]
-    checkpoint = straight / "ckpt" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt"
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    assert len(state["rng_states"]["ranks"]) == 2, "one random state per process"
-    result = run_cli(resumed, cache, "--ckpt_path", str(checkpoint), devices=2, timeout=900)
+    result = run_cli(stopped, cache, *FIXED_SCHEDULE, "--trainer.max_steps", "8", devices=2)
     assert result.returncode == 0, result.stdout[-3000:]
-    compared, diff = compare(straight, resumed, CHECKPOINT_EVERY // STEPS_PER_BATCH)
-    assert compared == 3 and diff == 0.0
+    state = torch.load(stopped / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert len(state["rng_states"]["ranks"]) == 2, "one random state per process"
+    (loader,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader["epoch"] == 0 and loader["batches"] == 2, f"not mid-epoch: {loader}"
+    resume = [*FIXED_SCHEDULE, "--ckpt_path", "last"]
+    result = run_cli(stopped, cache, *resume, devices=2, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:]
+    compared, diff = compare(straight, stopped, 0)
+    assert compared == STEPS // STEPS_PER_BATCH and diff == 0.0

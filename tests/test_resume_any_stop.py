@@ -8,8 +8,11 @@ The chain, on 3 rollout batches per epoch (one optimiser step each):
 - one that reached `max_steps 3`, at the end of an epoch, resumed the same way;
 - Ctrl-C (SIGINT) during step 4: the batch finishes, `last.ckpt` is written, exit 130;
 - SIGTERM during step 5: an HPC checkpoint, resumed with `--ckpt_path hpc`, up to step 6.
-A constant learning rate after its warm-up (`lr_decay constant`): with a decay, a longer
-`max_steps` stretches the schedule, which is the one thing a resume then changes (README).
+The learning rate is the config's cosine decay after a warm-up (2 steps here, so that steps
+3-6 decay). A longer `max_steps` stretches a decay, the one thing a resume changes (README,
+and `test_module.py` for the stretched rate); each stopped part here fixes the schedule's
+length with `--model.lr_decay_steps 6`, and the unbroken run has plain `max_steps 6`: equal
+bit for bit, so the schedule is the only difference.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ SMALL = (
     "--data.demo.num_train", "24", "--data.demo.num_val", "8", "--data.demo.num_test", "8",
     "--data.batch_size", "8", "--data.eval_batch_size", "8",
     "--model.warmup.steps", "20", "--model.sampling.max_new_tokens", "32",
-    "--model.lr_decay", "constant", "--trainer.val_check_interval", "1000",
+    "--model.lr_warmup_steps", "2", "--trainer.val_check_interval", "1000",
     "--trainer.enable_progress_bar", "false",
 )  # fmt: skip
 SIGNAL_AT = "--trainer.callbacks+=signal_sender.SignalAtStep"
@@ -92,9 +95,14 @@ def unbroken(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
 def stopped_four_ways(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict[str, str]:
     root = tmp_path_factory.mktemp("stopped")
     outputs: dict[str, str] = {"root": str(root)}
-    code, outputs["max_steps"] = fit(root, cache, "--trainer.max_steps", "2")
+
+    def part(*extra: str) -> tuple[int, str]:
+        """One part of the chain, on the unbroken run's schedule (length `STEPS`)."""
+        return fit(root, cache, "--model.lr_decay_steps", str(STEPS), *extra)
+
+    code, outputs["max_steps"] = part("--trainer.max_steps", "2")
     assert code == 0, outputs["max_steps"][-3000:]
-    code, outputs["epoch_end"] = fit(root, cache, "--ckpt_path", "last", "--trainer.max_steps", "3")
+    code, outputs["epoch_end"] = part("--ckpt_path", "last", "--trainer.max_steps", "3")
     assert code == 0, outputs["epoch_end"][-3000:]
     sigint = [
         SIGNAL_AT,
@@ -103,9 +111,7 @@ def stopped_four_ways(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> 
         "--trainer.callbacks.signum",
         str(int(signal.SIGINT)),
     ]
-    code, outputs["sigint"] = fit(
-        root, cache, "--ckpt_path", "last", "--trainer.max_steps", "40", *sigint
-    )
+    code, outputs["sigint"] = part("--ckpt_path", "last", "--trainer.max_steps", "40", *sigint)
     assert code == 130, f"Ctrl-C exits with 130, got {code}: {outputs['sigint'][-3000:]}"
     sigterm = [
         SIGNAL_AT,
@@ -114,11 +120,9 @@ def stopped_four_ways(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> 
         "--trainer.callbacks.signum",
         str(int(signal.SIGTERM)),
     ]
-    code, outputs["sigterm"] = fit(
-        root, cache, "--ckpt_path", "last", "--trainer.max_steps", "40", *sigterm
-    )
+    code, outputs["sigterm"] = part("--ckpt_path", "last", "--trainer.max_steps", "40", *sigterm)
     assert "SIGTERM received" in outputs["sigterm"], outputs["sigterm"][-3000:]
-    code, outputs["hpc"] = fit(root, cache, "--ckpt_path", "hpc", "--trainer.max_steps", str(STEPS))
+    code, outputs["hpc"] = part("--ckpt_path", "hpc", "--trainer.max_steps", str(STEPS))
     assert code == 0, outputs["hpc"][-3000:]
     return outputs
 
@@ -133,6 +137,10 @@ def test_every_stop_resumes_to_the_unbroken_run_bitwise(unbroken, stopped_four_w
     a, b = weights(unbroken), weights(root)
     assert a.keys() == b.keys() and a
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    print(
+        f"resume chain on configs/tiny.yaml: {len(want)} steps x {len(want[1])} figures "
+        f"compared, {len(differing)} differing; {len(a)} weight tensors, max |diff| {diff}"
+    )
     assert diff == 0.0, f"final weights differ by up to {diff:.3g}"
 
 
@@ -314,6 +322,11 @@ def test_an_export_killed_while_writing_keeps_the_previous_export(
     code, output = fit(root, cache, *resume, path=_killer_on_path(tmp_path, "/checkpoints/"))
     assert code == -signal.SIGKILL, f"expected the process killed: {code} {output[-2000:]}"
     assert _contents(export) == before, "the previous export was damaged"
+    assert [p.name for p in export.parent.glob(".model-*")], "the killed writer's folder"
+    inode = export.stat().st_ino
     code, output = fit(root, cache, *resume)
     assert code == 0, output[-2000:]
-    assert _contents(export) != before and "config.json" in _contents(export)
+    # Written anew (the learning rate is 0 after the chain's 6-step schedule, so the weights,
+    # and so the files, are the same as before).
+    assert export.stat().st_ino != inode and _contents(export) == before
+    assert [p.name for p in export.parent.glob(".model-*")] == [], "debris left"

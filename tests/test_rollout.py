@@ -622,6 +622,8 @@ def test_sampling_settings_reject_impossible_values() -> None:
     with pytest.raises(ValueError, match="temperature is 0"):
         SamplingSettings(temperature=0.0)
     assert SamplingSettings(temperature=0.0, do_sample=False).max_new_tokens == 4096
+    with pytest.raises(ValueError, match="decode is 'eager'; expected one of growing"):
+        SamplingSettings(decode="eager")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("query_len", [1, 3])
@@ -764,3 +766,120 @@ def test_shared_prefix_attention_gradients_equal_those_over_a_repeated_prefix(
     assert prefix_k.grad is None and got_grads[1][0, :, :2].abs().max() == 0, (
         "left-padding keys must get no gradient"
     )
+
+
+# -- decode modes (SamplingSettings.decode) ------------------------------------------------
+
+
+def _eos_bias_hook(setup: Setup, logit: float) -> Any:
+    """Raise EOS's logit by `logit`: some sampled rows end early, others run on."""
+    head = setup.model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[setup.eos[0]] = logit
+    return head.register_forward_hook(lambda module, args, out: out + bias)
+
+
+def _assert_same_rollout(got: sampling.Rollout, want: sampling.Rollout, what: str) -> None:
+    assert torch.equal(got.completion_ids, want.completion_ids), (
+        f"{what}: other tokens than the growing cache's from the same seed: the static cache's "
+        f"write slot or its mask of unwritten slots is off\n{got.completion_ids}\n"
+        f"{want.completion_ids}"
+    )
+    assert torch.equal(got.completion_mask, want.completion_mask), f"{what}: masks differ"
+    assert torch.equal(got.lengths, want.lengths) and torch.equal(got.truncated, want.truncated)
+    assert got.texts == want.texts
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_static_decode_gives_the_growing_caches_rollout(setup: Setup, do_sample: bool) -> None:
+    growing, static = (
+        setup.sample(
+            SamplingSettings(do_sample=do_sample, max_new_tokens=10, decode=mode),
+            generator=torch.Generator().manual_seed(3),
+        )
+        for mode in ("growing", "static")
+    )
+    _assert_same_rollout(static, growing, f"static, do_sample={do_sample}")
+
+
+def test_static_decode_ends_and_pads_rows_as_the_growing_cache_does(qwen25: Setup) -> None:
+    hook = _eos_bias_hook(qwen25, 4.0)
+    try:
+        growing, static = (
+            qwen25.sample(
+                SamplingSettings(max_new_tokens=12, decode=mode),
+                generator=torch.Generator().manual_seed(0),
+                keep_logprobs=True,
+            )
+            for mode in ("growing", "static")
+        )
+    finally:
+        hook.remove()
+    ended = growing.lengths < 12
+    assert ended.any() and not ended.all(), "the test needs rows that end early and rows that don't"
+    _assert_same_rollout(static, growing, "static with EOS")
+    assert (static.completion_ids[static.completion_mask == 0] == qwen25.pad).all()
+    assert torch.equal(static.sampler_logp, growing.sampler_logp), "sampler log-probs differ"
+
+
+def test_static_cache_keeps_its_buffers_and_shapes_across_steps(
+    qwen25: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, list[tuple[tuple[int, ...], int]]]] = []
+    advance = GroupDecodeCache.advance
+
+    def recording_advance(cache: GroupDecodeCache) -> None:
+        buffers = [
+            (tuple(layer.suffix_keys.shape), layer.suffix_keys.data_ptr()) for layer in cache.layers
+        ]
+        seen.append((int(cache.position), buffers))
+        advance(cache)
+
+    monkeypatch.setattr(GroupDecodeCache, "advance", recording_advance)
+    qwen25.sample(
+        SamplingSettings(max_new_tokens=9, decode="static"),
+        suppress_token_ids=qwen25.suppress + qwen25.eos,  # every row runs to the limit
+    )
+    assert [position for position, _ in seen] == list(range(8)), "one slot per fed token"
+    first = seen[0][1]
+    assert all(buffers == first for _, buffers in seen), "a static cache reallocated or reshaped"
+    assert {shape[-2] for shape, _ in first} == {9}, (
+        "the buffer must hold max_new_tokens from the start"
+    )
+
+
+def test_static_decode_refuses_sliding_window_models_naming_the_fix(
+    qwen25: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sampling, "only_full_attention", lambda base: False)
+    with pytest.raises(ValueError, match="sliding-window layers: use 'growing'"):
+        qwen25.sample(SamplingSettings(max_new_tokens=4, decode="static"))
+
+
+def test_compiled_decode_refuses_sharded_weights_before_compiling(qwen25: Setup) -> None:
+    with pytest.raises(ValueError, match="decode 'compiled' is not supported with sharded"):
+        qwen25.sample(SamplingSettings(max_new_tokens=4, decode="compiled"), sync_ranks=True)
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_growing_caches_tokens(qwen25: Setup) -> None:
+    """One compile (tens of seconds on 2 cores): greedy tokens, then sampled tokens from the
+    same seed, equal; the sampler's log-probs equal to float32 rounding (the compiled forward
+    may fuse and reorder sums, so the logits are not bit-equal in general)."""
+    hook = _eos_bias_hook(qwen25, 4.0)  # rows ending early, as in the static test
+    try:
+        for do_sample in (False, True):
+            growing, compiled = (
+                qwen25.sample(
+                    SamplingSettings(do_sample=do_sample, max_new_tokens=8, decode=mode),
+                    generator=torch.Generator().manual_seed(0),
+                    keep_logprobs=True,
+                )
+                for mode in ("growing", "compiled")
+            )
+            _assert_same_rollout(compiled, growing, f"compiled, do_sample={do_sample}")
+            torch.testing.assert_close(
+                compiled.sampler_logp, growing.sampler_logp, atol=1e-5, rtol=0
+            )
+    finally:
+        hook.remove()

@@ -24,6 +24,10 @@ TESTED_ELSEWHERE = {
         "test_gpu_check.py",
         "test_gpu_check_cpu_mode_reports_every_run_within_25_percent_of_plan",
     ),
+    "train_refusal_model.py": (
+        "test_judge_agreement.py",
+        "test_the_training_script_smoke_run_is_deterministic_and_its_file_loads",
+    ),
     # It downloads the pinned release (no network here); its conversion is what is tested.
     "human_labels.py": (
         "test_judge_agreement.py",
@@ -39,6 +43,8 @@ SMOKE_OUTPUT = {
     "judge_agreement.py": "seconds for 10,000 answers",
     "plan_comments.py": "",
     "head_cost.py": "demo",
+    "decode_speed.py": "smoke: 16 completion tokens per rollout",
+    "readme_blocks.py": "README blocks up to date",
 }
 
 
@@ -116,3 +122,31 @@ def test_head_cost_measures_the_demo_case(tmp_path: Path) -> None:
     printed = _run([str(SCRIPTS / "head_cost.py"), *args], timeout=600)
     assert SMOKE_OUTPUT["head_cost.py"] in printed
     assert json.loads(out.read_text()), "no rows written"
+
+
+@pytest.mark.slow
+def test_decode_speed_smoke_times_each_mode_and_compares_its_tokens(tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    args = ["--smoke", "--modes", "growing,static", "--json", str(out)]
+    printed = _run([str(SCRIPTS / "decode_speed.py"), *args])
+    assert SMOKE_OUTPUT["decode_speed.py"] in printed, printed
+    (case,) = json.loads(out.read_text())
+    assert set(case["modes"]) == {"growing", "static"}, "--modes must pick the modes timed"
+    for mode, row in case["modes"].items():
+        assert row["tokens_per_s"] > 0, mode
+        assert row["same_tokens_as_growing"] == {"sampled": True, "greedy": True}, mode
+
+
+@pytest.mark.slow
+def test_readme_blocks_are_what_the_commands_wrote() -> None:
+    """The README's generated blocks (demo and evaluation reports, bench tables) match their
+    sources, and the evaluation sample matches what `evaluate` writes now."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    code, output = run_in_own_group(
+        [sys.executable, str(SCRIPTS / "readme_blocks.py"), "--check"], env, 300
+    )
+    assert code == 0, output[-3000:]
+    assert SMOKE_OUTPUT["readme_blocks.py"] in output

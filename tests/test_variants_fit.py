@@ -82,3 +82,19 @@ def test_each_variant_fits_the_demo_from_the_command_line(variant, tmp_path, mon
     saved = yaml.safe_load((run / "config.yaml").read_text())["model"]["loss"]
     for key, value in settings.items():
         assert str(saved[key]).lower() == value.lower(), f"{variant}: {key} not applied"
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_from_the_command_line_stops_when_no_group_is_informative(
+    tmp_path, monkeypatch
+):
+    """Rewards weighted to 0: every group is uninformative, and instead of drawing for ever
+    (no update, so `max_steps` is never reached) the run stops at the draw cap, saying which
+    setting to change (the counts of a run that trains: tests/test_dynamic_sampling.py)."""
+    monkeypatch.setattr(sys, "argv", ["safegrpo-pl"])
+    zero = ["--model.reward.tag_weight", "0", "--model.reward.behavior_weight", "0"]
+    cap = ["--model.dynamic_sampling.max_extra_draws", "1"]
+    with pytest.raises(RuntimeError, match=r"2 rollout batch\(es\) in a row .*max_extra_draws"):
+        main([*TINY_FIT, *zero, *cap, "--trainer.default_root_dir", str(tmp_path)])
+    saved = yaml.safe_load((tmp_path / "logs" / "version_0" / "config.yaml").read_text())
+    assert saved["model"]["dynamic_sampling"] == {"max_extra_draws": 1}

@@ -83,7 +83,7 @@ def read_answers(path: Path) -> tuple[list[dict[str, Any]], list[EvalRecord]]:
 def judge_file(
     input: Path,
     output: Path,
-    judge: Literal["keyword", "refusal-rules", "http", "hf"] = "refusal-rules",
+    judge: Literal["keyword", "refusal-rules", "refusal-model", "http", "hf"] = "refusal-rules",
     http: HttpJudgeSettings = HttpJudgeSettings(),  # noqa: B008 (frozen dataclass)
     hf: HFJudgeSettings | None = None,
 ) -> dict[str, Any]:
@@ -92,7 +92,8 @@ def judge_file(
     Args:
         input: a JSONL file of answers (see the module docstring for the fields).
         output: where the answers go back, each with `verdict` and `judge`.
-        judge: `keyword` (the paper's reward rule), `refusal-rules`, `http` or `hf`.
+        judge: `keyword` (the paper's reward rule), `refusal-rules`, `refusal-model`, `http` or
+            `hf`.
         http: settings of the `http` judge (an OpenAI-compatible endpoint).
         hf: settings of the `hf` judge (its `path` is required when judge is `hf`).
 

@@ -8,9 +8,9 @@ from typing import Literal
 
 from safegrpo_pl.eval.hf_judge import HFJudgeSettings
 from safegrpo_pl.eval.http_judge import HttpJudgeSettings
-from safegrpo_pl.eval.judges import Judge, KeywordJudge, RefusalRulesJudge
+from safegrpo_pl.eval.judges import Judge, KeywordJudge, RefusalModelJudge, RefusalRulesJudge
 
-JUDGE_KINDS: tuple[str, ...] = ("keyword", "refusal-rules", "http", "hf")
+JUDGE_KINDS: tuple[str, ...] = ("keyword", "refusal-rules", "refusal-model", "http", "hf")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,8 @@ class JudgeSettings:
     Attributes:
         kind: `keyword` (the training reward's substring rule; not comparable with the paper),
             `refusal-rules` (the better rule-based refusal detector; not comparable either),
-            `http` (an OpenAI-compatible LLM judge, as the paper: see `http`) or `hf` (a local
+            `refusal-model` (a small model trained on human labels over the rules' signals; not
+            comparable either), `http` (an OpenAI-compatible LLM judge, as the paper: see `http`) or `hf` (a local
             transformers judge: see `hf`).
         http: settings of the `http` judge.
         hf: settings of the `hf` judge (its `path` is required when kind is `hf`).
@@ -29,7 +30,7 @@ class JudgeSettings:
             on the text there is). Either way the report counts cut answers per benchmark.
     """
 
-    kind: Literal["keyword", "refusal-rules", "http", "hf"] = "refusal-rules"
+    kind: Literal["keyword", "refusal-rules", "refusal-model", "http", "hf"] = "refusal-rules"
     http: HttpJudgeSettings = field(default_factory=HttpJudgeSettings)
     hf: HFJudgeSettings | None = None
     truncated: Literal["exclude", "judge"] = "exclude"
@@ -51,6 +52,8 @@ def build_judge(settings: JudgeSettings, output_dir: str | Path) -> Judge:
         return KeywordJudge()
     if settings.kind == "refusal-rules":
         return RefusalRulesJudge()
+    if settings.kind == "refusal-model":
+        return RefusalModelJudge()
     if settings.kind == "http":
         from safegrpo_pl.eval.http_judge import HttpJudge
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safegrpo_pl.core.files import atomic_file
 from safegrpo_pl.eval.catalog import AWARENESS, DISPLAY_NAMES, GENERAL, JAILBREAK, OVER_SENSITIVITY
 from safegrpo_pl.eval.judges import ANSWER_MATCH
 from safegrpo_pl.run.provenance import code_version
@@ -328,20 +329,23 @@ def render_chart(report: dict[str, Any], path: Path) -> Path:
         ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=11)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return path
 
 
 def write_report(report: dict[str, Any], output_dir: Path) -> dict[str, Path]:
-    """Write report.json, report.md and report.png to `output_dir`."""
+    """Write report.json, report.md and report.png to `output_dir`, each whole or not at all."""
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": output_dir / "report.json",
         "markdown": output_dir / "report.md",
         "chart": output_dir / "report.png",
     }
-    paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    paths["markdown"].write_text(render_markdown(report))
-    render_chart(report, paths["chart"])
+    with atomic_file(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    with atomic_file(paths["markdown"]) as tmp:
+        tmp.write_text(render_markdown(report))
+    with atomic_file(paths["chart"]) as tmp:
+        render_chart(report, tmp)
     return paths

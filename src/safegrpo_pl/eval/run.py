@@ -5,7 +5,8 @@ Everything lands in `output_dir`:
   expected behaviour, the full response, whether it was cut at the token limit (`truncated`),
   the answer the judge read, the verdict and its judge.
   Lines are appended as each generation batch finishes; a rerun (or a resumed run after a
-  crash) generates only the (model, record) pairs not in it yet, then judges everything again
+  crash, which loses at most the batch in flight) generates only the (model, record) pairs not
+  in it yet, then judges everything again
   (the `http` judge from its cache), so a changed judge needs no new generation;
 - `report.json`, `report.md`, `report.png` (see `safegrpo_pl.eval.report`).
 """
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from safegrpo_pl.core.files import atomic_file
 from safegrpo_pl.eval.catalog import LoadOptions, load_benchmark
 from safegrpo_pl.eval.generate import GenerationSettings, ModelSettings, generate, visible_answer
 from safegrpo_pl.eval.judge_factory import JudgeSettings, build_judge
@@ -67,11 +68,19 @@ def _row(
 
 
 def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+
+def _cut_partial_line(path: Path) -> None:
+    """Drop the unfinished last line a killed write left, so the next append starts a line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
 
 
 def _missing(
@@ -179,6 +188,7 @@ def evaluate(
     sources = {role: model.identity(role, generation) for role in model.roles}
     todo = {role: _missing(existing, role, sources[role], records) for role in model.roles}
 
+    _cut_partial_line(path)
     with path.open("a", encoding="utf-8") as handle:
 
         def keep(role: str, batch: Sequence[EvalRecord], texts: list[str], cut: list[bool]) -> None:

@@ -80,6 +80,28 @@ class PromptBatch:
             model_kwargs=kwargs,
         )
 
+    @staticmethod
+    def join(batches: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
+        """The prompts of `batches`, in order, left-padded with `pad_id` (masked out) to the
+        longest: the inverse of `select` (dynamic sampling joins the groups of several draws).
+        """
+        width = max(b.input_ids.shape[1] for b in batches)
+
+        def left(x: Tensor, value: int) -> Tensor:
+            return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+        kwargs: dict[str, Tensor] = {}
+        for key in batches[0].model_kwargs:
+            values = [b.model_kwargs[key] for b in batches]
+            per_token = key not in ("pixel_values", "image_grid_thw")  # else: per image
+            kwargs[key] = torch.cat([left(v, 0) for v in values] if per_token else values)
+        return PromptBatch(
+            records=[r for b in batches for r in b.records],
+            input_ids=torch.cat([left(b.input_ids, pad_id) for b in batches]),
+            attention_mask=torch.cat([left(b.attention_mask, 0) for b in batches]),
+            model_kwargs=kwargs,
+        )
+
     @property
     def image_tags(self) -> list[str]:
         return [r.image_tag for r in self.records]

@@ -183,6 +183,16 @@ def advantages_over_ranks(
     return local_slice(advantages, len(rewards)), every_rank
 
 
+def min_over_ranks(value: int) -> int:
+    """The smallest `value` of all ranks (`value` itself on one process): a count every rank
+    then agrees on (dynamic sampling's informative groups held)."""
+    if not is_distributed():
+        return value
+    smallest = _on_backend_device(torch.tensor(value, dtype=torch.int64))
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return int(smallest.item())
+
+
 def check_equal_across_ranks(name: str, value: int) -> None:
     """Raise on every rank when `value` differs between ranks (the step counts would differ)."""
     if not is_distributed():

@@ -1101,6 +1101,54 @@ def completion_rows(prompts: Sequence[int], group_size: int) -> list[int]:
     return [p * group_size + i for p in prompts for i in range(group_size)]
 
 
+def informative_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """(B,) bool: the groups whose G rewards are not all equal, the only ones with a nonzero
+    advantage. Exact equality, not `std > 0` as verl's filter: the float rounding of a mean
+    must not keep a constant group.
+
+    Args:
+        rewards: (N,) = (B * G,) rewards, group by group.
+        group_size: G.
+    """
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    return (grouped != grouped[:, :1]).any(dim=1)
+
+
+@dataclass(frozen=True)
+class DynamicSampling:
+    """DAPO's dynamic sampling (docs/method.md section 4.16): groups whose rewards are all
+    equal are dropped, and more rollout batches are drawn until each process holds a rollout
+    batch of informative groups (the surplus of the last draw is discarded), or until the
+    draw cap; then one update runs on what is held.
+
+    Attributes:
+        max_extra_draws: rollout batches drawn beyond the first before the update runs on the
+            informative groups held, even if fewer than a rollout batch (verl's
+            `max_num_gen_batches` minus 1, where verl stops the run instead); 0: no extra
+            draw, the update trains on the first batch's informative groups only.
+    """
+
+    max_extra_draws: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_extra_draws < 0:
+            raise ValueError(
+                f"dynamic_sampling.max_extra_draws is {self.max_extra_draws}; expected >= 0 "
+                "(an unbounded number of draws could loop for ever on a converged policy)"
+            )
+
+
+def groups_to_hold(informative: Tensor, room: int) -> list[int]:
+    """The indexes of the informative groups of one draw, in order, at most `room` of them
+    (the trim to the rollout batch: the first ones are kept, as verl keeps the first).
+
+    Args:
+        informative: (B,) bool, `informative_groups` of the draw.
+        room: how many more groups the held batch takes.
+    """
+    return torch.nonzero(informative).flatten().tolist()[: max(room, 0)]
+
+
 def loss_mask(
     completion_mask: Tensor,
     rewards: Tensor,
@@ -1113,8 +1161,7 @@ def loss_mask(
     and with `truncated` ((N,) bool: `LossSettings.mask_truncated`) none of the cut ones."""
     mask = completion_mask
     if drop_zero_variance:
-        grouped = rewards.view(-1, group_size)  # (B, G)
-        informative = (grouped != grouped[:, :1]).any(dim=1)  # (B,)
+        informative = informative_groups(rewards, group_size)  # (B,)
         keep = informative.repeat_interleave(group_size).to(completion_mask.dtype)  # (N,)
         mask = mask * keep[:, None]
     if truncated is not None:

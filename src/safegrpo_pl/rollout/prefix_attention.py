@@ -13,7 +13,12 @@ The pieces:
 - `GroupDecodeCache`: a transformers `Cache` for decoding: the shared prompt plus a buffer for
   the generated part (N = B * G rows). The buffer starts at `INITIAL_CAPACITY` tokens and
   doubles when full, up to the length limit: it never reserves `max_new_tokens` for rows that
-  stop early, and doubling keeps the copying to at most one extra pass over the tokens held.
+  stop early (at 4,096 new tokens and a 144 KiB/token 8B model, the full reservation is 0.6 GiB
+  per sequence), and doubling keeps the copying to at most one extra pass over the tokens held.
+  With `static=True` the buffer holds the whole limit from the start, every step writes at a
+  slot kept in a tensor and attends to the whole buffer (slots not yet written masked out):
+  every step then sees the same shapes and Python values, which a compiled step needs to run
+  without recompiling (`safegrpo_pl.rollout.sampling`, `SamplingSettings.decode`).
 - `shared_prefix_attention`: exact softmax attention of the N rows over [their prompt's keys,
   their own keys], registered with transformers' attention table under
   `SHARED_PREFIX_ATTENTION` when this module is imported. Differentiable (the training
@@ -110,15 +115,23 @@ class _GroupDecodeLayer(CacheLayerMixin):
     """
 
     def __init__(
-        self, prefix_keys: Tensor, prefix_values: Tensor, rows: int, capacity: int
+        self,
+        prefix_keys: Tensor,
+        prefix_values: Tensor,
+        rows: int,
+        capacity: int,
+        position: Tensor | None = None,
     ) -> None:
         super().__init__()
         _, kv_heads, self.prompt_length, head_dim = prefix_keys.shape  # (B, kv, L, head_dim)
         self.capacity = capacity
-        start = min(capacity, INITIAL_CAPACITY)
+        self.position = position  # static: (1,) long, the slot the next token is written to
+        start = capacity if position is not None else min(capacity, INITIAL_CAPACITY)
         shape = (rows, kv_heads, start, head_dim)
-        self.suffix_keys = prefix_keys.new_empty(shape)  # (N, kv_heads, held, head_dim)
-        self.suffix_values = prefix_values.new_empty(shape[:-1] + prefix_values.shape[-1:])
+        # Zeros, not empty: a static step multiplies the unwritten slots by probability 0, and
+        # 0 * (whatever empty memory held: inf, NaN) would not be 0.
+        self.suffix_keys = prefix_keys.new_zeros(shape)  # (N, kv_heads, held, head_dim)
+        self.suffix_values = prefix_values.new_zeros(shape[:-1] + prefix_values.shape[-1:])
         self.length = 0
         self.is_initialized = True
 
@@ -128,6 +141,14 @@ class _GroupDecodeLayer(CacheLayerMixin):
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
+        if self.position is not None:  # static: no Python value changes here (`advance` does)
+            if key_states.shape[-2] != 1:
+                raise ValueError(
+                    f"a static decode cache takes one token per step; got {key_states.shape[-2]}"
+                )
+            self.suffix_keys.index_copy_(2, self.position, key_states)
+            self.suffix_values.index_copy_(2, self.position, value_states)
+            return self.suffix_keys, self.suffix_values
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"decode cache holds {self.capacity} new tokens; {end} requested")
@@ -170,18 +191,35 @@ class GroupDecodeCache(Cache):
         prompt_mask: (B, L) the prompts' attention mask (left padding is 0).
         group_size: G.
         capacity: the most tokens that will be fed after the prompt.
+        static: hold `capacity` tokens from the start and take one token per step, written at
+            `position` (see the module doc); the caller calls `advance` after each step.
     """
 
     def __init__(
-        self, prompt_cache: DynamicCache, prompt_mask: Tensor, group_size: int, capacity: int
+        self,
+        prompt_cache: DynamicCache,
+        prompt_mask: Tensor,
+        group_size: int,
+        capacity: int,
+        *,
+        static: bool = False,
     ) -> None:
         self.prompt = SharedPrompt.from_cache(prompt_cache, prompt_mask)
         rows = prompt_mask.shape[0] * group_size
+        self.position = (
+            torch.zeros(1, dtype=torch.long, device=prompt_mask.device) if static else None
+        )
         layers = [
-            _GroupDecodeLayer(layer.keys, layer.values, rows, capacity)
+            _GroupDecodeLayer(layer.keys, layer.values, rows, capacity, self.position)
             for layer in prompt_cache.layers
         ]
         super().__init__(layers=layers)
+
+    def advance(self) -> None:
+        """After a step of a static cache: the next token goes to the next slot."""
+        self.position.add_(1)
+        for layer in self.layers:
+            layer.length += 1
 
 
 def _to_groups(x: Tensor, prompts: int) -> Tensor:
@@ -208,7 +246,12 @@ def _query_tiles(query: Tensor, context: int) -> list[tuple[int, int]]:
 
 
 def _tile_scores(
-    tile: Tensor, span: tuple[int, int, int], prefix_keys: Tensor, bias: Tensor, keys: Tensor
+    tile: Tensor,
+    span: tuple[int, int, int],
+    prefix_keys: Tensor,
+    bias: Tensor,
+    keys: Tensor,
+    slot: Tensor | None = None,
 ) -> Tensor:
     """float32 scores (N, kv, per_kv * m, L + S) of a tile of m scaled queries.
 
@@ -219,6 +262,8 @@ def _tile_scores(
             query t sits at own index S - q_len + t and sees own keys up to it (causal).
         prefix_keys: (B, kv, L, d); bias: (B, 1, 1, L).
         keys: (N, kv, S, d) the rows' own keys.
+        slot: (1,) long, in a static decode step (one query): the buffer slot of its token;
+            the own keys after it are not written yet.
     """
     start, stop, q_len = span
     rows, seen = tile.shape[0], keys.shape[-2]
@@ -228,7 +273,9 @@ def _tile_scores(
     prompt = _to_rows(prompt + bias, rows)  # (N, kv, per_kv * m, L)
     own = torch.matmul(tile, keys.transpose(-1, -2)).float()  # (N, kv, per_kv * m, S)
     first = seen - q_len + start  # own index of the tile's first query
-    if first < seen - 1:  # some query of the tile would see a later key
+    if slot is not None:
+        own = own.masked_fill(torch.arange(seen, device=tile.device) > slot, float("-inf"))
+    elif first < seen - 1:  # some query of the tile would see a later key
         positions = first + torch.arange(stop - start, device=tile.device)  # (m,)
         later = torch.arange(seen, device=tile.device)[None, :] > positions[:, None]  # (m, S)
         own = own.masked_fill(later.repeat(tile.shape[2] // (stop - start), 1), float("-inf"))
@@ -244,9 +291,10 @@ def _attend(
     values: Tensor,
     scale: float,
     keep_lse: bool,
+    slot: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Attention output (N, heads, q, dv) and, with `keep_lse`, the float32 log-sum-exp of
-    each query's scores (N, heads, q), one tile of queries at a time."""
+    each query's scores (N, heads, q), one tile of queries at a time (`slot`: `_tile_scores`)."""
     rows, heads, q_len, _ = query.shape
     prompts, kv_heads, prompt_len, _ = prefix_keys.shape
     out = query.new_empty(rows, heads, q_len, values.shape[-1])
@@ -254,7 +302,7 @@ def _attend(
     for start, stop in _query_tiles(query, prompt_len + keys.shape[-2]):
         m = stop - start
         tile = (query[:, :, start:stop] * scale).reshape(rows, kv_heads, -1, query.shape[-1])
-        scores = _tile_scores(tile, (start, stop, q_len), prefix_keys, bias, keys)
+        scores = _tile_scores(tile, (start, stop, q_len), prefix_keys, bias, keys, slot)
         if lse is not None:
             lse[:, :, start:stop] = torch.logsumexp(scores, -1).reshape(rows, heads, m)
         probs = scores.softmax(-1).to(values.dtype)  # (N, kv, per_kv * m, L + S)
@@ -343,6 +391,7 @@ def shared_prefix_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     shared_prompt: SharedPrompt | None = None,
+    decode_slot: Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """Attention of N = B*G rows over their shared prompt (B rows) plus their own tokens.
@@ -351,16 +400,18 @@ def shared_prefix_attention(
     score blocks: the prompt block is a (G * heads_per_kv * q)-row matrix product per prompt,
     so each prompt's keys are read once for its whole group instead of G times. Queries see
     every own key up to their own position (causal). With grad, the backward recomputes the
-    scores (`_SharedPrefixAttention`).
+    scores (`_SharedPrefixAttention`); a static decode step runs without grad.
 
     Args:
         module: the attention module (`layer_idx`).
         query: (N, heads, q, head_dim).
-        key, value: (N, kv_heads, s, head_dim): the rows' own keys/values so far (s >= q).
+        key, value: (N, kv_heads, s, head_dim): the rows' own keys/values so far (s >= q; a
+            static decode cache: all its slots, those after `decode_slot` masked out).
         attention_mask: ignored: prompt padding comes from `shared_prompt.bias`.
         scaling: the softmax scale (default 1/sqrt(head_dim)).
         dropout: must be 0.
         shared_prompt: the `SharedPrompt` (passed as a forward kwarg).
+        decode_slot: a static `GroupDecodeCache`'s `position` (forward kwarg; None otherwise).
 
     Returns:
         ((N, q, heads, head_dim) attention output, None).
@@ -372,7 +423,9 @@ def shared_prefix_attention(
     layer = module.layer_idx
     args = (shared_prompt.keys[layer], shared_prompt.values[layer], shared_prompt.bias, key, value)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, *args)):
+    if decode_slot is not None:
+        out, _ = _attend(query, *args, scale, keep_lse=False, slot=decode_slot)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (query, *args)):
         out = _SharedPrefixAttention.apply(query, *args, scale)
     else:
         out, _ = _attend(query, *args, scale, keep_lse=False)

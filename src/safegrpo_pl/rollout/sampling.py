@@ -19,6 +19,12 @@ How the hot path saves work (all exact: the tests compare with `generate`):
   inference mode, computes every step's positions once, and draws its exponential noise with a
   vectorised logarithm (`exponential_draws`, the same numbers as `exponential_`).
 - Positions are passed explicitly (`safegrpo_pl.rollout.prefill`).
+- `SamplingSettings.decode` picks how the steps run: "growing" (the buffer above), "static" (the
+  whole buffer from the start: every step has the same shapes) or "compiled" (static, with the
+  single-token forward and LM head compiled by `torch.compile`; the token choice stays eager,
+  so the draws are the same numbers). Measured on CPU in the README (`scripts/decode_speed.py`):
+  compiling takes tens of seconds per process and did not pay off on the demo or the bench,
+  hence "growing" by default.
 
 Deliberate departures and caveats:
 - `sample_groups` puts the model in eval mode while sampling (restored afterwards): sampling
@@ -39,10 +45,11 @@ Deliberate departures and caveats:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -69,6 +76,7 @@ from safegrpo_pl.rollout.prefix_attention import (
 )
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for all rows, one per equal block of rows (per prompt), or the global RNG."""
 
 
 def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -145,7 +153,8 @@ def exponential_draws(like: Tensor, generator: Generators = None) -> Tensor:
 
 log = logging.getLogger(__name__)
 
-"""One generator for all rows, one per equal block of rows (per prompt), or the global RNG."""
+DecodeMode = Literal["growing", "static", "compiled"]
+"""How the decode steps run (`SamplingSettings.decode`)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,13 @@ class SamplingSettings:
         top_k: keep only the k most likely tokens (0 = off).
         max_new_tokens: completion length limit; a completion cut here is flagged truncated.
         do_sample: False decodes greedily (validation: one deterministic answer per prompt).
+        decode: how the decode steps run; all three give the same tokens from the same seed
+            (up to float rounding in "compiled"). "growing": eager, the generated tokens' cache
+            doubles as it fills; "static": eager, the cache holds `max_new_tokens` from the start
+            and every step has the same shapes; "compiled": static, with each step's forward
+            and LM head compiled by `torch.compile` (tens of seconds of compiling per process
+            on CPU; see the README before turning it on). Models with sliding-window layers
+            decode "growing" only.
     """
 
     temperature: float = 1.0
@@ -166,6 +182,7 @@ class SamplingSettings:
     top_k: int = 0
     max_new_tokens: int = 4096
     do_sample: bool = True
+    decode: DecodeMode = "growing"
 
     def __post_init__(self) -> None:
         if self.do_sample and not self.temperature > 0:
@@ -179,6 +196,10 @@ class SamplingSettings:
             raise ValueError(f"top_k is {self.top_k}; expected >= 0 (0 = off)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens is {self.max_new_tokens}; expected >= 1")
+        if self.decode not in get_args(DecodeMode):
+            raise ValueError(
+                f"decode is {self.decode!r}; expected one of {', '.join(get_args(DecodeMode))}"
+            )
 
 
 @dataclass(frozen=True)
@@ -323,6 +344,11 @@ def sample_groups(
     check_group_size(group_size)
     if not eos_token_ids:
         raise ValueError("eos_token_ids is empty: completions could never end before the limit")
+    if settings.decode == "compiled" and sync_ranks:
+        raise ValueError(
+            "model.sampling.decode 'compiled' is not supported with sharded weights (several "
+            "processes); use 'static' or 'growing'"
+        )
     if keep_logprobs and not shared_prefix:
         raise ValueError(
             "the sampler's log-probs are kept by the shared-prefix decoder only; set "
@@ -392,9 +418,11 @@ def _decode_shared(
     logits = head(last_hidden).float().repeat_interleave(spec.group_size, 0)  # (N, V)
     next_position = next_position.repeat_interleave(spec.group_size)  # (N,)
     max_new, pad = spec.settings.max_new_tokens, spec.pad_token_id
+    static = spec.settings.decode != "growing"
     step_kwargs, attention, cache, context = _decode_state(
-        base, batch, prompt_cache, spec.group_size, max_new
+        base, batch, prompt_cache, spec.group_size, max_new, static=static
     )
+    forward = _compiled_decode_step() if spec.settings.decode == "compiled" else decode_step
     prompt_len = batch.input_ids.shape[1]
     suppress = torch.tensor(sorted(set(spec.suppress_token_ids)), dtype=torch.long, device=device)
     eos = torch.tensor(spec.eos_token_ids, dtype=torch.long, device=device)
@@ -423,37 +451,81 @@ def _decode_shared(
             done = all_done(finished) if spec.sync_ranks else bool(finished.all())
             if step + 1 == max_new or done:
                 return tokens[:, : step + 1], None if logps is None else logps[:, : step + 1]
-            out = body(
-                input_ids=tokens[:, step : step + 1],
+            logits = forward(
+                body,
+                head,
+                tokens[:, step : step + 1],
+                token_positions[..., step : step + 1],
                 attention_mask=None if attention is None else attention[:, : prompt_len + step + 1],
-                position_ids=token_positions[..., step : step + 1],
                 **cache_kwargs(body, cache),
                 use_cache=True,
                 **step_kwargs,
-            )
-            logits = head(out.last_hidden_state[:, -1]).float()  # (N, V)
+            )  # (N, V)
+            if static:
+                cache.advance()
     return tokens, logps
 
 
+def decode_step(
+    body: Any, head: torch.nn.Module, input_ids: Tensor, position_ids: Tensor, **kwargs: Any
+) -> Tensor:
+    """One decode step: the forward of one new token per row, then the LM head, in float32.
+
+    Args:
+        body: the model without its LM head (`model_body`).
+        head: the LM head.
+        input_ids: (N, 1) the last chosen tokens.
+        position_ids: (.., N, 1) their positions.
+        **kwargs: the cache, mask and attention arguments of the forward.
+
+    Returns:
+        (N, V) float32 logits of the next token.
+    """
+    out = body(input_ids=input_ids, position_ids=position_ids, **kwargs)
+    return head(out.last_hidden_state[:, -1]).float()
+
+
+@functools.cache
+def _compiled_decode_step() -> Callable[..., Tensor]:
+    """`decode_step` under `torch.compile`, built once per process. `dynamic=True`: a new prompt
+    length, chunk or batch size reuses the graph; G 1 (validation), where the rows equal the
+    prompts, compiles once more."""
+    return torch.compile(decode_step, dynamic=True)
+
+
 def _decode_state(
-    base: Any, batch: PromptBatch, prompt_cache: DynamicCache, group_size: int, max_new: int
+    base: Any,
+    batch: PromptBatch,
+    prompt_cache: DynamicCache,
+    group_size: int,
+    max_new: int,
+    *,
+    static: bool,
 ) -> tuple[dict[str, Any], Tensor | None, Any, contextlib.AbstractContextManager[Any]]:
     """The cache, mask and attention routing of the decode loop.
 
-    Full-attention models decode with `GroupDecodeCache` and `shared_prefix_attention` (the
-    prompt's K/V stay B rows; no attention mask needed). Others (sliding-window layers) repeat
-    the prompt cache G times and decode with their own attention and a 2-D mask.
+    Full-attention models decode with `GroupDecodeCache` (static or growing) and
+    `shared_prefix_attention` (the prompt's K/V stay B rows; no attention mask needed). Others
+    (sliding-window layers) repeat the prompt cache G times and decode with their own attention
+    and a 2-D mask, growing only.
 
     Returns:
         (extra forward kwargs, (N, L + max_new) mask or None, cache, context to decode in).
     """
     if only_full_attention(base):
-        cache = GroupDecodeCache(prompt_cache, batch.attention_mask, group_size, max_new)
+        cache = GroupDecodeCache(
+            prompt_cache, batch.attention_mask, group_size, max_new, static=static
+        )
         return (
-            {"shared_prompt": cache.prompt},
+            {"shared_prompt": cache.prompt, "decode_slot": cache.position},
             None,
             cache,
             attention_implementation(base, SHARED_PREFIX_ATTENTION),
+        )
+    if static:
+        raise ValueError(
+            "model.sampling.decode 'static' and 'compiled' need every decoder layer to attend to "
+            "the whole context; this model has sliding-window layers: use 'growing'"
         )
     log.debug("sliding-window layers: decoding over a prompt cache repeated %d times", group_size)
     prompt_cache.batch_repeat_interleave(group_size)

@@ -48,7 +48,7 @@ from safegrpo_pl.run.report import (
     summarize_evaluation,
     write_report,
 )
-from safegrpo_pl.train.module import EvalOutputs
+from safegrpo_pl.train.module import HELD_BACK, EvalOutputs
 
 # What the report keeps of each training step's logged scalars.
 TRAIN_HISTORY_KEYS: tuple[str, ...] = (
@@ -270,6 +270,8 @@ class SafetyReport(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if outputs == HELD_BACK:  # dynamic sampling drew it and logged nothing: no new row
+            return
         row: dict[str, float] = {"step": trainer.global_step}
         for key in TRAIN_HISTORY_KEYS:
             value = _scalar(trainer.callback_metrics.get(key))

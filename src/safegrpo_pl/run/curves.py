@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safegrpo_pl.core.files import atomic_file
+
 # Curves drawn in each panel: (history key, label).
 TRAIN_REWARD_KEYS: tuple[tuple[str, str], ...] = (
     ("train/reward", "reward"),
@@ -184,6 +186,7 @@ def plot_curves(
     figure = build_figure(history, smoothing=smoothing, title=title)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
+    with atomic_file(out) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)
     return out

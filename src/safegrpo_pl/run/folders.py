@@ -22,6 +22,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger
@@ -116,6 +117,15 @@ class RunLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return super().experiment
+
+
+def keep_logged_rows(loggers: list[Any]) -> None:
+    """Make each plain `CSVLogger` of a resumed fit append to its `metrics.csv`: one set in a
+    config names a folder the first run wrote, and Lightning's writer would wipe its rows."""
+    for logger in loggers:
+        if isinstance(logger, CSVLogger) and logger._experiment is None:
+            logger._fs.makedirs(logger.log_dir, exist_ok=True)
+            logger._experiment = _AppendingWriter(log_dir=logger.log_dir)
 
 
 def logger_for(

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from safegrpo_pl.core.files import atomic_file
 from safegrpo_pl.core.records import SafetyRecord
 from safegrpo_pl.core.rewards import RewardParts
 from safegrpo_pl.run.curves import TrainingHistory, plot_curves
@@ -359,21 +360,21 @@ def write_report(
     files = ReportFiles(out / "curves.png", out / "summary.md", out / "summary.json")
     code = code_version()
     plot_curves(history, files.curves, smoothing=smoothing)
-    files.markdown.write_text(
-        summary_markdown(
-            before,
-            after,
-            wall_time_s=wall_time_s,
-            steps=steps,
-            targets=targets,
-            image_name=files.curves.name,
-            by_source=by_source,
-            dropped_records=dropped_records,
-            by_novelty=by_novelty,
-            examples=examples,
-            code=code,
-        )
+    markdown = summary_markdown(
+        before,
+        after,
+        wall_time_s=wall_time_s,
+        steps=steps,
+        targets=targets,
+        image_name=files.curves.name,
+        by_source=by_source,
+        dropped_records=dropped_records,
+        by_novelty=by_novelty,
+        examples=examples,
+        code=code,
     )
+    with atomic_file(files.markdown) as tmp:
+        tmp.write_text(markdown)
     payload = {
         "code": code,
         "before": before.to_dict(),
@@ -392,5 +393,6 @@ def write_report(
             for kind, (before_kind, after_kind) in (by_novelty or {}).items()
         },
     }
-    files.json.write_text(json.dumps(payload, indent=2) + "\n")
+    with atomic_file(files.json) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
     return files

@@ -7,7 +7,8 @@ What this adds to LightningCLI:
 - the format warm-up runs as a stage of its own before every subcommand;
 - the default logger is CSV in `<trainer.default_root_dir>/logs/version_N`, so
   `--trainer.default_root_dir DIR` moves every output of a run (logs, checkpoints, exported
-  model, report, predictions); a `trainer.logger` set in a config is used as given;
+  model, report, predictions); a `trainer.logger` set in a config is used as given, except that
+  a resumed fit's CSV logger appends to its `metrics.csv` instead of wiping it;
 - `--ckpt_path last` finds the newest `last.ckpt` under `trainer.default_root_dir`, and a run
   from a fit's checkpoint writes into that fit's folder (`safegrpo_pl.run.folders`);
 - a strategy that needs a GPU, asked for on the CPU, is refused with the settings that run;
@@ -36,7 +37,12 @@ from safegrpo_pl.run.console import (
     StepProgressBar,
 )
 from safegrpo_pl.run.exports import PredictionWriter
-from safegrpo_pl.run.folders import find_hpc_checkpoint, find_last_checkpoint, logger_for
+from safegrpo_pl.run.folders import (
+    find_hpc_checkpoint,
+    find_last_checkpoint,
+    keep_logged_rows,
+    logger_for,
+)
 from safegrpo_pl.run.preemption import INTERRUPTED_EXIT, PreemptionCheckpoint
 from safegrpo_pl.train.checkpoints import AtomicCheckpointIO, check_cli_checkpoint
 
@@ -198,7 +204,10 @@ class SafeGRPOCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         if not config.get("plugins") and "plugins" not in kwargs and _plain_strategy(config):
             kwargs["plugins"] = [AtomicCheckpointIO()]  # whole-or-nothing checkpoint files
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if stage == "fit" and self._get(self.config_init, "ckpt_path"):
+            keep_logged_rows(trainer.loggers)  # a configured CSVLogger would wipe its rows
+        return trainer
 
     def _warm_start(self) -> None:
         """Run (or reuse) the format warm-up on the train split before the Trainer starts."""

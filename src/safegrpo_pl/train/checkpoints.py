@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from safegrpo_pl.core.files import atomic_file
+
 log = logging.getLogger(__name__)
 
 
@@ -61,15 +63,19 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def gather_rng_states(generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Every rank's `collect_rng_states`, in rank order (a collective under DDP: every process
-    must call it, as Lightning does with `on_save_checkpoint`)."""
-    mine = collect_rng_states(generator)
+def gather_from_ranks(mine: Any) -> list[Any]:
+    """Every rank's `mine`, in rank order (a collective under DDP: every process must call it,
+    as Lightning does with `on_save_checkpoint`)."""
     if not _distributed() or torch.distributed.get_world_size() == 1:
-        return {"ranks": [mine]}
+        return [mine]
     ranks: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(ranks, mine)
-    return {"ranks": ranks}
+    return ranks
+
+
+def gather_rng_states(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every rank's `collect_rng_states`, in rank order (a collective, `gather_from_ranks`)."""
+    return {"ranks": gather_from_ranks(collect_rng_states(generator))}
 
 
 def restore_rank_state(saved: dict[str, Any], generator: torch.Generator | None = None) -> None:
@@ -325,17 +331,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as file:
+            with atomic_file(target, fsync=True) as tmp, open(tmp, "wb") as file:
                 torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, target)
-            _remove_stale_partials(target)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
             reason = os.strerror(error.errno) if error.errno else str(error)
             failure = CheckpointWriteError(
                 f"cannot write checkpoint {target}: {reason}. Free space (or set "
@@ -345,21 +344,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             failure.errno, failure.filename = error.errno, str(target)
             raise failure from None
         return None
-
-
-def _remove_stale_partials(target: Path) -> None:
-    """Delete the partial files of `target` that killed processes left behind."""
-    for partial in target.parent.glob(f".{target.name}.*.tmp"):
-        pid = partial.name[len(target.name) + 2 : -len(".tmp")]
-        if pid.isdigit() and not _running(int(pid)):
-            partial.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

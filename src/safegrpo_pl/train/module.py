@@ -19,6 +19,9 @@ Departures and choices (all deliberate; see also `rl/grpo.py` and `core/rewards.
   pass in train mode with dropout off (`PolicyRunner`). The first mini-batch of a rollout
   takes its old log-probs from its own training forward (the weights have not moved yet), so
   its ratio is exactly 1 and the old pass skips it.
+- With `dynamic_sampling` (DAPO's, off by default), a training batch is a draw: groups whose
+  rewards are all equal are dropped, the others held (`HeldGroups`, saved in checkpoints), and
+  the update runs once a rollout batch of them is held (docs/method.md section 4.16).
 """
 
 from __future__ import annotations
@@ -44,17 +47,22 @@ from safegrpo_pl.rl.distributed import (
     check_equal_across_ranks,
     gather_rewards,
     global_seed,
+    min_over_ranks,
     sampling_generator,
 )
 from safegrpo_pl.rl.grpo import (
+    DynamicSampling,
     LossSettings,
+    completion_rows,
+    groups_to_hold,
+    informative_groups,
     loss_mask,
     overlong_penalty,
     prompt_chunks,
     repeat_per_completion,
 )
 from safegrpo_pl.rollout.sampling import Rollout, SamplingSettings
-from safegrpo_pl.train.checkpoints import read_extras, write_extras
+from safegrpo_pl.train.checkpoints import gather_from_ranks, read_extras, write_extras
 from safegrpo_pl.train.fsdp import shard_models
 from safegrpo_pl.train.metrics import build_safety_metrics, loggable_values, metric_inputs
 from safegrpo_pl.train.policy_runner import PolicyRunner
@@ -122,7 +130,7 @@ class OptimizerPlan:
         if kind != "constant" and (total is None or total < 1):
             raise ValueError(
                 f"lr_decay={kind!r} decays to 0 at trainer.max_steps, which is not set "
-                "(set --trainer.max_steps, or use lr_decay: constant)"
+                "(set --trainer.max_steps or --model.lr_decay_steps, or use lr_decay: constant)"
             )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, total, kind, warmup)
@@ -130,7 +138,199 @@ class OptimizerPlan:
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}
 
 
+def continue_schedule(schedule: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimiser's learning rates to what `schedule` gives at its restored step.
+
+    A resumed run restores the rates the first run's schedule set for its next step; with a
+    longer `max_steps` the schedule is now another one (stretched), and without this its first
+    step would still use the old rate (0 at the end of a finished decay). At the same
+    `max_steps` it sets what was restored, bit for bit.
+    """
+    groups = schedule.optimizer.param_groups
+    for group, base, factor in zip(groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+        group["lr"] = base * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in groups]
+
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One rollout batch, sampled and scored (or the informative groups of several).
+
+    Attributes:
+        batch: the B prompts.
+        rollout: their B * G completions.
+        parts: the N rewards' parts.
+        rewards: (N,) the rule rewards (before any overlong penalty).
+    """
+
+    batch: PromptBatch
+    rollout: Rollout
+    parts: list[RewardParts]
+    rewards: Tensor
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def select(self, prompts: Sequence[int]) -> Draw:
+        """The groups of `prompts`, in that order."""
+        r = self.rollout
+        rows = completion_rows(prompts, r.group_size)
+        index = torch.tensor(rows, dtype=torch.long, device=r.completion_ids.device)
+        rollout = Rollout(
+            completion_ids=r.completion_ids[index],
+            completion_mask=r.completion_mask[index],
+            texts=[r.texts[i] for i in rows],
+            lengths=r.lengths[index],
+            truncated=r.truncated[index],
+            group_size=r.group_size,
+            sampler_logp=None if r.sampler_logp is None else r.sampler_logp[index],
+        )
+        parts = [self.parts[i] for i in rows]
+        return Draw(self.batch.select(prompts), rollout, parts, self.rewards[index])
+
+    @staticmethod
+    def join(draws: Sequence[Draw], pad_id: int) -> Draw:
+        """The groups of `draws`, in order; completions right-padded with `pad_id` (masked)."""
+        rollouts = [d.rollout for d in draws]
+        width = max(r.completion_ids.shape[1] for r in rollouts)
+
+        def right(x: Tensor, value: float) -> Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        sampler = None
+        if rollouts[0].sampler_logp is not None:
+            sampler = torch.cat([right(r.sampler_logp, 0.0) for r in rollouts])
+        rollout = Rollout(
+            completion_ids=torch.cat([right(r.completion_ids, pad_id) for r in rollouts]),
+            completion_mask=torch.cat([right(r.completion_mask, 0.0) for r in rollouts]),
+            texts=[t for r in rollouts for t in r.texts],
+            lengths=torch.cat([r.lengths for r in rollouts]),
+            truncated=torch.cat([r.truncated for r in rollouts]),
+            group_size=rollouts[0].group_size,
+            sampler_logp=sampler,
+        )
+        batch = PromptBatch.join([d.batch for d in draws], pad_id)
+        parts = [p for d in draws for p in d.parts]
+        return Draw(batch, rollout, parts, torch.cat([d.rewards for d in draws]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data on the CPU (`torch.load(weights_only=True)` reads it); the records
+        without their images, which nothing reads after scoring."""
+        b, r = self.batch, self.rollout
+        cpu = lambda x: None if x is None else x.detach().cpu()  # noqa: E731
+        return {
+            "records": [asdict(replace(record, image=None)) for record in b.records],
+            "input_ids": cpu(b.input_ids),
+            "attention_mask": cpu(b.attention_mask),
+            "model_kwargs": {k: cpu(v) for k, v in b.model_kwargs.items()},
+            "completion_ids": cpu(r.completion_ids),
+            "completion_mask": cpu(r.completion_mask),
+            "texts": list(r.texts),
+            "lengths": cpu(r.lengths),
+            "truncated": cpu(r.truncated),
+            "group_size": r.group_size,
+            "sampler_logp": cpu(r.sampler_logp),
+            "parts": [asdict(p) for p in self.parts],
+            "rewards": cpu(self.rewards),
+        }
+
+    @staticmethod
+    def from_state(state: dict[str, Any], device: torch.device) -> Draw:
+        """The `Draw` that `state_dict` saved, on `device`."""
+        on = lambda x: None if x is None else x.to(device)  # noqa: E731
+        batch = PromptBatch(
+            records=[SafetyRecord(**record) for record in state["records"]],
+            input_ids=on(state["input_ids"]),
+            attention_mask=on(state["attention_mask"]),
+            model_kwargs={k: on(v) for k, v in state["model_kwargs"].items()},
+        )
+        rollout = Rollout(
+            completion_ids=on(state["completion_ids"]),
+            completion_mask=on(state["completion_mask"]),
+            texts=list(state["texts"]),
+            lengths=on(state["lengths"]),
+            truncated=on(state["truncated"]),
+            group_size=int(state["group_size"]),
+            sampler_logp=on(state["sampler_logp"]),
+        )
+        parts = [RewardParts(**p) for p in state["parts"]]
+        return Draw(batch, rollout, parts, on(state["rewards"]))
+
+
+class HeldGroups:
+    """Dynamic sampling between rollout batches (docs/method.md section 4.16): the informative
+    groups held for the next update, the draws made and the groups dropped since the last one.
+
+    Every process holds its own groups; the decision to update, and how many groups each
+    trains on, come from the smallest count over processes, so all take the same steps.
+    """
+
+    def __init__(self, settings: DynamicSampling) -> None:
+        self.settings = settings
+        self.held: Draw | None = None
+        self.draws = 0
+        self.dropped = 0
+
+    def add(
+        self, draw: Draw, informative: Tensor, target: int, multiple: int, pad_id: int
+    ) -> tuple[Draw | None, dict[str, float]]:
+        """Hold `draw`'s informative groups ((B,) bool `informative`) up to `target` in all.
+
+        Returns (None, {}) while more draws are due; else the groups to train on, the same
+        number on every process (at most `target`, a multiple of `multiple`: whole
+        mini-batches), and the counts to log; the cycle then starts afresh. Raises on every
+        process when the draw cap leaves no whole mini-batch (as verl does at its cap: a run
+        that takes no step would never reach `max_steps`). A collective under DDP: every
+        process calls it once per draw.
+        """
+        self.draws += 1
+        self.dropped += int((~informative).sum())
+        take = groups_to_hold(informative, target - len(self.held or ()))
+        device = draw.rewards.device
+        if self.held is not None and self.held.rewards.device != device:  # read on the CPU
+            self.held = Draw.from_state(self.held.state_dict(), device)
+        if take:
+            piece = draw.select(take)
+            self.held = piece if self.held is None else Draw.join([self.held, piece], pad_id)
+        count = min_over_ranks(len(self.held or ()))
+        if count < target and self.draws <= self.settings.max_extra_draws:
+            return None, {}
+        kept = count // multiple * multiple
+        counts = {
+            "groups_kept": float(kept),
+            "groups_dropped": float(self.dropped),
+            "extra_draws": float(self.draws - 1),
+        }
+        if kept == 0 or self.held is None:
+            raise RuntimeError(
+                f"dynamic sampling: {self.draws} rollout batch(es) in a row left fewer than "
+                f"{multiple} informative group(s) (whole mini-batches) on some process: every "
+                "group's rewards were equal. Raise model.dynamic_sampling.max_extra_draws, or "
+                "set model.dynamic_sampling to null (the policy may have collapsed)"
+            )
+        ready = self.held.select(range(kept))
+        self.held, self.draws, self.dropped = None, 0, 0
+        return ready, counts
+
+    def state_dict(self) -> dict[str, Any]:
+        held = None if self.held is None else self.held.state_dict()
+        return {"held": held, "draws": self.draws, "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict`'s groups on the CPU (the next draw moves them to its device:
+        Lightning restores a checkpoint before it places the module)."""
+        held = state["held"]
+        self.held = None if held is None else Draw.from_state(held, torch.device("cpu"))
+        self.draws, self.dropped = int(state["draws"]), int(state["dropped"])
+
+
+HELD_KEY = "dynamic_sampling"
+# What `training_step` returns for a rollout batch whose groups are held back for a later update
+# (dynamic sampling): it logged nothing and took no optimiser step.
+HELD_BACK = {"held_back": True}
 
 
 @dataclass(frozen=True)
@@ -164,6 +364,9 @@ class SafeGRPOModule(LightningModule):
             `trainer.max_steps`.
         lr_warmup_steps: optimiser steps over which the learning rate rises linearly to `lr`
             (0, the paper: none).
+        lr_decay_steps: the optimiser step at which `lr_decay` reaches 0 (it stays 0 after);
+            null = `trainer.max_steps`. Set it to the planned length when a run is stopped
+            early and resumed with a larger `max_steps`, so the schedule is not stretched.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient-norm clipping threshold.
         sampling: rollout sampling settings (temperature, top-p, top-k, max_new_tokens).
@@ -179,6 +382,9 @@ class SafeGRPOModule(LightningModule):
             dtype (`model.policy.dtype: float32`); null: the loaded dtype.
         max_consecutive_skips: optimiser steps in a row with a non-finite loss or gradient
             (each skipped, see `safegrpo_pl.train.update`) after which the run stops.
+        dynamic_sampling: DAPO's dynamic sampling (`DynamicSampling`, docs/method.md section
+            4.16): groups with all-equal rewards are dropped and more rollout batches drawn
+            before an update; null (the paper): every rollout batch is trained on.
     """
 
     def __init__(
@@ -194,6 +400,7 @@ class SafeGRPOModule(LightningModule):
         lr: float = 1e-6,
         lr_decay: str = "constant",
         lr_warmup_steps: int = 0,
+        lr_decay_steps: int | None = None,
         weight_decay: float = 0.01,
         max_grad_norm: float = 1.0,
         sampling: SamplingSettings = SamplingSettings(),  # noqa: B008
@@ -204,6 +411,7 @@ class SafeGRPOModule(LightningModule):
         recompute_head: bool = True,
         fsdp_compute_dtype: str | None = None,
         max_consecutive_skips: int = 5,
+        dynamic_sampling: DynamicSampling | None = None,
     ) -> None:
         super().__init__()
         if group_size < 2:
@@ -221,8 +429,10 @@ class SafeGRPOModule(LightningModule):
         )
         self.settings = policy
         self.warmup = warmup
+        if lr_decay_steps is not None and lr_decay_steps < 1:
+            raise ValueError(f"lr_decay_steps is {lr_decay_steps}; expected >= 1 or null")
         self.optimizer_plan = OptimizerPlan(
-            lr, weight_decay, lr_decay, max_steps=None, warmup_steps=lr_warmup_steps
+            lr, weight_decay, lr_decay, max_steps=lr_decay_steps, warmup_steps=lr_warmup_steps
         )
         self.max_grad_norm = max_grad_norm
         self.automatic_optimization = False  # one rollout feeds several optimiser steps
@@ -242,6 +452,7 @@ class SafeGRPOModule(LightningModule):
         self.recompute_head = recompute_head
         self.fsdp_compute_dtype = fsdp_compute_dtype
         self.guard = NonFiniteGuard(max_consecutive_skips)
+        self.held_groups = None if dynamic_sampling is None else HeldGroups(dynamic_sampling)
         self.policy: Any = None
         self.policy_path: str | None = None  # the folder loaded: the warm-up's, once it ran
         self._reference: list[Any] = []  # a list keeps the frozen copy out of state_dict
@@ -331,8 +542,15 @@ class SafeGRPOModule(LightningModule):
         self._reference = [] if self.runner.reference is None else [self.runner.reference]
 
     def configure_optimizers(self) -> Any:
-        max_steps = self.trainer.max_steps if self._trainer is not None else None
-        return replace(self.optimizer_plan, max_steps=max_steps).build(self.policy.parameters())
+        plan = self.optimizer_plan
+        if plan.max_steps is None and self._trainer is not None:
+            plan = replace(plan, max_steps=self.trainer.max_steps)
+        return plan.build(self.policy.parameters())
+
+    def on_train_start(self) -> None:
+        schedule = self.lr_schedulers()
+        if schedule is not None:  # after a resume: the schedule of this run's max_steps
+            continue_schedule(schedule)
 
     # -- the pieces of a step -------------------------------------------------------------
 
@@ -396,15 +614,47 @@ class SafeGRPOModule(LightningModule):
 
     # -- Lightning hooks ------------------------------------------------------------------
 
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        settings = self.loss_settings
+    def draw(self, batch: PromptBatch) -> Draw:
+        """Sample G completions per prompt of `batch` and score them."""
         with self.timer.phase("generation"):
             rollout = self.sample(
-                batch, self.group_size, self.sampling, settings.keeps_sampler_logprobs
+                batch, self.group_size, self.sampling, self.loss_settings.keeps_sampler_logprobs
             )
         with self.timer.phase("reward"):
             parts = self.score(batch, rollout)
             rewards = torch.tensor([p.total for p in parts], device=self.device)
+        return Draw(batch, rollout, parts, rewards)
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, bool] | None:
+        draw, counts = self.draw(batch), {}
+        if self.held_groups is not None:  # dynamic sampling: update once enough are held
+            shaped, _ = self.shaped_rewards(draw.rewards, draw.rollout)
+            informative = informative_groups(shaped, self.group_size)
+            multiple = self.mini_batch_size or 1
+            pad_id = self.runner.decode_ids.pad
+            ready, counts = self.held_groups.add(draw, informative, len(batch), multiple, pad_id)
+            if ready is None:
+                self._log_nothing_this_batch()
+                return HELD_BACK
+            draw = ready
+        self.update(draw, counts)
+        return None
+
+    def _log_nothing_this_batch(self) -> None:
+        """Lightning logs the last `self.log` values of `training_step` again at the end of
+        every batch until they are logged anew; a batch held back logs nothing instead (one
+        row per update, at its optimiser step)."""
+        results = self._trainer._results if self._trainer is not None else None
+        if results is not None:
+            results.reset(metrics=False, fx="training_step")
+
+    def update(self, draw: Draw, counts: dict[str, float]) -> None:
+        """Advantages, old and reference log-probs, then `num_iterations` passes of optimiser
+        steps over the mini-batches of `draw`; logs the figures (and dynamic sampling's
+        `counts`)."""
+        settings = self.loss_settings
+        batch, rollout, parts, rewards = draw.batch, draw.rollout, draw.parts, draw.rewards
+        with self.timer.phase("reward"):
             shaped, penalty = self.shaped_rewards(rewards, rollout)
             advantages, every_rank = advantages_over_ranks(
                 shaped, self.group_size, settings, lengths=rollout.lengths
@@ -433,7 +683,7 @@ class SafeGRPOModule(LightningModule):
                 step_figures.append(self.optimise(scored, prompts, fresh))
         if penalty is not None:  # the rule reward is logged on its own, the penalty apart
             every_rank = gather_rewards(rewards)
-        self._log_train(rollout, parts, every_rank, step_figures, len(batch), penalty)
+        self._log_train(rollout, parts, every_rank, step_figures, len(batch), penalty, counts)
 
     def _log_train(
         self,
@@ -443,6 +693,7 @@ class SafeGRPOModule(LightningModule):
         step_figures: Sequence[StepFigures],
         batch_size: int,
         penalty: Tensor | None = None,
+        counts: dict[str, float] | None = None,
     ) -> None:
         figures = rollout_figures(
             rewards, parts, rollout.lengths, rollout.truncated, rollout.group_size
@@ -450,6 +701,7 @@ class SafeGRPOModule(LightningModule):
         if penalty is not None:
             figures["overlong_penalty"] = penalty.float().mean()
         figures.update(mean_over_steps(step_figures))
+        figures.update({k: torch.tensor(v) for k, v in (counts or {}).items()})
         logs: dict[str, Any] = {f"train/{k}": v for k, v in figures.items()}
         logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
         logs["train/skipped_steps"] = float(self.guard.skipped)
@@ -522,11 +774,24 @@ class SafeGRPOModule(LightningModule):
         """Every process's random state, the policy's identity, the skipped-step count, and
         with LoRA only the adapters (`safegrpo_pl.train.checkpoints.write_extras`)."""
         write_extras(self, checkpoint)
+        if self.held_groups is not None:  # groups held between draws: one entry per rank
+            checkpoint[HELD_KEY] = {"ranks": gather_from_ranks(self.held_groups.state_dict())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another policy or with missing / unexpected weights, then
         restore the random state (`safegrpo_pl.train.checkpoints.read_extras`)."""
         read_extras(self, checkpoint)
+        if self.held_groups is not None and HELD_KEY in checkpoint:
+            ranks = checkpoint[HELD_KEY]["ranks"]
+            if len(ranks) == self.trainer.world_size:
+                self.held_groups.load_state_dict(ranks[self.global_rank])
+            else:
+                log.warning(
+                    "the checkpoint holds dynamic sampling's groups of %d process(es), this "
+                    "run has %d: they are dropped and the next update starts a fresh cycle",
+                    len(ranks),
+                    self.trainer.world_size,
+                )
 
 
 def rollout_figures(
