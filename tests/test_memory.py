@@ -238,7 +238,7 @@ def test_peak_memory_grows_with_the_chunk_not_with_the_rollout_batch(runner):
 
 def test_decode_cache_grows_with_the_tokens_generated_not_the_limit():
     prefix = torch.randn(2, 2, 5, 8)  # (B, kv_heads, L, head_dim)
-    layer = _GroupDecodeLayer(prefix, prefix.clone(), group_size=3, capacity=4096)
+    layer = _GroupDecodeLayer(prefix, prefix.clone(), rows=6, capacity=4096)
     per_token = 2 * 6 * 2 * 8 * 4  # keys+values, N=6 rows, 2 kv heads, dim 8, float32
     written = []
     for step in range(150):
@@ -251,7 +251,7 @@ def test_decode_cache_grows_with_the_tokens_generated_not_the_limit():
     assert torch.equal(values[5, 1, :, 7], torch.arange(150.0) + 0.5)
     assert layer.held_bytes() < 4096 * per_token / 10
     with pytest.raises(RuntimeError, match="holds 4096 new tokens"):
-        _GroupDecodeLayer(prefix, prefix, 3, 4096).update(torch.zeros(6, 2, 4097, 8), prefix)
+        _GroupDecodeLayer(prefix, prefix, 6, 4096).update(torch.zeros(6, 2, 4097, 8), prefix)
 
 
 def test_chunks_hold_whole_prompts_and_bad_sizes_name_the_setting():
