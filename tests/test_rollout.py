@@ -710,6 +710,18 @@ def test_lora_policy_scores_and_samples_and_disabling_adapters_gives_the_base(
     assert out.completion_ids.shape[0] == len(qwen25.batch) * GROUP and policy.training
 
 
+def test_shared_prompt_survives_fsdp2s_cast_of_forward_kwargs() -> None:
+    """FSDP2's mixed-precision pre-hook rebuilds dataclasses and dicts in forward kwargs: the
+    prompt's keys/values recorded during the prefill must land in the caller's object."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    shared = SharedPrompt.for_prompts(torch.ones(2, 3, dtype=torch.long))
+    cast = _apply_to_tensors(lambda t: t.to(torch.bfloat16), {"record_prompt": shared})
+    cast["record_prompt"].record(0, torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4))
+    assert cast["record_prompt"] is shared and 0 in shared.keys
+    assert shared.bias.dtype == torch.float32, "the padding bias must stay float32"
+
+
 @pytest.mark.parametrize("tile_elements", [2**26, 1])
 def test_shared_prefix_attention_gradients_equal_those_over_a_repeated_prefix(
     monkeypatch: pytest.MonkeyPatch, tile_elements: int

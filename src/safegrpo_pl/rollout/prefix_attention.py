@@ -48,7 +48,6 @@ import contextlib
 import functools
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,19 +70,22 @@ ATTENTION_TILE_ELEMENTS = 2**26
 """Upper bound on the float32 (query, key) scores of one tile of queries: 256 MiB."""
 
 
-@dataclass
 class SharedPrompt:
     """Each layer's prompt keys/values, B rows, shared by the G completions of each prompt
     (G is read off the attention's N = B * G rows).
+
+    A plain class, not a dataclass: FSDP2 rebuilds dataclass (and dict) forward kwargs to cast
+    their tensors, so `record` would write into a copy that the scoring forward never sees.
 
     Attributes:
         keys, values: per layer, (B, kv_heads, L, head_dim), filled by the prefill.
         bias: (B, 1, 1, L) float32, 0 on prompt tokens and -inf on left padding.
     """
 
-    bias: Tensor
-    keys: dict[int, Tensor] = field(default_factory=dict)
-    values: dict[int, Tensor] = field(default_factory=dict)
+    def __init__(self, bias: Tensor) -> None:
+        self.bias = bias
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
 
     @classmethod
     def for_prompts(cls, prompt_mask: Tensor) -> SharedPrompt:
