@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -77,10 +78,14 @@ def _cut_partial_line(path: Path) -> None:
     """Drop the unfinished last line a killed write left, so the next append starts a line."""
     if not path.exists():
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
+    with path.open("r+b") as handle:
+        if handle.seek(0, os.SEEK_END) == 0:
+            return
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":  # the usual case: read one byte, not the whole file
+            return
+        handle.seek(0)
+        handle.truncate(handle.read().rfind(b"\n") + 1)
 
 
 def _missing(

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from safegrpo_pl.policy.inputs import PromptBatch
+from safegrpo_pl.rl.grpo import completion_rows
 
 
 def rollout_chunks(num_prompts: int, size: int | None) -> list[list[int]]:
@@ -94,11 +95,6 @@ def chunked_decode(
     return pad_right(pieces, pad_token_id), pad_right(logps, 0)
 
 
-def chunk_rows(prompts: Sequence[int], group_size: int) -> list[int]:
-    """The completion rows of `prompts` (completion i of prompt b is row b * G + i)."""
-    return [p * group_size + i for p in prompts for i in range(group_size)]
-
-
 def chunked_scores(
     score: Callable[[PromptBatch, Tensor, Tensor], Tensor],
     batch: PromptBatch,
@@ -120,7 +116,7 @@ def chunked_scores(
         prompts = [p for p in chunk if p not in skipped]
         if not prompts:
             continue
-        rows = chunk_rows(prompts, group_size)
+        rows = completion_rows(prompts, group_size)
         chunk_mask = mask[rows]
         width = int(chunk_mask.sum(1).max().item()) if ids.shape[1] else 0
         if width == 0:

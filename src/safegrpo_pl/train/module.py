@@ -61,6 +61,7 @@ from safegrpo_pl.rl.grpo import (
     prompt_chunks,
     repeat_per_completion,
 )
+from safegrpo_pl.rollout.chunking import pad_right
 from safegrpo_pl.rollout.sampling import Rollout, SamplingSettings
 from safegrpo_pl.train.checkpoints import gather_from_ranks, read_extras, write_extras
 from safegrpo_pl.train.fsdp import shard_models
@@ -195,17 +196,12 @@ class Draw:
     def join(draws: Sequence[Draw], pad_id: int) -> Draw:
         """The groups of `draws`, in order; completions right-padded with `pad_id` (masked)."""
         rollouts = [d.rollout for d in draws]
-        width = max(r.completion_ids.shape[1] for r in rollouts)
-
-        def right(x: Tensor, value: float) -> Tensor:
-            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
         sampler = None
         if rollouts[0].sampler_logp is not None:
-            sampler = torch.cat([right(r.sampler_logp, 0.0) for r in rollouts])
+            sampler = pad_right([r.sampler_logp for r in rollouts], 0.0)
         rollout = Rollout(
-            completion_ids=torch.cat([right(r.completion_ids, pad_id) for r in rollouts]),
-            completion_mask=torch.cat([right(r.completion_mask, 0.0) for r in rollouts]),
+            completion_ids=pad_right([r.completion_ids for r in rollouts], pad_id),
+            completion_mask=pad_right([r.completion_mask for r in rollouts], 0.0),
             texts=[t for r in rollouts for t in r.texts],
             lengths=torch.cat([r.lengths for r in rollouts]),
             truncated=torch.cat([r.truncated for r in rollouts]),
