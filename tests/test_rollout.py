@@ -722,14 +722,26 @@ def test_shared_prompt_survives_fsdp2s_cast_of_forward_kwargs() -> None:
     assert shared.bias.dtype == torch.float32, "the padding bias must stay float32"
 
 
-@pytest.mark.parametrize("tile_elements", [2**26, 1])
+@pytest.mark.parametrize(("fused", "tile_elements"), [(True, 2**26), (False, 2**26), (False, 1)])
 def test_shared_prefix_attention_gradients_equal_those_over_a_repeated_prefix(
-    monkeypatch: pytest.MonkeyPatch, tile_elements: int
+    monkeypatch: pytest.MonkeyPatch, fused: bool, tile_elements: int
 ) -> None:
-    """The backward (scores recomputed per tile of queries) gives the gradients of plain
+    """Forward (with and without grad) and backward give the output and gradients of plain
     attention over a prefix copied to every row; the prefix's gradient is summed over its
-    group. `tile_elements` 1: one query per tile."""
+    group. `fused`: torch's fused CPU kernel, two blocks merged by log-sum-exp; otherwise the
+    tiled path (scores recomputed per tile of queries; `tile_elements` 1: one query per tile)."""
     monkeypatch.setattr(prefix_attention, "ATTENTION_TILE_ELEMENTS", tile_elements)
+    fused_calls = []
+    if fused:
+        kernel = prefix_attention._FLASH_CPU
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            fused_calls.append(1)
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(prefix_attention, "_FLASH_CPU", counted)
+    else:
+        monkeypatch.setattr(prefix_attention, "_uses_fused_kernel", lambda query, keys: False)
     torch.manual_seed(0)
     prompts, group, heads, kv_heads, dim, prompt_len, seen = 2, 3, 4, 2, 8, 5, 4
     rows = prompts * group
@@ -747,8 +759,13 @@ def test_shared_prefix_attention_gradients_equal_those_over_a_repeated_prefix(
     got, _ = shared_prefix_attention(
         module, query, keys, values, None, scaling=0.3, shared_prompt=shared
     )
+    with torch.no_grad():
+        no_grad, _ = shared_prefix_attention(
+            module, query, keys, values, None, scaling=0.3, shared_prompt=shared
+        )
     inputs = (query, prefix_k, prefix_v, keys, values)
     got_grads = torch.autograd.grad((got * weights).sum(), inputs)
+    assert len(fused_calls) == (4 if fused else 0), "the fused kernel ran where it should not"
     full_k = torch.cat([prefix_k.repeat_interleave(group, 0), keys], 2)
     full_v = torch.cat([prefix_v.repeat_interleave(group, 0), values], 2)
     full_k, full_v = (t.repeat_interleave(heads // kv_heads, 1) for t in (full_k, full_v))
@@ -767,6 +784,7 @@ def test_shared_prefix_attention_gradients_equal_those_over_a_repeated_prefix(
     ).transpose(1, 2)
     expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    assert torch.allclose(no_grad, expected, atol=1e-6, rtol=0)
     for name, a, b in zip(
         ("query", "prefix keys", "prefix values", "keys", "values"),
         got_grads,

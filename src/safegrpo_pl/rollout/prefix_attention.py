@@ -22,9 +22,14 @@ The pieces:
 - `shared_prefix_attention`: exact softmax attention of the N rows over [their prompt's keys,
   their own keys], registered with transformers' attention table under
   `SHARED_PREFIX_ATTENTION` when this module is imported. Differentiable (the training
-  forward): its backward recomputes the scores tile by tile from the saved log-sum-exp, as
-  flash attention does, so neither pass keeps a (query, key) matrix beyond one tile of
-  `ATTENTION_TILE_ELEMENTS`, and the prompt's gradient is summed over its group.
+  forward), with the prompt's gradient summed over its group. On CPU, a scoring forward runs
+  on torch's fused attention kernel (the one SDPA runs, called directly for its log-sum-exp):
+  one call for the prompt block, its queries laid out per prompt, one causal call for the own
+  block, merged by their log-sum-exps; the kernel's backward is given the merged output and
+  log-sum-exp, so each block's gradient is its share of the one softmax's. Elsewhere (decode
+  steps, GPUs) plain PyTorch, tile by tile: the backward recomputes the scores from the saved
+  log-sum-exp, as flash attention does. Neither keeps a (query, key) matrix beyond a tile of
+  `ATTENTION_TILE_ELEMENTS`.
 - `route_shared_prompt`: routes the language model's attention through a dispatcher chosen by
   forward kwargs: the model's own attention, which with `record_prompt` also writes each
   layer's prompt keys/values into a `SharedPrompt` (unlike a KV cache, this survives gradient
@@ -37,9 +42,10 @@ Deliberate departures and caveats:
 - Only with dropout 0 (GRPO switches dropout off everywhere) and for models whose decoder
   layers all attend to the whole context (`only_full_attention`); sampling and scoring fall
   back to a repeated prompt otherwise.
-- In half precision the attention scores are rounded to the model dtype before a float32
-  softmax (as HF's eager attention does), where SDPA kernels keep them in float32: sampling and
-  scoring may differ in the last bits, far less than vLLM vs HF do.
+- In half precision the plain-PyTorch path rounds the attention scores to the model dtype
+  before a float32 softmax (as HF's eager attention does), where SDPA kernels, the fused CPU
+  path included, keep them in float32: sampling and scoring may differ in the last bits, far
+  less than vLLM vs HF do.
 """
 
 from __future__ import annotations
@@ -68,6 +74,12 @@ INITIAL_CAPACITY = 64
 
 ATTENTION_TILE_ELEMENTS = 2**26
 """Upper bound on the float32 (query, key) scores of one tile of queries: 256 MiB."""
+
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+"""SDPA's fused CPU kernel, called directly because it also returns the log-sum-exp."""
+
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 class SharedPrompt:
@@ -240,6 +252,103 @@ def _to_rows(x: Tensor, rows: int) -> Tensor:
     return x.reshape(rows, kv, width // group, x.shape[-1])
 
 
+def _grouped(x: Tensor, prompts: int, kv_heads: int) -> Tensor:
+    """(N, heads, q, X) -> (B, kv, G * per_kv * q, X): a group's queries side by side, per kv
+    head, as one batch row per prompt (the layout that reads its keys once)."""
+    rows, heads, q_len, width = x.shape
+    return _to_groups(x.reshape(rows, kv_heads, heads // kv_heads * q_len, width), prompts)
+
+
+def _ungrouped(x: Tensor, rows: int, heads: int) -> Tensor:
+    """(B, kv, G * per_kv * q, X) -> (N, heads, q, X), the inverse of `_grouped`."""
+    out = _to_rows(x, rows)  # (N, kv, per_kv * q, X)
+    return out.reshape(rows, heads, -1, x.shape[-1])
+
+
+def _uses_fused_kernel(query: Tensor, keys: Tensor) -> bool:
+    """Whether `_fused_attend` applies: CPU tensors, and a scoring forward (as many own keys as
+    queries, so the own block is plainly causal), not a decode step."""
+    return query.device.type == "cpu" and keys.shape[-2] == query.shape[-2]
+
+
+def _fused_attend(
+    query: Tensor,
+    prefix_keys: Tensor,
+    prefix_values: Tensor,
+    bias: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """`_attend` on torch's fused CPU attention kernel (the one SDPA runs): output (N, heads,
+    q, dv) and float32 log-sum-exp (N, heads, q).
+
+    Two kernel calls, merged by their log-sum-exps: the prompt block on the grouped layout
+    (B batch rows, each prompt's keys read once for its group), the own block causal over the
+    rows' own keys (their GQA heads repeated: the rows' own keys only, never the prompt's).
+    """
+    rows, heads = query.shape[:2]
+    prompts, kv_heads = prefix_keys.shape[:2]
+    per_kv = heads // kv_heads
+    prompt_out, prompt_lse = _FLASH_CPU(
+        _grouped(query, prompts, kv_heads),
+        prefix_keys,
+        prefix_values,
+        attn_mask=bias.to(query.dtype),
+        scale=scale,
+    )
+    prompt_out = _ungrouped(prompt_out, rows, heads)  # (N, heads, q, dv)
+    prompt_lse = _ungrouped(prompt_lse[..., None], rows, heads)[..., 0]  # (N, heads, q)
+    own_keys, own_values = (t.repeat_interleave(per_kv, 1) for t in (keys, values))
+    own_out, own_lse = _FLASH_CPU(query, own_keys, own_values, is_causal=True, scale=scale)
+    lse = torch.logaddexp(prompt_lse, own_lse)  # (N, heads, q)
+    out = prompt_out * (prompt_lse - lse).exp()[..., None]
+    out = out + own_out * (own_lse - lse).exp()[..., None]
+    return out.to(query.dtype), lse
+
+
+def _fused_backward(
+    grad_out: Tensor,
+    saved: tuple[Tensor, ...],
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (query, prefix keys, prefix values, keys, values) of `_fused_attend`.
+
+    Each block's backward kernel gets the MERGED output and log-sum-exp: its probabilities are
+    then the block's share of the whole softmax and its rowsum(dO * O) the whole row's, so the
+    two blocks' gradients add up to the gradient of the one softmax.
+    """
+    query, prefix_keys, prefix_values, bias, keys, values, out, lse = saved
+    rows, heads = query.shape[:2]
+    prompts, kv_heads = prefix_keys.shape[:2]
+    per_kv = heads // kv_heads
+
+    def grouped(x: Tensor) -> Tensor:
+        return _grouped(x, prompts, kv_heads)
+
+    prompt_query, grad_prefix_keys, grad_prefix_values = _FLASH_CPU_BACKWARD(
+        grouped(grad_out),
+        grouped(query),
+        prefix_keys,
+        prefix_values,
+        grouped(out),
+        grouped(lse[..., None])[..., 0].contiguous(),
+        0.0,
+        False,
+        attn_mask=bias.to(query.dtype),
+        scale=scale,
+    )
+    own_keys, own_values = (t.repeat_interleave(per_kv, 1) for t in (keys, values))
+    own_query, grad_keys, grad_values = _FLASH_CPU_BACKWARD(
+        grad_out, query, own_keys, own_values, out, lse, 0.0, True, scale=scale
+    )
+    grad_query = _ungrouped(prompt_query, rows, heads) + own_query
+    grad_keys, grad_values = (
+        g.reshape(rows, kv_heads, per_kv, *g.shape[2:]).sum(2) for g in (grad_keys, grad_values)
+    )
+    return grad_query, grad_prefix_keys, grad_prefix_values, grad_keys, grad_values
+
+
 def _query_tiles(query: Tensor, context: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of query positions whose scores fit `ATTENTION_TILE_ELEMENTS`."""
     rows, heads, q_len, _ = query.shape
@@ -333,55 +442,69 @@ class _SharedPrefixAttention(torch.autograd.Function):
         values: Tensor,
         scale: float,
     ) -> Tensor:
-        out, lse = _attend(query, prefix_keys, prefix_values, bias, keys, values, scale, True)
+        args = (query, prefix_keys, prefix_values, bias, keys, values, scale)
+        ctx.fused = _uses_fused_kernel(query, keys)
+        out, lse = _fused_attend(*args) if ctx.fused else _attend(*args, keep_lse=True)
         ctx.save_for_backward(query, prefix_keys, prefix_values, bias, keys, values, out, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        query, prefix_keys, prefix_values, bias, keys, values, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        rows, heads, q_len, dim = query.shape
-        prompts, kv_heads, prompt_len, _ = prefix_keys.shape
-        dtype = query.dtype
-        grad_query = torch.empty_like(query)
-        grads = [
-            torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-            for t in (prefix_keys, prefix_values, keys, values)
-        ]
-        for start, stop in _query_tiles(query, prompt_len + keys.shape[-2]):
-            m = stop - start
-            tile = (query[:, :, start:stop] * scale).reshape(rows, kv_heads, -1, dim)
-            scores = _tile_scores(tile, (start, stop, q_len), prefix_keys, bias, keys)
-            probs = (scores - lse[:, :, start:stop].reshape(rows, kv_heads, -1, 1)).exp()
-            grad_tile = grad_out[:, :, start:stop].reshape(rows, kv_heads, -1, out.shape[-1])
-            out_tile = out[:, :, start:stop].reshape(rows, kv_heads, -1, out.shape[-1])
-            delta = (grad_tile.float() * out_tile.float()).sum(-1, keepdim=True)
-            grad_groups = _to_groups(grad_tile, prompts)  # (B, kv, G * per_kv * m, dv)
-            grad_probs = torch.cat(
-                [
-                    _to_rows(torch.matmul(grad_groups, prefix_values.transpose(-1, -2)), rows),
-                    torch.matmul(grad_tile, values.transpose(-1, -2)),
-                ],
-                -1,
-            ).float()
-            grad_scores = (probs * (grad_probs - delta)).to(dtype)  # (N, kv, per_kv * m, L + S)
-            probs = probs.to(dtype)
-            prompt_probs = _to_groups(probs[..., :prompt_len], prompts)
-            prompt_grads = _to_groups(grad_scores[..., :prompt_len], prompts)
-            grads[0] += torch.matmul(prompt_grads.transpose(-1, -2), _to_groups(tile, prompts))
-            grads[1] += torch.matmul(prompt_probs.transpose(-1, -2), grad_groups)
-            grads[2] += torch.matmul(grad_scores[..., prompt_len:].transpose(-1, -2), tile)
-            grads[3] += torch.matmul(probs[..., prompt_len:].transpose(-1, -2), grad_tile)
-            grad_tile_query = _to_rows(torch.matmul(prompt_grads, prefix_keys), rows)
-            grad_tile_query = grad_tile_query + torch.matmul(grad_scores[..., prompt_len:], keys)
-            grad_query[:, :, start:stop] = (grad_tile_query * scale).reshape(rows, heads, m, dim)
-        grad_prefix_keys, grad_prefix_values, grad_keys, grad_values = (
-            g.to(t.dtype)
-            for g, t in zip(grads, (prefix_keys, prefix_values, keys, values), strict=True)
-        )
+        if ctx.fused:
+            grads = _fused_backward(grad_out.contiguous(), ctx.saved_tensors, ctx.scale)
+        else:
+            grads = _tiled_backward(grad_out, ctx.saved_tensors, ctx.scale)
+        grad_query, grad_prefix_keys, grad_prefix_values, grad_keys, grad_values = grads
         return grad_query, grad_prefix_keys, grad_prefix_values, None, grad_keys, grad_values, None
+
+
+def _tiled_backward(
+    grad_out: Tensor, saved: tuple[Tensor, ...], scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (query, prefix keys, prefix values, keys, values) of `_attend`, each tile's
+    scores recomputed from the saved log-sum-exp."""
+    query, prefix_keys, prefix_values, bias, keys, values, out, lse = saved
+    rows, heads, q_len, dim = query.shape
+    prompts, kv_heads, prompt_len, _ = prefix_keys.shape
+    dtype = query.dtype
+    grad_query = torch.empty_like(query)
+    grads = [
+        torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+        for t in (prefix_keys, prefix_values, keys, values)
+    ]
+    for start, stop in _query_tiles(query, prompt_len + keys.shape[-2]):
+        m = stop - start
+        tile = (query[:, :, start:stop] * scale).reshape(rows, kv_heads, -1, dim)
+        scores = _tile_scores(tile, (start, stop, q_len), prefix_keys, bias, keys)
+        probs = (scores - lse[:, :, start:stop].reshape(rows, kv_heads, -1, 1)).exp()
+        grad_tile = grad_out[:, :, start:stop].reshape(rows, kv_heads, -1, out.shape[-1])
+        out_tile = out[:, :, start:stop].reshape(rows, kv_heads, -1, out.shape[-1])
+        delta = (grad_tile.float() * out_tile.float()).sum(-1, keepdim=True)
+        grad_groups = _to_groups(grad_tile, prompts)  # (B, kv, G * per_kv * m, dv)
+        grad_probs = torch.cat(
+            [
+                _to_rows(torch.matmul(grad_groups, prefix_values.transpose(-1, -2)), rows),
+                torch.matmul(grad_tile, values.transpose(-1, -2)),
+            ],
+            -1,
+        ).float()
+        grad_scores = (probs * (grad_probs - delta)).to(dtype)  # (N, kv, per_kv * m, L + S)
+        probs = probs.to(dtype)
+        prompt_probs = _to_groups(probs[..., :prompt_len], prompts)
+        prompt_grads = _to_groups(grad_scores[..., :prompt_len], prompts)
+        grads[0] += torch.matmul(prompt_grads.transpose(-1, -2), _to_groups(tile, prompts))
+        grads[1] += torch.matmul(prompt_probs.transpose(-1, -2), grad_groups)
+        grads[2] += torch.matmul(grad_scores[..., prompt_len:].transpose(-1, -2), tile)
+        grads[3] += torch.matmul(probs[..., prompt_len:].transpose(-1, -2), grad_tile)
+        grad_tile_query = _to_rows(torch.matmul(prompt_grads, prefix_keys), rows)
+        grad_tile_query = grad_tile_query + torch.matmul(grad_scores[..., prompt_len:], keys)
+        grad_query[:, :, start:stop] = (grad_tile_query * scale).reshape(rows, heads, m, dim)
+    grad_prefix_keys, grad_prefix_values, grad_keys, grad_values = (
+        g.to(t.dtype)
+        for g, t in zip(grads, (prefix_keys, prefix_values, keys, values), strict=True)
+    )
+    return grad_query, grad_prefix_keys, grad_prefix_values, grad_keys, grad_values
 
 
 def shared_prefix_attention(
@@ -429,6 +552,8 @@ def shared_prefix_attention(
         out, _ = _attend(query, *args, scale, keep_lse=False, slot=decode_slot)
     elif torch.is_grad_enabled() and any(t.requires_grad for t in (query, *args)):
         out = _SharedPrefixAttention.apply(query, *args, scale)
+    elif _uses_fused_kernel(query, key):
+        out, _ = _fused_attend(query, *args, scale)
     else:
         out, _ = _attend(query, *args, scale, keep_lse=False)
     return out.transpose(1, 2).contiguous(), None
