@@ -266,9 +266,11 @@ def _ungrouped(x: Tensor, rows: int, heads: int) -> Tensor:
 
 
 def _uses_fused_kernel(query: Tensor, keys: Tensor) -> bool:
-    """Whether `_fused_attend` applies: CPU tensors, and a scoring forward (as many own keys as
-    queries, so the own block is plainly causal), not a decode step."""
-    return query.device.type == "cpu" and keys.shape[-2] == query.shape[-2]
+    """Whether `_fused_attend` applies: CPU tensors, and a scoring forward (several queries and
+    as many own keys, so the own block is plainly causal). Never a one-token decode step: the
+    growing and static decode caches must run the same arithmetic (equal sampled tokens)."""
+    q_len = query.shape[-2]
+    return query.device.type == "cpu" and q_len > 1 and keys.shape[-2] == q_len
 
 
 def _fused_attend(
