@@ -331,7 +331,7 @@ def test_shared_prompt_drops_the_repeated_prompt_keys_values_from_the_scoring_pe
     from safegrpo_pl.rollout import logprobs, prefix_attention
 
     if not fused:
-        monkeypatch.setattr(prefix_attention, "_uses_fused_kernel", lambda query, keys: False)
+        monkeypatch.setattr(prefix_attention, "FUSED_CPU_KERNEL", False)
 
     torch.manual_seed(0)
     config = Qwen3Config(

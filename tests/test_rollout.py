@@ -741,7 +741,7 @@ def test_shared_prefix_attention_gradients_equal_those_over_a_repeated_prefix(
 
         monkeypatch.setattr(prefix_attention, "_FLASH_CPU", counted)
     else:
-        monkeypatch.setattr(prefix_attention, "_uses_fused_kernel", lambda query, keys: False)
+        monkeypatch.setattr(prefix_attention, "FUSED_CPU_KERNEL", False)
     torch.manual_seed(0)
     prompts, group, heads, kv_heads, dim, prompt_len, seen = 2, 3, 4, 2, 8, 5, 4
     rows = prompts * group

@@ -76,6 +76,10 @@ ATTENTION_TILE_ELEMENTS = 2**26
 """Upper bound on the float32 (query, key) scores of one tile of queries: 256 MiB."""
 
 
+FUSED_CPU_KERNEL = True
+"""Whether a scoring forward on CPU runs on SDPA's fused CPU kernel; False: on the plain-PyTorch
+tiles that GPUs run (`scripts/plan_check.py` measures those: `plan` estimates a GPU's memory)."""
+
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 """SDPA's fused CPU kernel, called directly because it also returns the log-sum-exp."""
 
@@ -270,7 +274,8 @@ def _uses_fused_kernel(query: Tensor, keys: Tensor) -> bool:
     as many own keys, so the own block is plainly causal). Never a one-token decode step: the
     growing and static decode caches must run the same arithmetic (equal sampled tokens)."""
     q_len = query.shape[-2]
-    return query.device.type == "cpu" and q_len > 1 and keys.shape[-2] == q_len
+    on_cpu = FUSED_CPU_KERNEL and query.device.type == "cpu"
+    return on_cpu and q_len > 1 and keys.shape[-2] == q_len
 
 
 def _fused_attend(
