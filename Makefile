@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --constraint constraints.txt
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast research lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -18,10 +18,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # Two test processes, one per core; the tests of one file stay in one process (they share
 # its fits).
 test: install
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
+
+# The probes behind the demo's settings (docs/demo-research.md), minutes each: not in `make test`.
+research: install
+	$(PY) -m pytest --research -m research
 
 lint: install
 	$(PY) -m ruff check src tests scripts

@@ -3,9 +3,9 @@
     python scripts/judge_agreement.py [--labels DIR] [--write] [--hf PATH] [--http-base-url URL]
     python scripts/judge_agreement.py --smoke
 
-Reads the converted human-label sets (`scripts/human_labels.py` builds them), judges the
-held-out part of each with `keyword`, `refusal-rules`, `refusal-model` and, when given a model
-or an endpoint, `hf` and `http`, and prints a markdown table: set, licence, n, accuracy,
+Reads the converted human-label sets (the copy shipped in tests/assets/human_labels, or
+`--labels DIR`), judges the held-out part of each with `keyword`, `refusal-rules`,
+`refusal-model` and, when given a model or an endpoint, `hf` and `http`, and prints a markdown table: set, licence, n, accuracy,
 refusal recall, false-refusal rate. It also times the rule and model judges on 10,000 answers.
 `--write` stores the figures in `safegrpo_pl/eval/judge_agreement.json`, which `evaluate`'s
 report quotes.
@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from human_labels import default_labels
+
 from safegrpo_pl.eval.human_labels import (
     SOURCES,
     TARGET,
     LabelledAnswer,
     as_records,
     available_sets,
-    labels_dir,
     measure,
 )
 from safegrpo_pl.eval.judges import Judge, KeywordJudge, RefusalModelJudge, RefusalRulesJudge
@@ -132,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--http-base-url", default=None, help="an OpenAI-compatible judge")
     parser.add_argument("--http-model", default="gpt-4o-mini")
     args = parser.parse_args(argv)
-    sets = smoke_set() if args.smoke else available_sets(args.labels or labels_dir())
+    sets = smoke_set() if args.smoke else available_sets(args.labels or default_labels())
     if not sets:
         raise SystemExit(
-            f"no human-label sets in {args.labels or labels_dir()}; build them with "
+            f"no human-label sets in {args.labels or default_labels()}; build them with "
             "`python scripts/human_labels.py` (or pass --labels DIR)"
         )
     figures = measure_all(sets, judges(args.hf, args.http_base_url, args.http_model))

@@ -3,8 +3,9 @@
     python scripts/train_refusal_model.py [--labels DIR] [--out FILE]
     python scripts/train_refusal_model.py --smoke
 
-Reads the converted sets (`scripts/human_labels.py` builds them), keeps the `dev` split only
-(the held-out part is never read here), and fits an L2-regularised logistic regression over
+Reads the converted sets (the copy shipped in tests/assets/human_labels, or `--labels DIR`),
+keeps the `dev` split only (the held-out part is never read here), and fits an L2-regularised
+logistic regression over
 `safegrpo_pl.eval.refusal.features` (hashed word n-grams of the answer and the rules' signals)
 with full-batch L-BFGS from zero weights, in one thread: the same data gives the same weights.
 Prints the 5-fold cross-validated agreement on dev, then writes the weights fitted on all of dev
@@ -21,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from human_labels import default_labels
 
 from safegrpo_pl.eval.human_labels import (
     LabelledAnswer,
     agreement,
     available_sets,
-    labels_dir,
 )
 from safegrpo_pl.eval.refusal import MODEL_FILE, FeatureSettings, RefusalModel, features
 
@@ -135,10 +136,10 @@ def main(argv: list[str] | None = None) -> RefusalModel:
         rows = smoke_rows()
         out = args.out or Path(tempfile.mkdtemp()) / "refusal_model.npz"
     else:
-        sets = available_sets(args.labels or labels_dir())
+        sets = available_sets(args.labels or default_labels())
         if not sets:
             raise SystemExit(
-                f"no human-label sets in {args.labels or labels_dir()}; build them with "
+                f"no human-label sets in {args.labels or default_labels()}; build them with "
                 "`python scripts/human_labels.py` (or pass --labels DIR)"
             )
         rows = [r for found in sets.values() for r in found if r.split == "dev"]

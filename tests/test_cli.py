@@ -140,7 +140,31 @@ def test_cli_fit_runs_two_steps_and_writes_checkpoints_and_logs(tmp_path):
         rows = list(csv.DictReader(f))
     assert sum(1 for r in rows if r.get("train/reward")) == 2, "two training steps logged"
     assert any(r.get("val/format_rate") for r in rows), "validation metrics missing"
-    assert list(tmp_path.glob("logs/version_*/checkpoints/*.ckpt"))
+    (checkpoint,) = tmp_path.glob("logs/version_*/checkpoints/*.ckpt")
+    # Resumed with another lr: Lightning keeps the checkpoint's, and the run says so.
+    resume = [*command[:-2], "--trainer.max_steps", "3", "--ckpt_path", str(checkpoint)]
+    result = subprocess.run(
+        [*resume, "--model.lr", "0.5", "--trainer.default_root_dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if "model settings replace" in x]
+    assert "model.lr 0.5 -> 1e-06" in line and "model.group_size" not in line, line
+
+
+def test_replaced_settings_names_each_changed_model_key_flattened():
+    from safegrpo_pl.run.trainer_cli import replaced_settings
+
+    configured = {"lr": 0.5, "group_size": 2, "sampling": {"max_new_tokens": 8, "top_p": 1.0}}
+    resumed = {"lr": 1e-3, "group_size": 2, "sampling": {"max_new_tokens": 16, "top_p": 1.0}}
+    assert replaced_settings(configured, resumed) == [
+        "model.lr 0.5 -> 0.001",
+        "model.sampling.max_new_tokens 8 -> 16",
+    ]
+    assert replaced_settings(resumed, resumed) == []
 
 
 def test_cli_hides_the_manual_optimisation_note_and_nothing_else():
@@ -207,21 +231,17 @@ def test_a_mistyped_option_gets_one_line_with_the_closest_known_ones() -> None:
     ], "one line, not the 117-line usage"
 
 
-@pytest.mark.slow
-def test_an_abbreviated_option_is_refused_not_expanded() -> None:
-    result = _typed("fit", "--config", "configs/tiny.yaml", "--trainer.max_step", "5")
-    assert result.returncode == 2, "--trainer.max_step must not be read as --trainer.max_steps"
-    assert "unknown option --trainer.max_step (did you mean --trainer.max_steps?)" in (
-        result.stderr
-    )
+def test_an_abbreviated_option_is_refused_not_expanded(run_main) -> None:
+    status, _, err = run_main("fit", "--config", "configs/tiny.yaml", "--trainer.max_step", "5")
+    assert status == 2, "--trainer.max_step must not be read as --trainer.max_steps"
+    assert "unknown option --trainer.max_step (did you mean --trainer.max_steps?)" in err
 
 
-@pytest.mark.slow
-def test_fsdp1_on_the_cpu_is_refused_with_the_strategies_that_run() -> None:
-    result = _typed("fit", "--config", "configs/tiny.yaml", "--trainer.strategy", "fsdp")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr, "a one-line error, not Lightning's traceback"
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+def test_fsdp1_on_the_cpu_is_refused_with_the_strategies_that_run(run_main) -> None:
+    status, _, err = run_main("fit", "--config", "configs/tiny.yaml", "--trainer.strategy", "fsdp")
+    assert status == 1
+    assert "Traceback" not in err, "a one-line error, not Lightning's traceback"
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert "--trainer.strategy ModelParallelStrategy" in line and "--trainer.strategy ddp" in line
 
 

@@ -53,6 +53,8 @@ def test_counted_tokens_are_the_tokens_the_model_gets() -> None:
 import probe_typographic  # noqa: E402
 
 
+@pytest.mark.slow
+@pytest.mark.research
 def test_typographic_words_are_readable_from_the_demo_training_split() -> None:
     # The supervised probe on the 76 typographic images of the default 512 records: with the text
     # block kept in place (jitter 0, the default) the vision tower reads held-out phrases (new

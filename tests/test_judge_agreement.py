@@ -2,9 +2,8 @@
 agreement arithmetic, the refusal judge's figures on the held-out labels, its speed, and the
 scripts that build the sets and the table.
 
-The human-label sets are not in the repository (scripts/human_labels.py builds them). The
-tests that need them look in $SAFEGRPO_HUMAN_LABELS, then ../shared/human_labels beside the
-checkout, then the default cache, and are skipped, saying how to build them, when none is there.
+The human-label set ships in tests/assets/human_labels (MIT, with its licence and provenance
+beside it), so these tests run everywhere and measure the judges on the same held-out answers.
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -52,23 +51,38 @@ import human_labels as human_labels_script  # noqa: E402
 import judge_agreement as judge_agreement_script  # noqa: E402
 import train_refusal_model as train_script  # noqa: E402
 
-
-def _label_dirs() -> list[Path]:
-    configured = os.environ.get(human_labels.LABELS_ENV)
-    dirs = [Path(configured)] if configured else []
-    return [*dirs, ROOT.parent / "shared" / "human_labels", human_labels.labels_dir()]
+SHIPPED = human_labels_script.SHIPPED
 
 
 @pytest.fixture(scope="module")
 def label_sets() -> dict[str, list[human_labels.LabelledAnswer]]:
-    for directory in _label_dirs():
-        found = human_labels.available_sets(directory)
-        if found:
-            return found
-    pytest.skip(
-        "no human-label sets found; build them with `python scripts/human_labels.py` "
-        f"(looked in {', '.join(str(d) for d in _label_dirs())})"
-    )
+    """The shipped sets (tests/assets/human_labels), whatever $SAFEGRPO_HUMAN_LABELS says."""
+    found = human_labels.available_sets(SHIPPED)
+    assert set(found) == set(SOURCES), f"{SHIPPED} lacks a set: {sorted(set(SOURCES) - set(found))}"
+    return found
+
+
+def test_the_shipped_set_is_the_pinned_release_converted_with_its_licence(label_sets):
+    rows = label_sets["chatgpt-refusals"]
+    counts = Counter((r.split, r.label) for r in rows)
+    assert len(rows) == 1706 and len({r.id for r in rows}) == len(rows)
+    assert counts == {
+        ("dev", "compliance"): 638,
+        ("dev", "refusal"): 403,
+        ("heldout", "compliance"): 422,
+        ("heldout", "refusal"): 243,
+    }, counts
+    mapping = human_labels.CHATGPT_REFUSALS.mapping
+    for row in rows:
+        assert row.split == split_of(row.prompt), f"{row.id}: the split is the prompt's hash"
+        assert row.label == mapping[row.source_label], f"{row.id}: the authors' label, mapped"
+    notice = (SHIPPED / "LICENSE").read_text(encoding="utf-8")
+    assert notice.startswith("MIT License") and "Copyright (c) 2023 Max Reuter" in notice
+    provenance = (SHIPPED / "README.md").read_text(encoding="utf-8")
+    assert human_labels.CHATGPT_REFUSALS.commit in provenance
+    assert human_labels.CHATGPT_REFUSALS.sha256 in provenance
+    size = sum(p.stat().st_size for p in SHIPPED.iterdir())
+    assert size < 1_000_000, f"the shipped labels take {size:,} bytes; keep them under 1 MB"
 
 
 def test_split_depends_on_the_prompt_alone_and_holds_out_about_40_percent():
@@ -153,21 +167,39 @@ def test_a_set_file_that_is_not_converted_names_the_line_and_the_fix(tmp_path):
         read_set(path)
 
 
-def test_the_refusal_judge_meets_the_target_on_held_out_human_labels(label_sets):
-    """The issue's bar, for the best refusal judge (`refusal-model`). Not met yet on
-    chatgpt-refusals: its false-refusal rate is above the bar (docs/judges.md); strict, so the
-    day it is met this test fails until the xfail is removed."""
-    for name, rows in label_sets.items():
-        heldout = [r for r in rows if r.split == "heldout"]
-        found = measure(RefusalModelJudge(), heldout)
-        print(f"{name}: n={found.n} {found.as_dict()}")
-        if not found.meets(TARGET):
-            pytest.xfail(f"{name} held-out n={found.n}: {found.as_dict()} vs target {TARGET}")
+@pytest.fixture(scope="module")
+def model_on_heldout(label_sets) -> dict[str, human_labels.Agreement]:
+    """`refusal-model`'s agreement with people on each shipped set's held-out part."""
+    return {
+        name: measure(RefusalModelJudge(), [r for r in rows if r.split == "heldout"])
+        for name, rows in label_sets.items()
+    }
 
 
-test_the_refusal_judge_meets_the_target_on_held_out_human_labels = pytest.mark.xfail(strict=True)(
-    test_the_refusal_judge_meets_the_target_on_held_out_human_labels
+def test_the_refusal_judge_meets_the_accuracy_and_recall_target_on_held_out_labels(
+    model_on_heldout,
+):
+    """The issue's accuracy and recall bars, for the best refusal judge (`refusal-model`)."""
+    for name, found in model_on_heldout.items():
+        message = f"{name} held-out n={found.n}: {found.as_dict()} vs target {TARGET}"
+        assert found.accuracy >= TARGET["accuracy"], message
+        assert found.refusal_recall >= TARGET["refusal_recall"], message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="false-refusal rate 0.076 on chatgpt-refusals held-out (n=665) against a bar of 0.04;"
+    " dev cross-validation found no setting that meets it with recall >= 0.88 (docs/judges.md)",
 )
+def test_the_refusal_judge_meets_the_false_refusal_target_on_held_out_labels(model_on_heldout):
+    """The issue's false-refusal bar: not met yet; strict, so the day it is met this test fails
+    until the marker goes."""
+    for name, found in model_on_heldout.items():
+        assert found.false_refusal_rate <= TARGET["false_refusal_rate"], (
+            f"{name} held-out n={found.n}: false-refusal rate {found.false_refusal_rate:.4f} > "
+            f"{TARGET['false_refusal_rate']}"
+        )
 
 
 @pytest.mark.parametrize(
@@ -311,6 +343,11 @@ def test_human_labels_script_builds_sets_from_a_local_copy(tmp_path, monkeypatch
     rows = read_set(tmp_path / "out" / "fake.jsonl")
     assert len(rows) == 20 and sum(counts["fake"].values()) == 20
     assert {r.label for r in rows} == {REFUSAL}
+    for folder in ("a", "b"):  # gzipped: the same rows give the same bytes, and read back
+        human_labels_script.build(tmp_path / folder, tmp_path / "release.json", gzipped=True)
+    packed = (tmp_path / "a" / "fake.jsonl.gz").read_bytes()
+    assert packed == (tmp_path / "b" / "fake.jsonl.gz").read_bytes() and packed[:2] == b"\x1f\x8b"
+    assert read_set(tmp_path / "a" / "fake.jsonl.gz") == rows
 
 
 def test_every_source_names_its_licence_commit_and_mapping():

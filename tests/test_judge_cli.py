@@ -1,5 +1,5 @@
 """`python -m safegrpo_pl judge`: any JSONL of answers through evaluate's judges, run as a user
-runs it (a subprocess), every judge kind, and one-line errors that name the line and the fix."""
+runs it (a subprocess once, then in this process through the same entry point), every judge kind, and one-line errors that name the line and the fix."""
 
 from __future__ import annotations
 
@@ -47,11 +47,13 @@ def test_judge_command_writes_every_line_back_with_its_verdict_and_prints_counts
     assert "4 answers judged by refusal-rules: refusal 3, compliance 1" in printed
 
 
-def test_keyword_judge_through_the_command_is_the_rewards_rule(tmp_path):
+def test_keyword_judge_through_the_command_is_the_rewards_rule(tmp_path, run_main):
     source = _write(tmp_path / "answers.jsonl", ANSWERS)
     out = tmp_path / "verdicts.jsonl"
-    code, printed = _cli("--judge", "keyword", "--input", str(source), "--output", str(out))
-    assert code == 0, printed
+    code, printed, err = run_main(
+        "judge", "--judge", "keyword", "--input", str(source), "--output", str(out)
+    )
+    assert code == 0, printed + err
     verdicts = [json.loads(line)["verdict"] for line in out.read_text().splitlines()]
     expected = ["refusal" if is_refusal(a["response"]) else "compliance" for a in ANSWERS]
     assert verdicts == expected, "the keyword judge must be exactly rewards.is_refusal"
@@ -74,10 +76,11 @@ def test_a_bad_line_is_named_with_the_fix(tmp_path, line, message):
         read_answers(path)
 
 
-def test_the_command_reports_a_bad_line_in_one_message_and_exits_1(tmp_path):
+def test_the_command_reports_a_bad_line_in_one_message_and_exits_1(tmp_path, run_main):
     path = tmp_path / "answers.jsonl"
     path.write_text('{"response": "fine"}\n[1, 2]\n', encoding="utf-8")
-    code, printed = _cli("--input", str(path), "--output", str(tmp_path / "v.jsonl"))
+    code, out, err = run_main("judge", "--input", str(path), "--output", str(tmp_path / "v.jsonl"))
+    printed = out + err
     assert code == 1
     assert "error: " in printed and "line 2: a JSON list, not an object" in printed
     assert "Traceback" not in printed
@@ -114,16 +117,24 @@ def _http_settings(base_url: str):
     return HttpJudgeSettings(base_url=base_url, model="fake", backoff_s=0.0, api_key_env="NO_KEY")
 
 
-def test_hf_judge_through_the_command(tiny_qwen25vl_path, tmp_path):
+def test_hf_judge_through_the_command(tiny_qwen25vl_path, tmp_path, run_main):
     from test_eval_judges import _tiny_judge_model
 
     model = _tiny_judge_model(tiny_qwen25vl_path, tmp_path / "cls", "classifier")
     source = _write(tmp_path / "answers.jsonl", ANSWERS)
     out = tmp_path / "verdicts.jsonl"
-    code, printed = _cli(
-        "--judge", "hf", "--hf.path", str(model), "--input", str(source), "--output", str(out)
+    code, printed, err = run_main(
+        "judge",
+        "--judge",
+        "hf",
+        "--hf.path",
+        str(model),
+        "--input",
+        str(source),
+        "--output",
+        str(out),
     )
-    assert code == 0, printed
+    assert code == 0, printed + err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4 and {r["judge"] for r in rows} == {f"hf:{model}"}
     assert {r["verdict"] for r in rows} <= {"refusal", "compliance"}

@@ -295,15 +295,12 @@ def test_plan_subcommand_on_the_paper_config_names_the_fix(capsys):
 @pytest.mark.parametrize(
     ("gpu_memory", "status"), [("80GB", 0), ("40GB", 1)], ids=["fits", "does-not-fit"]
 )
-def test_plan_command_exits_non_zero_when_the_run_does_not_fit(gpu_memory, status):
-    import subprocess
-
-    command = [sys.executable, "-m", "safegrpo_pl", "plan"]
-    command += ["--config", str(ROOT / "configs" / "qwen.yaml")]
+def test_plan_command_exits_non_zero_when_the_run_does_not_fit(gpu_memory, status, run_main):
+    command = ["plan", "--config", str(ROOT / "configs" / "qwen.yaml")]
     command += ["--model_config", str(PAPER["qwen.yaml"]), "--gpu_memory", gpu_memory]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == status, f"plan exited {done.returncode}:\n{done.stdout}{done.stderr}"
-    assert ("does NOT fit" in done.stdout) == bool(status), done.stdout
+    exited, printed, _ = run_main(*command)
+    assert exited == status, f"plan exited {exited}:\n{printed}"
+    assert ("does NOT fit" in printed) == bool(status), printed
 
 
 # -- plan and fit read the same keys ---------------------------------------------------------

@@ -144,6 +144,11 @@ def test_every_stop_resumes_to_the_unbroken_run_bitwise(unbroken, stopped_four_w
     assert diff == 0.0, f"final weights differ by up to {diff:.3g}"
 
 
+def test_a_resume_with_the_runs_own_settings_warns_of_nothing_replaced(stopped_four_ways):
+    for part, output in stopped_four_ways.items():
+        assert "model settings replace" not in output, f"{part}: {output[-2000:]}"
+
+
 def test_the_run_keeps_one_folder_and_one_last_checkpoint_name(stopped_four_ways):
     root = Path(stopped_four_ways["root"])
     checkpoints = root / "logs" / "version_0" / "checkpoints"

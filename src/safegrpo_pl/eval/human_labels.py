@@ -10,13 +10,16 @@ answer: `id`, `set`, `prompt`, `response`, `label` (`refusal` or `compliance`), 
   something else, or that rejects the premise instead of answering, did not do the task.
 - The split is fixed before any tuning, by a hash of the prompt (`split_of`): 40% `heldout`,
   60% `dev`. Rules are tuned on `dev` only; figures are quoted on `heldout`.
-- The converted files are not in the repository: `scripts/human_labels.py` builds them from the
-  release into `labels_dir()` (`$SAFEGRPO_HUMAN_LABELS`, default `~/.cache/safegrpo-pl/human_labels`).
+- `scripts/human_labels.py` builds the converted files from the release into `labels_dir()`
+  (`$SAFEGRPO_HUMAN_LABELS`, default `~/.cache/safegrpo-pl/human_labels`). The repository ships
+  them gzipped, with their licence, in `tests/assets/human_labels/` (docs/judges.md).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -165,17 +168,25 @@ def labels_dir() -> Path:
 
 
 def write_set(rows: Sequence[LabelledAnswer], path: Path) -> None:
-    """Write converted answers, one JSON object a line."""
+    """Write converted answers, one JSON object a line; gzipped when `path` ends in `.gz`, with
+    no name or time in the header, so the same rows give the same bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+    text = "".join(json.dumps(asdict(row), ensure_ascii=False) + "\n" for row in rows)
+    data = text.encode("utf-8")
+    if path.suffix == ".gz":
+        buffer = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", compresslevel=9, fileobj=buffer, mtime=0) as f:
+            f.write(data)
+        data = buffer.getvalue()
+    path.write_bytes(data)
 
 
 def read_set(path: Path) -> list[LabelledAnswer]:
-    """Read a converted set written by `write_set`."""
+    """Read a converted set written by `write_set` (`.jsonl` or `.jsonl.gz`)."""
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
             rows.append(LabelledAnswer(**json.loads(line)))
         except (json.JSONDecodeError, TypeError) as error:
@@ -187,13 +198,15 @@ def read_set(path: Path) -> list[LabelledAnswer]:
 
 
 def available_sets(directory: Path | None = None) -> dict[str, list[LabelledAnswer]]:
-    """The converted sets found in `directory` (default `labels_dir()`), by name."""
+    """The converted sets found in `directory` (default `labels_dir()`), by name: `<name>.jsonl`,
+    else `<name>.jsonl.gz`."""
     directory = directory or labels_dir()
     found = {}
     for name in SOURCES:
-        path = directory / f"{name}.jsonl"
-        if path.exists():
-            found[name] = read_set(path)
+        for path in (directory / f"{name}.jsonl", directory / f"{name}.jsonl.gz"):
+            if path.exists():
+                found[name] = read_set(path)
+                break
     return found
 
 

@@ -146,7 +146,21 @@ class SafeGRPOCLI(LightningCLI):
                         f"--trainer.max_steps is {max_steps}: nothing to train. Set "
                         f"--trainer.max_steps above {facts.global_step} to continue the run."
                     )
+        configured = self._model_settings(subcommand)
         super()._parse_ckpt_path()
+        replaced = replaced_settings(configured, self._model_settings(subcommand))
+        if replaced:
+            log.warning(
+                "--ckpt_path %s: the checkpoint's own model settings replace the configured "
+                "ones (Lightning resumes a run as it was trained): %s. To train with other "
+                "model settings, start a new run from its exported model instead.",
+                self.config[subcommand].get("ckpt_path"),
+                "; ".join(replaced),
+            )
+
+    def _model_settings(self, subcommand: str | None) -> dict[str, Any]:
+        model = self.config[subcommand].get("model") if subcommand else None
+        return model.as_dict() if model is not None else {}
 
     def _resolve_last(self, subcommand: str) -> None:
         """Resolve `--ckpt_path last` to the newest `last.ckpt` of earlier runs, and `hpc` to the
@@ -233,6 +247,28 @@ class SafeGRPOCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._warm_start()
+
+
+def replaced_settings(configured: dict[str, Any], resumed: dict[str, Any]) -> list[str]:
+    """`model.KEY configured -> resumed` for each model setting that resuming from a checkpoint
+    changed (nested settings flattened to dotted keys), so the run can say which of the user's
+    settings it is not using."""
+
+    def flat(settings: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in settings.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    before, after = flat(configured, "model."), flat(resumed, "model.")
+    return [
+        f"{key} {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
 
 
 def _plain_strategy(trainer_config: Any) -> bool:
