@@ -48,6 +48,7 @@ from safegrpo_pl.plan.cli import read_config, run_shape
 from safegrpo_pl.plan.dims import model_dims
 from safegrpo_pl.plan.memory import RunShape, estimate
 from safegrpo_pl.policy.model import LoraSettings, PolicySettings
+from safegrpo_pl.rollout import prefix_attention
 from safegrpo_pl.rollout.sampling import SamplingSettings
 from safegrpo_pl.train.module import SafeGRPOModule
 
@@ -255,8 +256,16 @@ def plan_for(case: Case, measured: dict[str, Any]) -> RunShape:
     )
 
 
+def measure_the_planned_attention() -> None:
+    """`plan` estimates a GPU's memory: measure the shared-prompt attention GPUs run (its
+    plain-PyTorch tiles, one tile of scores held), not the fused CPU kernel, which holds none.
+    For the rest of this process (Lightning's other ranks run this script again)."""
+    prefix_attention.FUSED_CPU_KERNEL = False
+
+
 def check(case: Case) -> dict[str, Any]:
     """Measure `case` and estimate it; returns a row of the table."""
+    measure_the_planned_attention()
     start = time.perf_counter()
     measured = measure(case)
     run = plan_for(case, measured)
@@ -331,6 +340,7 @@ def measure_cli(args: list[str], out: Path, callbacks: Sequence[Callback] = ()) 
     from safegrpo_pl.policy.tiny_models import resolve_model_path
     from safegrpo_pl.run.trainer_cli import SafeGRPOCLI
 
+    measure_the_planned_attention()
     # Built before a second process starts: under torch.distributed, transformers'
     # save_pretrained writes on rank 0 only, so a rank > 0 would publish a folder without weights.
     name = read_config(args).model.policy.name_or_path

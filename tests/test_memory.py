@@ -238,7 +238,7 @@ def test_peak_memory_grows_with_the_chunk_not_with_the_rollout_batch(runner):
 
 def test_decode_cache_grows_with_the_tokens_generated_not_the_limit():
     prefix = torch.randn(2, 2, 5, 8)  # (B, kv_heads, L, head_dim)
-    layer = _GroupDecodeLayer(prefix, prefix.clone(), group_size=3, capacity=4096)
+    layer = _GroupDecodeLayer(prefix, prefix.clone(), rows=6, capacity=4096)
     per_token = 2 * 6 * 2 * 8 * 4  # keys+values, N=6 rows, 2 kv heads, dim 8, float32
     written = []
     for step in range(150):
@@ -251,7 +251,7 @@ def test_decode_cache_grows_with_the_tokens_generated_not_the_limit():
     assert torch.equal(values[5, 1, :, 7], torch.arange(150.0) + 0.5)
     assert layer.held_bytes() < 4096 * per_token / 10
     with pytest.raises(RuntimeError, match="holds 4096 new tokens"):
-        _GroupDecodeLayer(prefix, prefix, 3, 4096).update(torch.zeros(6, 2, 4097, 8), prefix)
+        _GroupDecodeLayer(prefix, prefix, 6, 4096).update(torch.zeros(6, 2, 4097, 8), prefix)
 
 
 def test_chunks_hold_whole_prompts_and_bad_sizes_name_the_setting():
@@ -312,4 +312,61 @@ def test_recomputed_lm_head_drops_the_kept_logits_from_the_training_peak(monkeyp
     assert 0.9 * logits < saved < 1.25 * logits, (
         f"peak {kept / 2**20:.0f} MiB kept vs {recomputed / 2**20:.0f} MiB recomputed: saved "
         f"{saved / 2**20:.0f} MiB, the logits are {logits / 2**20:.0f} MiB"
+    )
+
+
+@pytest.mark.parametrize(("grad", "fused"), [(False, True), (True, True), (True, False)])
+def test_shared_prompt_drops_the_repeated_prompt_keys_values_from_the_scoring_peak(
+    monkeypatch, grad, fused
+):
+    """A long prompt and G 8: scoring over one copy of the prompt's keys/values takes the
+    repeated copies (G - 1 of every G) off the peak of the no-grad log-prob pass, and off the
+    keys/values the training forward saves for backward. `fused` False: the plain-PyTorch
+    tiles (decode steps, GPUs) instead of the fused CPU kernel. The fused backward also keeps
+    no tile of scores (the tiled one and the repeated path's kernel do), so it saves more."""
+    from test_rollout import _repeated_cache_hidden
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from safegrpo_pl.policy.inputs import PromptBatch
+    from safegrpo_pl.rollout import logprobs, prefix_attention
+
+    if not fused:
+        monkeypatch.setattr(prefix_attention, "FUSED_CPU_KERNEL", False)
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
+    model = Qwen3ForCausalLM(config).train(grad)
+    group, length, steps = 8, 1024, 16
+    record = SafetyRecord(None, "p", "safe", "safe", "safe", id="r0", source="test")
+    batch = PromptBatch([record], torch.randint(0, 512, (1, length)), torch.ones(1, length))
+    ids = torch.randint(0, 512, (group, steps))
+    mask = torch.ones(ids.shape)
+
+    def score() -> None:
+        model.zero_grad(set_to_none=False)
+        with torch.set_grad_enabled(grad):
+            logp = logprobs.completion_logprobs(model, batch, ids, mask, group_size=group)
+        if grad:
+            logp.sum().backward()
+
+    score()  # allocate the gradients once: both runs then write into them
+    shared = _peak_bytes(score)
+    monkeypatch.setattr(logprobs, "_shared_prefix_hidden", _repeated_cache_hidden)
+    score()
+    repeated = _peak_bytes(score)
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * 64 * 4  # float32
+    copies = (group - 1) * length * kv_per_token  # 28 MiB
+    saved = repeated - shared
+    most = float("inf") if grad and fused else 1.25 * copies
+    assert 0.75 * copies < saved < most, (
+        f"peak {repeated / 2**20:.1f} MiB repeated vs {shared / 2**20:.1f} MiB shared: saved "
+        f"{saved / 2**20:.1f} MiB, the prompt's G - 1 extra copies are {copies / 2**20:.1f} MiB"
     )

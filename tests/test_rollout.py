@@ -20,9 +20,20 @@ from safegrpo_pl.policy.model import (
     load_policy,
     vision_token_ids,
 )
-from safegrpo_pl.rollout import logprobs, sampling
+from safegrpo_pl.rollout import logprobs, prefix_attention, sampling
 from safegrpo_pl.rollout.logprobs import completion_logprobs, per_token_logprobs
-from safegrpo_pl.rollout.prefix_attention import GroupDecodeCache, shared_prefix_attention
+from safegrpo_pl.rollout.prefill import (
+    cache_kwargs,
+    model_body,
+    prefill_prompts,
+    prompt_positions,
+    step_positions,
+)
+from safegrpo_pl.rollout.prefix_attention import (
+    GroupDecodeCache,
+    SharedPrompt,
+    shared_prefix_attention,
+)
 from safegrpo_pl.rollout.sampling import (
     SamplingSettings,
     choose_next_tokens,
@@ -216,18 +227,112 @@ def test_logprob_gradients_equal_the_full_forward_gradients(setup: Setup) -> Non
     assert worst < 1e-5, f"gradients differ by {worst:.2e}: the shared prefill does not backprop"
 
 
+def _group_completions(
+    setup: Setup, group: int, length: int = 7
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, length) completions for `group` per prompt, each row ending at its own length."""
+    generator = torch.Generator().manual_seed(5)
+    first_special = min(setup.suppress + setup.eos)
+    rows = len(setup.batch) * group
+    ids = torch.randint(10, first_special, (rows, length), generator=generator)
+    ends = torch.randint(1, length + 1, (rows,), generator=generator)
+    ends[0] = length  # one row runs to the end
+    mask = (torch.arange(length)[None, :] < ends[:, None]).float()
+    return ids, mask
+
+
+def _relative_gap(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """The largest gradient difference relative to the largest gradient (float32 rounding
+    through a few layers is ~1e-7 of the gradients' size)."""
+    gap = max((got[n] - expected[n]).abs().max().item() for n in got)
+    return gap / max(expected[n].abs().max().item() for n in expected)
+
+
+def _scores_and_grads(
+    model: Any, batch: PromptBatch, ids: torch.Tensor, mask: torch.Tensor, group: int, **kw: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(6))
+
+    def run() -> torch.Tensor:
+        return completion_logprobs(model, batch, ids, mask, group_size=group, **kw)
+
+    with torch.no_grad():
+        scores = run()
+    return scores, _loss_grads(model, run, weights)
+
+
+def _repeated_cache_hidden(
+    base: Any, batch: PromptBatch, completion_ids: torch.Tensor, group: int
+) -> torch.Tensor:
+    """The scoring forward before the prompt was shared: one prefill per prompt, its KV cache
+    repeated G times, the completions run over it with the model's own attention."""
+    positions, next_position = prompt_positions(base, batch)
+    last_hidden, cache = prefill_prompts(base, batch, positions)
+    cache.batch_repeat_interleave(group)
+    steps = completion_ids.shape[1] - 1
+    prompt_mask = batch.attention_mask.repeat_interleave(group, 0)
+    body = model_body(base)
+    out = body(
+        input_ids=completion_ids[:, :-1],
+        attention_mask=torch.cat([prompt_mask, prompt_mask.new_ones(len(prompt_mask), steps)], 1),
+        position_ids=step_positions(next_position.repeat_interleave(group), steps, positions),
+        **cache_kwargs(body, cache),
+        use_cache=True,
+    )
+    first = last_hidden.repeat_interleave(group, 0).unsqueeze(1)
+    return torch.cat([first, out.last_hidden_state], 1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_scoring_equals_the_repeated_prompt_path(
+    setup: Setup, lora: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One copy of each prompt per group gives the log-probs and gradients of the same forward
+    over a prompt cache repeated G times (float32, to rounding), with left-padded prompts of
+    different lengths, G 3 and completions of different lengths; and both agree with a full
+    forward that repeats the prompt per completion (`shared_prefix=False`)."""
+    model = setup.model
+    if lora:
+        torch.manual_seed(0)  # peft draws A from the global generator
+        model = apply_lora(model, LoraSettings(r=4, alpha=8))
+        with torch.no_grad():  # peft starts with B = 0; move it off zero
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
+    group = 3
+    ids, mask = _group_completions(setup, group)
+    shared, shared_grads = _scores_and_grads(model, setup.batch, ids, mask, group)
+    full, full_grads = _scores_and_grads(model, setup.batch, ids, mask, group, shared_prefix=False)
+    monkeypatch.setattr(logprobs, "_shared_prefix_hidden", _repeated_cache_hidden)
+    repeated, repeated_grads = _scores_and_grads(model, setup.batch, ids, mask, group)
+    for name, other, other_grads in (
+        ("the repeated prompt cache", repeated, repeated_grads),
+        ("a full forward per completion", full, full_grads),
+    ):
+        gap = (shared - other).abs().max().item()
+        assert gap <= 1e-6, f"shared-prompt log-probs differ from {name}'s by {gap:.2e}"
+        assert shared_grads.keys() == other_grads.keys(), "a parameter lost its gradient"
+        worst = _relative_gap(shared_grads, other_grads)
+        # LoRA's gradients are small beside their rounding: the two repeated-prompt paths
+        # already differ from each other by up to 1.5e-6 there
+        assert worst <= (3e-6 if lora else 1e-6), (
+            f"shared-prompt gradients differ from {name}'s by {worst:.2e}"
+        )
+    assert all(not lora or "lora_" in n for n in shared_grads)
+
+
 @pytest.mark.parametrize("path_fixture", ["tiny_qwen25vl_path", "tiny_qwen3vl_path"])
-def test_gradient_checkpointing_falls_back_to_a_full_forward_that_matches(
+def test_gradient_checkpointing_keeps_the_prompt_shared_and_the_gradients(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, path_fixture: str
 ) -> None:
     setup = _setup(request.getfixturevalue(path_fixture), gradient_checkpointing=True)
     assert setup.model.training
     plain = _setup(request.getfixturevalue(path_fixture))
 
-    def no_cache(*args: Any) -> None:
-        raise AssertionError("HF drops the KV cache under gradient checkpointing in train mode")
+    def repeated(*args: Any) -> None:
+        raise AssertionError("the checkpointed forward repeated the prompt per completion")
 
-    monkeypatch.setattr(logprobs, "_shared_prefix_hidden", no_cache)
+    monkeypatch.setattr(logprobs, "full_sequence_hidden", repeated)
     ids, mask = _completions(setup)
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
     patches_seen: list[int] = []
@@ -241,12 +346,17 @@ def test_gradient_checkpointing_falls_back_to_a_full_forward_that_matches(
     )
     hook.remove()
     per_prompt = int(setup.batch.model_kwargs["image_grid_thw"].prod(-1).sum())
-    assert patches_seen == [per_prompt], "the fallback must still encode each image once"
+    assert patches_seen == [per_prompt], "each image must be encoded once per prompt"
     slow = _loss_grads(
-        plain.model, lambda: _naive_logprobs(plain.model, plain.batch, ids, mask, 1.0), weights
+        plain.model,
+        lambda: completion_logprobs(
+            plain.model, plain.batch, ids, mask, group_size=GROUP, shared_prefix=False
+        ),
+        weights,
     )
-    worst = max((fast[n] - slow[n]).abs().max().item() for n in slow)
-    assert worst < 1e-5, f"checkpointed fallback gradients differ by {worst:.2e}"
+    assert fast.keys() == slow.keys(), "a parameter lost its gradient under checkpointing"
+    worst = _relative_gap(fast, slow)
+    assert worst <= 1e-6, f"checkpointed shared-prompt gradients differ by {worst:.2e}"
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False])
@@ -342,7 +452,7 @@ def test_decoding_with_a_repeated_prompt_cache_gives_the_same_greedy_tokens(
 ) -> None:
     # the path for models with sliding-window layers: plain attention over a G-times cache
     shared = qwen25.sample(SamplingSettings(do_sample=False, max_new_tokens=8))
-    monkeypatch.setattr(sampling, "_only_full_attention", lambda base: False)
+    monkeypatch.setattr(sampling, "only_full_attention", lambda base: False)
     repeated = qwen25.sample(SamplingSettings(do_sample=False, max_new_tokens=8))
     assert torch.equal(shared.completion_ids, repeated.completion_ids)
 
@@ -537,7 +647,7 @@ def test_shared_prefix_attention_equals_attention_over_a_repeated_prefix(query_l
     module = torch.nn.Module()
     module.layer_idx = 0
     got, _ = shared_prefix_attention(
-        module, query, keys, values, None, scaling=0.3, group_cache=cache
+        module, query, keys, values, None, scaling=0.3, shared_prompt=cache.prompt
     )
     # reference: prompt K/V copied to every row of its group, GQA heads repeated, plain sdpa
     full_k = torch.cat([prefix.layers[0].keys.repeat_interleave(group, 0), keys], 2)
@@ -598,6 +708,94 @@ def test_lora_policy_scores_and_samples_and_disabling_adapters_gives_the_base(
         suppress_token_ids=qwen25.suppress,
     )
     assert out.completion_ids.shape[0] == len(qwen25.batch) * GROUP and policy.training
+
+
+def test_shared_prompt_survives_fsdp2s_cast_of_forward_kwargs() -> None:
+    """FSDP2's mixed-precision pre-hook rebuilds dataclasses and dicts in forward kwargs: the
+    prompt's keys/values recorded during the prefill must land in the caller's object."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    shared = SharedPrompt.for_prompts(torch.ones(2, 3, dtype=torch.long))
+    cast = _apply_to_tensors(lambda t: t.to(torch.bfloat16), {"record_prompt": shared})
+    cast["record_prompt"].record(0, torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4))
+    assert cast["record_prompt"] is shared and 0 in shared.keys
+    assert shared.bias.dtype == torch.float32, "the padding bias must stay float32"
+
+
+@pytest.mark.parametrize(("fused", "tile_elements"), [(True, 2**26), (False, 2**26), (False, 1)])
+def test_shared_prefix_attention_gradients_equal_those_over_a_repeated_prefix(
+    monkeypatch: pytest.MonkeyPatch, fused: bool, tile_elements: int
+) -> None:
+    """Forward (with and without grad) and backward give the output and gradients of plain
+    attention over a prefix copied to every row; the prefix's gradient is summed over its
+    group. `fused`: torch's fused CPU kernel, two blocks merged by log-sum-exp; otherwise the
+    tiled path (scores recomputed per tile of queries; `tile_elements` 1: one query per tile)."""
+    monkeypatch.setattr(prefix_attention, "ATTENTION_TILE_ELEMENTS", tile_elements)
+    fused_calls = []
+    if fused:
+        kernel = prefix_attention._FLASH_CPU
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            fused_calls.append(1)
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(prefix_attention, "_FLASH_CPU", counted)
+    else:
+        monkeypatch.setattr(prefix_attention, "FUSED_CPU_KERNEL", False)
+    torch.manual_seed(0)
+    prompts, group, heads, kv_heads, dim, prompt_len, seen = 2, 3, 4, 2, 8, 5, 4
+    rows = prompts * group
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding on prompt 0
+    shared = SharedPrompt.for_prompts(prompt_mask)
+    prefix_k, prefix_v = (
+        torch.randn(prompts, kv_heads, prompt_len, dim, requires_grad=True) for _ in range(2)
+    )
+    shared.record(0, prefix_k, prefix_v)
+    keys, values = (torch.randn(rows, kv_heads, seen, dim, requires_grad=True) for _ in range(2))
+    query = torch.randn(rows, heads, seen, dim, requires_grad=True)
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    weights = torch.randn(rows, seen, heads, dim)
+    got, _ = shared_prefix_attention(
+        module, query, keys, values, None, scaling=0.3, shared_prompt=shared
+    )
+    with torch.no_grad():
+        no_grad, _ = shared_prefix_attention(
+            module, query, keys, values, None, scaling=0.3, shared_prompt=shared
+        )
+    inputs = (query, prefix_k, prefix_v, keys, values)
+    got_grads = torch.autograd.grad((got * weights).sum(), inputs)
+    assert len(fused_calls) == (4 if fused else 0), "the fused kernel ran where it should not"
+    full_k = torch.cat([prefix_k.repeat_interleave(group, 0), keys], 2)
+    full_v = torch.cat([prefix_v.repeat_interleave(group, 0), values], 2)
+    full_k, full_v = (t.repeat_interleave(heads // kv_heads, 1) for t in (full_k, full_v))
+    causal = torch.ones(seen, seen).tril().bool()
+    allowed = torch.cat(
+        [
+            prompt_mask.bool()
+            .repeat_interleave(group, 0)[:, None, None, :]
+            .expand(-1, 1, seen, -1),
+            causal.expand(rows, 1, -1, -1),
+        ],
+        -1,
+    )
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, full_k, full_v, attn_mask=allowed, scale=0.3
+    ).transpose(1, 2)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    assert torch.allclose(no_grad, expected, atol=1e-6, rtol=0)
+    for name, a, b in zip(
+        ("query", "prefix keys", "prefix values", "keys", "values"),
+        got_grads,
+        expected_grads,
+        strict=True,
+    ):
+        gap = (a - b).abs().max().item()
+        assert gap <= 1e-5, f"{name} gradient off by {gap:.2e}"
+    assert prefix_k.grad is None and got_grads[1][0, :, :2].abs().max() == 0, (
+        "left-padding keys must get no gradient"
+    )
 
 
 # -- decode modes (SamplingSettings.decode) ------------------------------------------------
@@ -683,7 +881,7 @@ def test_static_cache_keeps_its_buffers_and_shapes_across_steps(
 def test_static_decode_refuses_sliding_window_models_naming_the_fix(
     qwen25: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sampling, "_only_full_attention", lambda base: False)
+    monkeypatch.setattr(sampling, "only_full_attention", lambda base: False)
     with pytest.raises(ValueError, match="sliding-window layers: use 'growing'"):
         qwen25.sample(SamplingSettings(max_new_tokens=4, decode="static"))
 

@@ -15,11 +15,13 @@ How a step uses memory (the order of `SafeGRPOModule.training_step`):
      shares them across a group, `safegrpo_pl.rollout.prefix_attention`), the generated tokens' at
      B*G rows for max_new_tokens (allocated up front), the prefill's transient activations and
      the sampler's (rows, vocab) float buffers; under FSDP2, the whole policy gathered;
-  2. the old/reference log-prob passes (no grad), chunked the same way: the prompt cache
-     repeated G times plus the completion's keys/values, one layer's transient activations,
-     the hidden states and one LM-head chunk;
-  3. the training micro-batch (with grad): saved activations (all of them, or one input per
-     layer plus one recomputed layer with gradient checkpointing), the float32 logits kept for
+  2. the old/reference log-prob passes (no grad), chunked the same way: the prompt's
+     keys/values at B rows (the completions share them, `safegrpo_pl.rollout.logprobs`), one
+     layer's transient activations with the completions' own keys/values and one tile of
+     attention scores, the hidden states and one LM-head chunk;
+  3. the training micro-batch (with grad), the prompt once per group: saved activations (all
+     of them, or one input per layer, the prompt's recorded keys/values and one recomputed
+     layer with gradient checkpointing), the float32 logits kept for
      the log-softmax's backward on every scored token, or one chunk's with `recompute_head`
      (the LM head runs on masked tokens only, `safegrpo_pl.rollout.logprobs`), and the
      gradients.
@@ -27,9 +29,10 @@ How a step uses memory (the order of `SafeGRPOModule.training_step`):
 Assumptions, all on the side of caution:
 - every prompt has `prompt_length` tokens (images included) and every completion runs to
   max_new_tokens: the step where no completion ends early is the one that runs out of memory;
-- attention kernels that keep no (query, key) score matrix (SDPA's flash or memory-efficient
+- the prompt's attention keeps no (query, key) score matrix (SDPA's flash or memory-efficient
   kernels); keys/values are repeated to all heads where a padding mask is passed (as
-  transformers does), and the boolean 4-D padding mask is counted;
+  transformers does), and the boolean 4-D padding mask is counted; the completions'
+  shared-prefix attention holds one tile of scores at a time;
 - bytes per saved tensor follow the Qwen decoder layer as transformers writes it (RMSNorm in
   float32, gated MLP), counted by hand in `_layer_saved_bytes`; the check against measured
   peaks is `scripts/plan_check.py` (within 25% on CPU);
@@ -46,6 +49,8 @@ from safegrpo_pl.plan.dims import ModelDims
 GIB = 2**30
 # The LM head's chunk (elements of logits), as in `safegrpo_pl.rollout.logprobs.HEAD_CHUNK_ELEMENTS`.
 HEAD_CHUNK_ELEMENTS = 2**26
+# One tile of attention scores, as `safegrpo_pl.rollout.prefix_attention.ATTENTION_TILE_ELEMENTS`.
+ATTENTION_TILE_ELEMENTS = 2**26
 # NF4 with double quantisation: 4 bits per weight plus ~0.127 bits of block scales.
 NF4_BYTES = 4.127 / 8
 PRECISIONS = ("uniform", "mixed")
@@ -287,29 +292,40 @@ def sampling_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
     )
 
 
-def logprob_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
-    """One chunk of the old/reference log-prob passes (no grad, prompt cache repeated G times).
+def _attention_tile(dims: ModelDims, rows: int, steps: int, context: int) -> float:
+    """One tile of shared-prefix attention scores (`safegrpo_pl.rollout.prefix_attention`):
+    float32 scores, their softmax and its gradient at most, each of the tile's elements."""
+    elements = min(ATTENTION_TILE_ELEMENTS, rows * dims.num_heads * steps * context)
+    return 3 * 4 * elements
 
-    Two moments: the last layer of the completion's forward (the whole cache, one layer's
-    activations or its keys/values repeated to every head), then the LM head over the hidden
-    states (the cache is gone by then).
+
+def logprob_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
+    """One chunk of the old/reference log-prob passes (no grad, one prompt copy per group).
+
+    Three moments: the prompt's forward (B rows, its keys/values recorded layer by layer),
+    the last layer of the completions' forward (the recorded prompt, one layer's activations,
+    the rows' own keys/values and one tile of attention scores), then the LM head over the
+    hidden states (the prompt's keys/values are gone by then).
     """
     b, prompts = run.activation_bytes, run.chunk
     rows = prompts * run.group_size
-    context = run.prompt_length + run.completion_length
-    tokens = rows * run.completion_length
-    kv_layer = kv_bytes_per_token(dims, b) / dims.num_layers
-    layer = max(
-        tokens * _nograd_layer_bytes(dims, b),
-        rows * context * (_kv_saved_width(dims, run) * b + kv_layer),  # repeat + one cat
-        prompts * run.prompt_length * _nograd_layer_bytes(dims, b),  # the prefill
-    )
+    length, steps = run.prompt_length, run.completion_length
+    tokens = rows * steps
+    kv = kv_bytes_per_token(dims, b)
+    prompt_kv = {"prompt KV (B rows, shared by the group)": prompts * length * kv}
+    prefill = prompts * length * (_nograd_layer_bytes(dims, b) + _kv_saved_width(dims, run) * b)
+    layer = tokens * (_nograd_layer_bytes(dims, b) + kv / dims.num_layers)  # + own keys/values
     hidden = tokens * dims.hidden_size * b
     kept = 2 * tokens * 4 * (1 + run.old_logprobs)  # (N, T) float32 outputs
     return _worst(
         {
-            "KV cache (B*G rows, prompt repeated)": rows * context * kv_bytes_per_token(dims, b),
-            "layer activations": layer + tokens * context,  # + bool mask
+            **prompt_kv,
+            "prompt activations": prefill + prompts * length**2,  # + bool mask
+            "log-probs kept": kept,
+        },
+        {
+            **prompt_kv,
+            "layer activations": layer + _attention_tile(dims, rows, steps, length + steps),
             "hidden states": hidden,
             "log-probs kept": kept,
         },
@@ -324,6 +340,8 @@ def logprob_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
 def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
     """One training micro-batch with grad: saved activations, kept logits and gradients.
 
+    The prompt runs once per group (B rows) and the completions attend to its recorded
+    keys/values (`safegrpo_pl.rollout.logprobs`), with or without gradient checkpointing.
     Two moments: the end of the forward (every saved tensor and the float32 logits the
     log-softmax keeps for backward), and, with gradient checkpointing, the backward through
     one recomputed layer (the logits are freed by then). Gradients are counted as allocated,
@@ -335,6 +353,7 @@ def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
     context, scored = length + steps, rows * steps
     saved = _layer_saved_bytes(dims, b, frozen_norms=run.lora)
     kv_width = _kv_saved_width(dims, run) * b
+    kv_layer = kv_bytes_per_token(dims, b) / dims.num_layers
     backward = 2 * (dims.intermediate_size + dims.hidden_size) * b  # gradient temporaries
     shard = run.world_size if run.shards else 1
     grads = dims.trainable_params * (4 if run.precision == "mixed" else run.dtype_bytes) / shard
@@ -352,23 +371,30 @@ def training_parts(dims: ModelDims, run: RunShape) -> dict[str, float]:
         patches = 4 * prompts * run.image_tokens  # 2x2 patches merge into one token
         share = dims.vision_layers if run.gradient_checkpointing else 1
         vision["vision activations"] = patches * _vision_saved_bytes(dims, b) / max(share, 1)
-    if not run.gradient_checkpointing:  # shared-prefix path: the prompt prefilled once
-        per_layer = prompts * length * (saved + kv_width) + scored * saved
-        per_layer += rows * context * kv_width  # keys/values each completion token attends to
-        saved_parts = {
-            "saved activations": dims.num_layers * per_layer,
-            "attention mask": rows * steps * context,
-        }
-        return {**saved_parts, **vision, **head, **grads_parts}
-    tokens = rows * context  # full-sequence path, one saved input per layer
-    inputs = {"checkpointed layer inputs": dims.num_layers * tokens * dims.hidden_size * b}
+    # one layer: the prompt's (its keys/values as its attention kernel gets them, and as
+    # recorded for the group) and the completions' (their own keys/values, not the prompt's)
+    prompt_layer = prompts * length * (saved + kv_width + kv_layer)
+    completion_layer = scored * (saved + kv_layer)
+    tile = _attention_tile(dims, rows, steps, context)
+    mask = {"attention mask (prompt)": prompts * length**2}
+    if not run.gradient_checkpointing:
+        saved_parts = {"saved activations": dims.num_layers * (prompt_layer + completion_layer)}
+        return {**saved_parts, **mask, **vision, **head, **grads_parts, "attention tile": tile}
+    inputs = {
+        "checkpointed layer inputs": dims.num_layers
+        * (prompts * length + scored)
+        * dims.hidden_size
+        * b,
+        "prompt KV (B rows, recorded)": prompts * length * kv_bytes_per_token(dims, b),
+    }
     return _worst(
         {**inputs, **vision, **head, "gradients": grads},
         {
             **inputs,
             **vision,
-            "one recomputed layer": tokens * (saved + kv_width + backward),
-            "attention mask": rows * context**2,
+            "one recomputed layer": prompt_layer + completion_layer + scored * backward,
+            "attention tile": tile,
+            **mask,
             **grads_parts,
         },
     )

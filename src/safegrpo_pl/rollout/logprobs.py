@@ -5,10 +5,10 @@ See docs/method.md section 4. `completion_logprobs` scores the N = B * G complet
 under the old policy and the reference without.
 
 How the hot path saves work (all exact: the tests compare with plain full forwards):
-- Shared prefix. Each prompt, image included, is prefilled ONCE (B rows, not B*G), so the vision
-  tower runs once per image and the long guided prompt once per prompt; with grad, the G
-  completions backpropagate into the one shared prefill. Scoring repeats the prompt cache G
-  times (standard SDPA kernels, which also serve the backward pass).
+- Shared prefix. Each prompt, image included, runs ONCE (B rows, not B*G), so the vision
+  tower runs once per image and the long guided prompt once per prompt; the G completions
+  attend to one copy of its keys/values (`safegrpo_pl.rollout.prefix_attention`), and with
+  grad backpropagate into it, gradient checkpointing included.
 - The LM head runs only on the completion tokens that count (mask 1), in chunks, as "picked
   logit minus logsumexp": never a (N, T, V) log-softmax beside the logits.
   With grad, `recompute_head` keeps no chunk's logits for backward (recomputed there): the
@@ -16,12 +16,12 @@ How the hot path saves work (all exact: the tests compare with plain full forwar
 - Positions are passed explicitly (`safegrpo_pl.rollout.prefill`).
 
 Deliberate departures and caveats:
-- With gradient checkpointing active (train mode), HF layers drop the KV cache, so
-  `completion_logprobs` falls back to one full-sequence forward over the N rows of prompt +
-  completion; each image is still encoded once per prompt (its features are repeated through
-  the model's `mm_encoder_outputs` input), but the prompt's text is recomputed per completion.
-- Called with dropout active (GRPO's `PolicyRunner` switches it off), the G completions of a
-  prompt would share one dropout mask over the prompt, since they share its prefill.
+- Models with sliding-window layers are scored with one full-sequence forward over the N rows
+  of prompt + completion; each image is still encoded once per prompt (its features are
+  repeated through the model's `mm_encoder_outputs` input), but the prompt's text is recomputed
+  per completion.
+- Dropout must be off in the attention (GRPO's `PolicyRunner` switches it off everywhere);
+  elsewhere the G completions of a prompt would share one dropout mask over the prompt.
 - `shared_prefix=False` is the naive baseline the benchmark compares against: a full forward
   with `pixel_values` repeated per completion (`safegrpo_pl.rollout.sampling`).
 """
@@ -38,16 +38,18 @@ from torch import Tensor
 
 from safegrpo_pl.policy.inputs import PromptBatch
 from safegrpo_pl.rollout.prefill import (
-    cache_is_dropped,
-    cache_kwargs,
     check_group_size,
     full_sequence_hidden,
     model_body,
-    prefill_prompts,
     prompt_positions,
     repeated_pixels_hidden,
     step_positions,
     unwrap_model,
+)
+from safegrpo_pl.rollout.prefix_attention import (
+    SharedPrompt,
+    only_full_attention,
+    route_shared_prompt,
 )
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,7 @@ def completion_logprobs(
         group_size: G.
         temperature: the sampling temperature (docs/method.md section 4: log-probs from
             logits / temperature).
-        shared_prefix: prefill each prompt once and share its cache across the group; False
+        shared_prefix: run each prompt once and share its keys/values across the group; False
             runs a full forward per completion with the image re-encoded (the naive baseline).
         recompute_head: with grad and more than one LM-head chunk, recompute each chunk's
             logits in backward instead of keeping all (tokens, V) logits alive for it (one
@@ -270,9 +272,10 @@ def _check_completions(
 def _prompt_context_hidden(
     base: Any, batch: PromptBatch, completion_ids: Tensor, group_size: int
 ) -> Tensor:
-    """Hidden states (N, T, H) over the shared prefill; a full forward if the cache is dropped."""
-    if cache_is_dropped(base):
-        log.debug("gradient checkpointing drops the KV cache: scoring with full-sequence forwards")
+    """Hidden states (N, T, H) over one copy of each prompt; a full forward per completion for
+    models with sliding-window layers (`shared_prefix_attention` attends to all of the prompt)."""
+    if not only_full_attention(base):
+        log.debug("sliding-window layers: scoring with full-sequence forwards")
         return _reused_features_hidden(base, batch, completion_ids, group_size)
     return _shared_prefix_hidden(base, batch, completion_ids, group_size)
 
@@ -280,25 +283,36 @@ def _prompt_context_hidden(
 def _shared_prefix_hidden(
     base: Any, batch: PromptBatch, completion_ids: Tensor, group_size: int
 ) -> Tensor:
-    """Hidden states that predict each completion token, via one prefill per prompt: (N, T, H)."""
+    """Hidden states that predict each completion token: (N, T, H).
+
+    Each prompt runs once (B rows) with the model's own attention, its keys/values recorded
+    into a `SharedPrompt`; the N completions then attend to them through
+    `shared_prefix_attention` (no KV cache, so gradient checkpointing keeps the prompt shared).
+    """
     positions, next_position = prompt_positions(base, batch)
-    last_hidden, cache = prefill_prompts(base, batch, positions)  # (B, H)
-    first = last_hidden.repeat_interleave(group_size, 0).unsqueeze(1)  # (N, 1, H)
+    prompt = SharedPrompt.for_prompts(batch.attention_mask)
+    body = model_body(base)
+    route_shared_prompt(base)
+    out = body(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=positions,
+        use_cache=False,
+        record_prompt=prompt,
+        **batch.model_kwargs,
+    )
+    # left padding: column L-1 is real
+    first = out.last_hidden_state[:, -1].repeat_interleave(group_size, 0).unsqueeze(1)  # (N, 1, H)
     steps = completion_ids.shape[1] - 1
     if steps == 0:
         return first
-    cache.batch_repeat_interleave(group_size)
-    prompt_mask = batch.attention_mask.repeat_interleave(group_size, 0)  # (N, L)
-    # Tokens after a row's EOS only ever see the prompt and earlier tokens (causal), so an
-    # all-ones mask over the completion is exact where it matters (mask 1).
-    attention = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], steps)], 1)
-    body = model_body(base)
+    # Tokens after a row's EOS only ever see the prompt and earlier tokens (causal), so they
+    # change nothing where the mask is 1.
     out = body(
         input_ids=completion_ids[:, :-1],
-        attention_mask=attention,
         position_ids=step_positions(next_position.repeat_interleave(group_size), steps, positions),
-        **cache_kwargs(body, cache),
-        use_cache=True,
+        use_cache=False,
+        shared_prompt=prompt,
     )
     return torch.cat([first, out.last_hidden_state], 1)  # (N, T, H)
 

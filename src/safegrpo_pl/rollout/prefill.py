@@ -9,9 +9,9 @@ Caveats:
 - Logits are taken as `lm_head(last_hidden_state)`, as in the Qwen families; a model whose
   causal-LM head does more (soft-capping, logit scaling) would need its own hook in
   `safegrpo_pl.rollout.sampling` and `safegrpo_pl.rollout.logprobs`.
-- HF layers discard the KV cache when gradient checkpointing runs in train mode
-  (`cache_is_dropped`): sampling then runs in eval mode, and scoring falls back to one
-  full-sequence forward (`full_sequence_hidden`).
+- HF layers discard the KV cache when gradient checkpointing runs in train mode: sampling runs
+  in eval mode, and scoring records the prompt's keys/values instead of caching them
+  (`safegrpo_pl.rollout.prefix_attention`).
 """
 
 from __future__ import annotations
@@ -50,16 +50,6 @@ def cache_kwargs(body: Any, cache: Any) -> dict[str, Any]:
     """The keyword that passes a KV cache to `body`'s forward: `cache` where transformers
     renamed it (5.24 and later, which warn on the old name), `past_key_values` before."""
     return {_cache_keyword(type(body)): cache}
-
-
-def cache_is_dropped(base: Any) -> bool:
-    """HF layers discard the KV cache when gradient checkpointing runs in train mode."""
-    if not base.training:
-        return False
-    flag = "is_activation_checkpointing"  # `is_gradient_checkpointing` before transformers 5.x
-    if not hasattr(type(base), flag):
-        flag = "is_gradient_checkpointing"
-    return bool(getattr(base, flag, False))
 
 
 @contextlib.contextmanager

@@ -72,6 +72,7 @@ from safegrpo_pl.rollout.prefix_attention import (
     SHARED_PREFIX_ATTENTION,
     GroupDecodeCache,
     attention_implementation,
+    only_full_attention,
 )
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -492,12 +493,6 @@ def _compiled_decode_step() -> Callable[..., Tensor]:
     return torch.compile(decode_step, dynamic=True)
 
 
-def _only_full_attention(base: Any) -> bool:
-    """Whether every decoder layer attends to the whole context (no sliding window)."""
-    layer_types = getattr(base.get_decoder().config, "layer_types", None) or ["full_attention"]
-    return all(kind == "full_attention" for kind in layer_types)
-
-
 def _decode_state(
     base: Any,
     batch: PromptBatch,
@@ -517,12 +512,12 @@ def _decode_state(
     Returns:
         (extra forward kwargs, (N, L + max_new) mask or None, cache, context to decode in).
     """
-    if _only_full_attention(base):
+    if only_full_attention(base):
         cache = GroupDecodeCache(
             prompt_cache, batch.attention_mask, group_size, max_new, static=static
         )
         return (
-            {"group_cache": cache},
+            {"shared_prompt": cache.prompt, "decode_slot": cache.position},
             None,
             cache,
             attention_implementation(base, SHARED_PREFIX_ATTENTION),
