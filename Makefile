@@ -23,7 +23,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-# The probes behind the demo's settings (docs/demo-research.md), minutes each: not in `make test`.
+# The probe behind the demo's image settings (docs/demo/research.md), a minute: not in `make test`.
 research: install
 	$(PY) -m pytest --research -m research
 
