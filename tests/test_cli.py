@@ -155,11 +155,11 @@ def test_cli_fit_runs_two_steps_and_writes_checkpoints_and_logs(tmp_path):
     assert "model.lr 0.5 -> 1e-06" in line and "model.group_size" not in line, line
 
 
-def test_replaced_settings_names_each_changed_model_key_flattened():
+def test_replaced_settings_names_each_changed_model_key():
     from safegrpo_pl.run.trainer_cli import replaced_settings
 
-    configured = {"lr": 0.5, "group_size": 2, "sampling": {"max_new_tokens": 8, "top_p": 1.0}}
-    resumed = {"lr": 1e-3, "group_size": 2, "sampling": {"max_new_tokens": 16, "top_p": 1.0}}
+    configured = {"lr": 0.5, "group_size": 2, "sampling.max_new_tokens": 8, "sampling.top_p": 1.0}
+    resumed = {"lr": 1e-3, "group_size": 2, "sampling.max_new_tokens": 16, "sampling.top_p": 1.0}
     assert replaced_settings(configured, resumed) == [
         "model.lr 0.5 -> 0.001",
         "model.sampling.max_new_tokens 8 -> 16",

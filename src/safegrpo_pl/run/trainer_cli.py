@@ -159,8 +159,9 @@ class SafeGRPOCLI(LightningCLI):
             )
 
     def _model_settings(self, subcommand: str | None) -> dict[str, Any]:
+        """The parsed model settings, nested ones under dotted keys (jsonargparse's own)."""
         model = self.config[subcommand].get("model") if subcommand else None
-        return model.as_dict() if model is not None else {}
+        return dict(model.items()) if model is not None else {}
 
     def _resolve_last(self, subcommand: str) -> None:
         """Resolve `--ckpt_path last` to the newest `last.ckpt` of earlier runs, and `hpc` to the
@@ -250,24 +251,12 @@ class SafeGRPOCLI(LightningCLI):
 
 
 def replaced_settings(configured: dict[str, Any], resumed: dict[str, Any]) -> list[str]:
-    """`model.KEY configured -> resumed` for each model setting that resuming from a checkpoint
-    changed (nested settings flattened to dotted keys), so the run can say which of the user's
-    settings it is not using."""
-
-    def flat(settings: dict[str, Any], prefix: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in settings.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    before, after = flat(configured, "model."), flat(resumed, "model.")
+    """`model.KEY configured -> resumed` for each model setting (dotted keys) that resuming from
+    a checkpoint changed, so the run can say which of the user's settings it is not using."""
     return [
-        f"{key} {before.get(key)!r} -> {after.get(key)!r}"
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key) != after.get(key)
+        f"model.{key} {configured.get(key)!r} -> {resumed.get(key)!r}"
+        for key in sorted(configured.keys() | resumed.keys())
+        if configured.get(key) != resumed.get(key)
     ]
 
 
