@@ -55,9 +55,31 @@ def _start_job(job: dict[str, Any]) -> tuple[stats.BenchSettings, str, Any]:
     return settings, path, api.PromptEncoder.from_pretrained(path)
 
 
-def _training_prompts(settings: stats.BenchSettings) -> list[Any]:
-    """The records of a timed run: one rollout batch per step, warm-up steps included."""
-    return demo_prompts(settings.prompts_per_step * settings.total_steps, seed=settings.seed)
+def _training_prompts(settings: stats.BenchSettings, extra_steps: int = 0) -> list[Any]:
+    """The records of a timed run: one rollout batch per step, warm-up steps included, and
+    `extra_steps` more (the profiled step)."""
+    count = settings.prompts_per_step * (settings.total_steps + extra_steps)
+    return demo_prompts(count, seed=settings.seed)
+
+
+class StepProfile:
+    """`torch.profiler` around one step (`start`, `stop`); `stop` returns its
+    `stats.kernel_seconds`. The step's own timings are not used: profiling slows every op."""
+
+    def __init__(self) -> None:
+        self._profiler: Any = None
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profiler = profile(activities=[ProfilerActivity.CPU])
+        self._profiler.__enter__()
+
+    def stop(self) -> dict[str, float]:
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        own = {e.key: e.self_cpu_time_total / 1e6 for e in profiler.key_averages()}
+        return stats.kernel_seconds(own)
 
 
 def demo_prompts(count: int, *, image_size: int = 64, seed: int = 0) -> list[Any]:
@@ -130,7 +152,7 @@ def _trl_dataset(path: str, encoder: Any, records: list[Any]) -> Any:
     )
 
 
-def _trl_config(settings: stats.BenchSettings, path: str) -> Any:
+def _trl_config(settings: stats.BenchSettings, path: str, max_steps: int) -> Any:
     """TRL's settings for the same work as ours (see the fairness notes at the top)."""
     from trl import GRPOConfig
 
@@ -160,7 +182,7 @@ def _trl_config(settings: stats.BenchSettings, path: str) -> Any:
         epsilon=0.2,
         loss_type="dapo",
         scale_rewards="group",
-        max_steps=settings.total_steps,
+        max_steps=max_steps,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -214,19 +236,29 @@ def run_trl(job: dict[str, Any]) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     settings, path, encoder = _start_job(job)
-    dataset = _trl_dataset(path, encoder, _training_prompts(settings))
+    dataset = _trl_dataset(path, encoder, _training_prompts(settings, extra_steps=1))
     ends: list[float] = []
     cpu_ends: list[float] = []
+    timed = settings.total_steps  # then one more step, profiled
+    profile, profiled, peak_rss = StepProfile(), {}, []
 
     class StepEnds(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == timed:
+                peak_rss.append(stats.peak_rss_mb())
+                profile.start()
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step > timed:  # the profiled step has just ended
+                profiled.update(profile.stop())
+                return
             ends.append(time.perf_counter())
             cpu_ends.append(time.process_time())
 
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
         reward_funcs=[trl_safety_reward],
-        args=_trl_config(settings, path),
+        args=_trl_config(settings, path, max_steps=timed + 1),
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(path),
         peft_config=_trl_peft(settings),
@@ -241,11 +273,12 @@ def run_trl(job: dict[str, Any]) -> dict[str, Any]:
         "kind": "trl",
         "step_seconds": stats.step_intervals(ends, warm),
         "step_cpu_seconds": stats.step_intervals(cpu_ends, warm),
-        "generation_seconds": clock.seconds[warm:],
-        "generation_cpu_seconds": clock.cpu_seconds[warm:],
-        "completion_tokens": clock.tokens[warm:],
+        "generation_seconds": clock.seconds[warm:timed],
+        "generation_cpu_seconds": clock.cpu_seconds[warm:timed],
+        "completion_tokens": clock.tokens[warm:timed],
         "rss_before_train_mb": rss_before,
-        "peak_rss_mb": stats.peak_rss_mb(),
+        "peak_rss_mb": peak_rss[0],
+        "kernel_seconds": profiled,
     }
 
 
@@ -258,10 +291,10 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     import _bench_ours as ours
 
     settings, path, encoder = _start_job(job)
-    records = _training_prompts(settings)
+    records = _training_prompts(settings, extra_steps=1)
     module = ours.our_module(path, settings, **job.get("module_overrides", {}))
-    result = ours.fit_ours(module, records, encoder, settings)
-    return {"kind": "ours", **result, "peak_rss_mb": stats.peak_rss_mb()}
+    result = ours.fit_ours(module, records, encoder, settings, profile=StepProfile())
+    return {"kind": "ours", **result}
 
 
 def run_scaling(job: dict[str, Any]) -> dict[str, Any]:

@@ -60,28 +60,53 @@ class StepRecorder(Callback):
     step (they follow from the module's settings).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, profile: Any = None, profile_step: int | None = None) -> None:
         self.ends: list[float] = []
         self.cpu_ends: list[float] = []
         self.phases: list[dict[str, float]] = []
+        self.profile, self.profile_step = profile, profile_step
+        self.profiled: dict[str, float] = {}
+        self.peak_rss_before_profile = float("nan")
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx == self.profile_step:
+            self.peak_rss_before_profile = stats.peak_rss_mb()
+            self.profile.start()
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
+        if batch_idx == self.profile_step:
+            self.profiled = self.profile.stop()
+            return
         self.ends.append(time.perf_counter())  # first: reading the metrics takes time too
         self.cpu_ends.append(time.process_time())
         self.phases.append(stats.logged_phases(trainer.callback_metrics))
 
 
 def fit_ours(
-    module: Any, records: list[Any], encoder: Any, settings: stats.BenchSettings
+    module: Any,
+    records: list[Any],
+    encoder: Any,
+    settings: stats.BenchSettings,
+    profile: Any = None,
 ) -> dict[str, Any]:
     """`Trainer.fit` for `settings.total_steps` steps; per-step times and phase timings.
 
-    Old log-probs cost a forward pass of their own only when the module logs an
-    `old_logprobs` phase, so the passes per step are counted from that key.
+    With `profile` (a `_bench_jobs.StepProfile`) one more step runs under it, after the timed
+    ones (`records` must hold its batch): the result then has its `kernel_seconds` and the
+    `peak_rss_mb` read before it. Old log-probs cost a forward pass of their own only when the
+    module logs an `old_logprobs` phase, so the passes per step are counted from that key.
     """
-    recorder = StepRecorder()
+    timed = settings.total_steps
+    recorder = StepRecorder(profile, timed if profile is not None else None)
     rss_before = stats.rss_mb()
     loader = DataLoader(
         records,
@@ -93,7 +118,7 @@ def fit_ours(
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=settings.total_steps,
+        max_steps=timed + (profile is not None),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -120,6 +145,11 @@ def fit_ours(
         "completion_tokens": [tokens] * len(step_seconds),
         "old_logprob_passes": [int("old_logprobs" in p) for p in timed_phases],
         "rss_before_train_mb": rss_before,
+        **(
+            {"kernel_seconds": recorder.profiled, "peak_rss_mb": recorder.peak_rss_before_profile}
+            if profile is not None
+            else {}
+        ),
     }
 
 

@@ -59,7 +59,8 @@ class Column:
 @dataclass(frozen=True)
 class TableSpec:
     """A table: its title (text, or a function of its section), the report key of its section,
-    the rows of that section, and its columns. An absent or empty section: no table."""
+    the rows of that section, and its columns. An absent or empty section, or no rows: no
+    table."""
 
     title: str | Callable[[Any], str]
     section: str
@@ -119,6 +120,15 @@ def _width_rows(widths: Any, report: Mapping[str, Any]) -> list[Any]:
     headline = [(report["settings"]["hidden_size"], comparison)] if comparison else []
     results = headline + [(int(w), r) for w, r in widths.items()]
     return [{"hidden": w, **r} for w, r in sorted(results, key=lambda item: item[0])]
+
+
+def _if_profiled(
+    rows: Callable[[Any, Mapping[str, Any]], list[Any]],
+) -> Callable[[Any, Mapping[str, Any]], list[Any]]:
+    """`rows`, or none for a comparison without a profiled step (a report from before it)."""
+    return lambda comparison, report: (
+        rows(comparison, report) if "kernels" in comparison["ours"] else []
+    )
 
 
 def _yes_no(met: bool | None) -> str:
@@ -185,6 +195,39 @@ TABLES: tuple[TableSpec, ...] = (
         "comparison",
         _breakdown_rows,
         (Column("phase", "phase"), Column("seconds", "seconds"), Column("share", "share")),
+    ),
+    TableSpec(
+        "One more step, profiled: own CPU seconds (matrix floor)",
+        "comparison",
+        _if_profiled(
+            paired_rows(
+                [
+                    Pair(
+                        "matrix products and attention kernels",
+                        "ours.kernels.matrix_s",
+                        "trl.kernels.matrix_s",
+                        lambda c: stats.ratio(
+                            c["ours"]["kernels"]["matrix_s"], c["trl"]["kernels"]["matrix_s"]
+                        ),
+                    ),
+                    Pair(
+                        "every op and region profiled",
+                        "ours.kernels.profiled_s",
+                        "trl.kernels.profiled_s",
+                        lambda c: stats.ratio(
+                            c["ours"]["kernels"]["profiled_s"], c["trl"]["kernels"]["profiled_s"]
+                        ),
+                    ),
+                    Pair(
+                        "floor: our matrix products / TRL's step CPU time",
+                        lambda c: "",
+                        lambda c: "",
+                        "matrix_floor_ratio_vs_trl",
+                    ),
+                ]
+            )
+        ),
+        paired_columns("ours", "TRL", "ours/TRL"),
     ),
     TableSpec(
         "Ratio against model width",
@@ -286,13 +329,15 @@ TABLES: tuple[TableSpec, ...] = (
 
 
 def render_table(spec: TableSpec, report: Mapping[str, Any]) -> str | None:
-    """The markdown of one table, or None when the report lacks its section."""
+    """The markdown of one table, or None when the report lacks its section or its rows."""
     section = report.get(spec.section)
     if not section:
         return None
     rows = [
         [column.cell(record) for column in spec.columns] for record in spec.rows(section, report)
     ]
+    if not rows:
+        return None
     title = spec.title(section) if callable(spec.title) else spec.title
     return f"### {title}\n" + stats.markdown_table([c.header for c in spec.columns], rows)
 

@@ -153,9 +153,14 @@ def compare_with_trl(
     steps = stats.pooled(runs["ours"], "step_seconds")
     phases = stats.pooled(runs["ours"], "phase_seconds")
     old_passes = stats.pooled(runs["ours"], "old_logprob_passes")
+    ours["kernels"], trl["kernels"] = (
+        stats.kernel_medians(runs["ours"]),
+        stats.kernel_medians(runs["trl"]),
+    )
     return {
         "ours": ours,
         "trl": trl,
+        "matrix_floor_ratio_vs_trl": stats.ratio(ours["kernels"]["matrix_s"], trl["step_cpu_s"]),
         "step_time_ratio_vs_trl": stats.ratio(ours["step_cpu_s"], trl["step_cpu_s"]),
         "step_time_ratio_vs_trl_wall": stats.ratio(ours["step_time_s"], trl["step_time_s"]),
         "peak_rss_ratio_vs_trl": stats.ratio(ours["peak_rss_mb"], trl["peak_rss_mb"]),

@@ -19,6 +19,11 @@ Definitions used in the report (stated once, here):
 - **overhead**: everything outside generation and the forward/backward passes (the old and
   reference log-prob passes and the policy's forward+backward): reward scoring, the optimiser
   step and everything else, as a share of the step time.
+- **matrix floor**: one more step after the timed ones runs under `torch.profiler` (in both
+  trainers); the own CPU seconds of its matrix products and fused attention kernels
+  (`MATRIX_KERNELS`) are what that work costs with zero overhead. Ours over TRL's step time is
+  the lowest step-time ratio this work can reach with these kernels at these shapes. The peak
+  RSS is read before that step (the profiler's records take memory).
 """
 
 from __future__ import annotations
@@ -46,6 +51,19 @@ TIME_TOTAL = "time/step_total"
 # Phases that are model compute (sampling and the forward/backward passes), not overhead.
 COMPUTE_PHASES: frozenset[str] = frozenset(
     {"generation", "old_logprobs", "ref_logprobs", "policy_forward_backward"}
+)
+# The kernels that do a model's arithmetic, as `torch.profiler` names them: the matrix
+# products and the fused attention kernels. Their own time in a step is what the same work
+# costs at the same shapes with no overhead at all; everything else in the step is overhead.
+MATRIX_KERNELS: frozenset[str] = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    }
 )
 
 
@@ -171,6 +189,23 @@ def logged_phases(metrics: Mapping[str, Any]) -> dict[str, float]:
         key.removeprefix(TIME_PREFIX): float(value)
         for key, value in metrics.items()
         if key.startswith(TIME_PREFIX) and key != TIME_TOTAL
+    }
+
+
+def kernel_seconds(own_seconds: Mapping[str, float]) -> dict[str, float]:
+    """What one profiled step spent: `matrix_s` in `MATRIX_KERNELS`, `profiled_s` in every op
+    and region the profiler recorded, from `{name: own (self) CPU seconds}`."""
+    return {
+        "matrix_s": sum(v for k, v in own_seconds.items() if k in MATRIX_KERNELS),
+        "profiled_s": sum(own_seconds.values()),
+    }
+
+
+def kernel_medians(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The median over repeats of each figure of the runs' `kernel_seconds` (NaN if none)."""
+    return {
+        key: median(run["kernel_seconds"][key] for run in runs if run.get("kernel_seconds"))
+        for key in ("matrix_s", "profiled_s")
     }
 
 

@@ -11,7 +11,9 @@ peak resident memory belongs to one job alone:
    processor through AutoProcessor, which needs torchvision), alternated ours/TRL/TRL/ours...,
    medians and ratios ours/TRL of step time, rollout tokens/s and peak RSS; the breakdown of our
    step from the phase timings the module logs (`time/*`); whether old log-probs cost an extra
-   forward.
+   forward; and one more step in each, under `torch.profiler`, for the matrix floor: the
+   seconds our step spends in matrix products over TRL's step, the lowest ratio this work
+   allows with these kernels.
 2. **scaling**: our step time against G (4, 8, 16) and completion length (32, 64, 128).
 3. **rollout vs naive**: shared-prefix sampling and log-probs against `generate(
    num_return_sequences=G)` and a per-completion forward, on a tiny Qwen2.5-VL with image

@@ -241,6 +241,43 @@ def test_report_renders_the_comparison_breakdown_and_targets() -> None:
     assert "| step_time_ratio_vs_trl | 0.333 | <= 0.5 | yes |" in text
 
 
+def test_report_shows_the_matrix_floor_when_a_step_was_profiled() -> None:
+    report = _fake_report()
+    assert "matrix floor" not in bench.markdown_report(report), (
+        "a report without a profiled step (from before it) must render without that table"
+    )
+    comparison = report["comparison"]
+    comparison["ours"]["kernels"] = {"matrix_s": 0.6, "profiled_s": 0.9}
+    comparison["trl"]["kernels"] = {"matrix_s": 1.5, "profiled_s": 2.7}
+    comparison["matrix_floor_ratio_vs_trl"] = 0.2
+    text = bench.markdown_report(report)
+    assert "| matrix products and attention kernels | 0.6 | 1.5 | 0.4 |" in text
+    assert "| every op and region profiled | 0.9 | 2.7 | 0.333 |" in text
+    assert "| floor: our matrix products / TRL's step CPU time |  |  | 0.2 |" in text
+
+
+def test_kernel_seconds_count_matrix_kernels_apart_from_the_rest() -> None:
+    own = {
+        "aten::mm": 0.5,
+        "aten::bmm": 0.1,
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward": 0.2,
+        "aten::mul": 0.3,  # elementwise: overhead, not the floor
+        "aten::linear": 0.05,  # a dispatcher: its own time is not the matmul's
+        "## Call CompiledFxGraph abc": 0.15,
+    }
+    assert stats.kernel_seconds(own) == pytest.approx({"matrix_s": 0.8, "profiled_s": 1.3})
+
+
+def test_kernel_medians_skip_runs_without_a_profile() -> None:
+    runs = [
+        {"kernel_seconds": {"matrix_s": 1.0, "profiled_s": 2.0}},
+        {"kernel_seconds": {"matrix_s": 3.0, "profiled_s": 4.0}},
+        {"kernel_seconds": {}},
+    ]
+    assert stats.kernel_medians(runs) == {"matrix_s": 2.0, "profiled_s": 3.0}
+    assert all(math.isnan(v) for v in stats.kernel_medians([{}]).values())
+
+
 # -- the child jobs' small pieces -------------------------------------------------------------
 
 
@@ -378,3 +415,10 @@ def test_smoke_bench_runs_every_job_and_writes_no_null(tmp_path: Path) -> None:
     logs = {p.stem.split("-")[0] for p in (tmp_path / "work" / "logs").glob("*.log")}
     assert logs == set(jobs.JOBS), f"job logs {sorted(logs)}; every kind in JOBS must run"
     assert out.with_suffix(".md").read_text().startswith("Machine:")
+    comparison = report["comparison"]
+    for side in ("ours", "trl"):
+        kernels = comparison[side]["kernels"]
+        assert 0 < kernels["matrix_s"] < kernels["profiled_s"], (
+            f"{side}'s profiled step must record matrix kernels and other ops: {kernels}"
+        )
+    assert "(matrix floor)" in out.with_suffix(".md").read_text()
