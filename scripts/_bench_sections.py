@@ -153,10 +153,6 @@ def compare_with_trl(
     steps = stats.pooled(runs["ours"], "step_seconds")
     phases = stats.pooled(runs["ours"], "phase_seconds")
     old_passes = stats.pooled(runs["ours"], "old_logprob_passes")
-    ours["kernels"], trl["kernels"] = (
-        stats.kernel_medians(runs["ours"]),
-        stats.kernel_medians(runs["trl"]),
-    )
     return {
         "ours": ours,
         "trl": trl,

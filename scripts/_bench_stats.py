@@ -314,7 +314,8 @@ def pooled(runs: Sequence[Mapping[str, Any]], key: str) -> list[Any]:
 
 
 def summarize_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Medians of one trainer's repeats: step time, rollout tokens/s, peak RSS.
+    """Medians of one trainer's repeats: step time, rollout tokens/s, peak RSS, and the
+    profiled step's kernel seconds.
 
     Step time and tokens/s pool the timed steps of every repeat; peak RSS is one number per
     process, so its median is over repeats.
@@ -339,6 +340,7 @@ def summarize_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         "peak_rss_mb_per_repeat": [run["peak_rss_mb"] for run in runs],
         "rss_before_train_mb": median(run.get("rss_before_train_mb", float("nan")) for run in runs),
         "step_time_spread": spread(steps),
+        "kernels": kernel_medians(runs),
     }
 
 
